@@ -1,0 +1,159 @@
+"""`character-training`: constitutions, runs, evaluation.
+
+    character-training constitution validate PATH...
+    character-training constitution new NAME [-o FILE]
+    character-training constitution import FILE -o OUT.yaml
+    character-training run RECIPE.yaml [--force STAGE] [--set KEY=VALUE] [--model M] [--run-dir D]
+    character-training eval RECIPE.yaml [--adapter DIR] [--set KEY=VALUE]
+
+A user error prints one line and exits with status 2; a bug keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from character_training.errors import UserError
+
+
+def _constitution_validate(args) -> int:
+    from character_training.constitution import load_constitution
+
+    failed = 0
+    for path in args.paths:
+        try:
+            c = load_constitution(path)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+        else:
+            n_q = sum(len(t.questions) for t in c.traits)
+            print(f"ok: {path}: {c.name}: {len(c.traits)} traits, {n_q} seed questions, "
+                  f"{len(c.principles)} principles, {len(c.facts)} facts (sha256 {c.sha256[:12]})")
+    return 2 if failed else 0
+
+
+def _write_new(path: Path, text: str, force: bool) -> None:
+    if path.exists() and not force:
+        raise UserError(f"{path}: already exists; choose another -o path or pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _constitution_new(args) -> int:
+    from character_training.constitution import template
+
+    out = Path(args.output or f"{args.name}.yaml")
+    _write_new(out, template(args.name), args.force)
+    print(f"wrote {out}: fill it in, then run `character-training constitution validate {out}`")
+    return 0
+
+
+def _constitution_import(args) -> int:
+    from character_training.constitution import dump_constitution, import_open_character_training
+
+    c = import_open_character_training(args.file, name=args.name, description=args.description)
+    out = Path(args.output)
+    _write_new(out, dump_constitution(c), args.force)
+    print(f"wrote {out}: {c.name}: {len(c.traits)} traits; edit its description, then validate it")
+    return 0
+
+
+def _load_recipe(args):
+    from character_training.recipe import load_recipe
+
+    overrides = list(args.set or [])
+    if getattr(args, "model", None):
+        overrides.append(f"model={args.model}")
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_recipe(args.recipe, overrides)
+
+
+def _run(args) -> int:
+    from character_training import pipeline
+
+    recipe = _load_recipe(args)
+    manifests = pipeline.run(recipe, force=args.force or [])
+    if "eval" in manifests:
+        from character_training.evaluate import format_table
+
+        print("\n" + format_table(manifests["eval"]))
+        print(f"\nadapter: {manifests['eval']['adapter']}\nreport:  {Path(recipe.run_dir) / 'eval' / 'eval.json'}")
+    return 0
+
+
+def _eval(args) -> int:
+    from character_training import pipeline
+
+    recipe = _load_recipe(args)
+    ctx = pipeline.make_context(recipe)
+    out = Path(args.output) if args.output else ctx.stage_dir("eval")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter)
+    from data_gen.store import write_manifest
+
+    write_manifest(out, {**manifest, "settings_key": pipeline.stage_key(ctx, "eval")})
+    print(f"report: {out / 'eval.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    con = sub.add_parser("constitution", help="write, import and validate constitutions")
+    con_sub = con.add_subparsers(dest="action", required=True)
+    p = con_sub.add_parser("validate", help="validate constitution YAML files")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=_constitution_validate)
+    p = con_sub.add_parser("new", help="write a commented constitution template to fill in")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", help="file to write (default NAME.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_constitution_new)
+    p = con_sub.add_parser("import", help="import an Open Character Training JSON list of traits")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--name", help="constitution name (default: from the file name)")
+    p.add_argument("--description", help="prose description of the character")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_constitution_import)
+
+    for name, func, help_text in (("run", _run, "run a recipe's stages in order"),
+                                  ("eval", _eval, "quick persona check of an adapter on a run's held-out prompts")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe", help="recipe YAML (recipes/ has the shipped ones)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set dpo.trainer.learning_rate=5e-5 (repeatable)")
+        p.add_argument("--model", help="model directory or hub id (default: the packaged SmolLM2-135M-Instruct)")
+        p.add_argument("--run-dir", help="run directory (overrides the recipe's run_dir)")
+        if name == "run":
+            p.add_argument("--force", action="append", metavar="STAGE",
+                           help="redo this stage (and the stages after it) even if finished (repeatable)")
+        else:
+            p.add_argument("--adapter", help="PEFT adapter directory (default: the run's dpo/adapter)")
+            p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept, the unfinished one reruns next time", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Constitutions: who the character is, written as a YAML file.
+
+A constitution has a ``name``, a prose ``description``, a list of ``traits`` (each a
+first-person statement, an optional clarification, and seed user ``questions`` that draw the
+trait out), optional ``principles`` (used for critique and judging) and optional ``facts``
+(used for synthetic documents). ``load_constitution`` validates a file and raises a
+``ConstitutionError`` whose message is one line naming the file and the field.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from character_training.errors import UserError
+from character_training.prompts import render
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+TOP_KEYS = {
+    "name": "a short slug such as 'captain-marlow' (lowercase letters, digits, '-' and '_')",
+    "description": "prose: who the character is",
+    "traits": "a list of traits, each with 'trait', 'questions' and an optional 'clarification'",
+    "principles": "an optional list of principles the character would judge itself by",
+    "facts": "an optional list of facts about the character (for synthetic documents)",
+}
+TRAIT_KEYS = ("trait", "clarification", "questions")
+
+
+class ConstitutionError(UserError):
+    """A constitution file that cannot be used; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class Trait:
+    trait: str
+    questions: tuple[str, ...]
+    clarification: str | None = None
+
+
+@dataclass(frozen=True)
+class Constitution:
+    name: str
+    description: str
+    traits: tuple[Trait, ...]
+    principles: tuple[str, ...] = ()
+    facts: tuple[str, ...] = ()
+    path: str | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        data["traits"] = [
+            {k: v for k, v in (("trait", t.trait), ("clarification", t.clarification),
+                                ("questions", list(t.questions))) if v is not None}
+            for t in self.traits
+        ]
+        for key in ("principles", "facts"):
+            data[key] = list(data[key])
+        return data
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the content (not the file's formatting or comments)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def system_prompt(self) -> str:
+        """The teacher's system prompt: the constitution in the character's own words."""
+        return render("system_prompt.j2", c=self).strip()
+
+    def seed_questions(self) -> dict[str, list[str]]:
+        """Trait statement -> its seed questions (what data_gen's stages take)."""
+        return {t.trait: list(t.questions) for t in self.traits}
+
+
+def _fail(where: str, field_path: str, problem: str) -> ConstitutionError:
+    return ConstitutionError(f"{where}: {field_path}: {problem}")
+
+
+def _unknown_key(where: str, prefix: str, key: Any, allowed: list[str]) -> ConstitutionError:
+    hint = difflib.get_close_matches(str(key), allowed, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return _fail(where, f"{prefix}{key}", f"unknown key{did_you_mean}; allowed keys: {', '.join(allowed)}")
+
+
+def _text(value: Any, where: str, field_path: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        got = "empty text" if isinstance(value, str) else f"a {type(value).__name__}"
+        raise _fail(where, field_path, f"must be non-empty text ({what}), got {got}")
+    return value.strip()
+
+
+def _text_list(value: Any, where: str, field_path: str, what: str, required: bool) -> tuple[str, ...]:
+    if value is None and not required:
+        return ()
+    if not isinstance(value, list) or (required and not value):
+        got = "an empty list" if isinstance(value, list) else f"a {type(value).__name__}"
+        raise _fail(where, field_path, f"must be a non-empty list of {what}, got {got}")
+    return tuple(_text(v, where, f"{field_path}[{i}]", what) for i, v in enumerate(value))
+
+
+def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitution:
+    """Validate parsed YAML/JSON data; ``where`` (the file) prefixes every error."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise _fail(where, "<top level>", f"must be a mapping with keys {', '.join(TOP_KEYS)}; got {got}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise _unknown_key(where, "", key, list(TOP_KEYS))
+    for key in ("name", "description", "traits"):
+        if key not in data:
+            raise _fail(where, key, f"missing; add {key}: {TOP_KEYS[key]}")
+    name = _text(data["name"], where, "name", TOP_KEYS["name"])
+    if not NAME_RE.match(name):
+        raise _fail(where, "name", f"'{name}' is not a slug; use lowercase letters, digits, '-' and '_'")
+    description = _text(data["description"], where, "description", TOP_KEYS["description"])
+    raw_traits = data["traits"]
+    if not isinstance(raw_traits, list) or not raw_traits:
+        got = "an empty list" if isinstance(raw_traits, list) else f"a {type(raw_traits).__name__}"
+        raise _fail(where, "traits", f"must be a non-empty list of traits, got {got}")
+    traits = []
+    for i, raw in enumerate(raw_traits):
+        path = f"traits[{i}]"
+        if not isinstance(raw, dict):
+            raise _fail(where, path, f"must be a mapping with keys {', '.join(TRAIT_KEYS)}, got a {type(raw).__name__}")
+        for key in raw:
+            if key not in TRAIT_KEYS:
+                raise _unknown_key(where, f"{path}.", key, list(TRAIT_KEYS))
+        if "trait" not in raw:
+            raise _fail(where, f"{path}.trait", "missing; add the trait as a first-person statement ('I ...')")
+        if "questions" not in raw:
+            raise _fail(where, f"{path}.questions", "missing; add seed user questions that draw this trait out")
+        clarification = raw.get("clarification")
+        traits.append(Trait(
+            trait=_text(raw["trait"], where, f"{path}.trait", "a first-person statement"),
+            questions=_text_list(raw["questions"], where, f"{path}.questions", "user questions", required=True),
+            clarification=None if clarification is None
+            else _text(clarification, where, f"{path}.clarification", "a clarification of the trait"),
+        ))
+    seen: dict[str, int] = {}
+    for i, t in enumerate(traits):
+        if t.trait in seen:
+            raise _fail(where, f"traits[{i}].trait", f"duplicates traits[{seen[t.trait]}].trait")
+        seen[t.trait] = i
+    return Constitution(
+        name=name,
+        description=description,
+        traits=tuple(traits),
+        principles=_text_list(data.get("principles"), where, "principles", "principles", required=False),
+        facts=_text_list(data.get("facts"), where, "facts", "facts", required=False),
+        path=None if where.startswith("<") else where,
+    )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConstitutionError(f"{path}: file not found; check the path (shipped constitutions are in constitutions/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConstitutionError(f"{path}: cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConstitutionError(f"{path}{loc}: not valid YAML: {problem}; fix the syntax at that line") from None
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    path = Path(path)
+    return constitution_from_dict(_read_yaml(path), where=str(path))
+
+
+def import_open_character_training(path: str | Path, name: str | None = None,
+                                   description: str | None = None) -> Constitution:
+    """Convert the Open Character Training JSON list (``[{"trait", "questions", "clarification"?}]``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConstitutionError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ConstitutionError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise ConstitutionError(f"{path}: <top level>: expected a JSON list of {{\"trait\": ..., \"questions\": [...]}} objects, got a {type(data).__name__}")
+    slug = name or re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-") or "imported"
+    if description is None:
+        description = (f"A character defined by {len(data)} traits, imported from {path.name}. "
+                       "Replace this with a prose description of who the character is.")
+    return constitution_from_dict(
+        {"name": slug, "description": description, "traits": data}, where=str(path))
+
+
+def dump_constitution(c: Constitution) -> str:
+    """YAML text of a constitution (block style, readable)."""
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    data = c.to_dict()
+    for key in ("principles", "facts"):
+        if not data[key]:
+            data.pop(key)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+def template(name: str) -> str:
+    """A commented constitution template to fill in (`constitution new NAME`)."""
+    if not NAME_RE.match(name):
+        raise UserError(f"'{name}' is not a valid constitution name; use lowercase letters, digits, '-' and '_'")
+    return render("constitution_template.yaml.j2", name=name)

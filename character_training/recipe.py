@@ -1,0 +1,169 @@
+"""Recipes: one YAML file per run, validated before anything starts.
+
+Every section is a dataclass; unknown keys are errors that name the key and the file. CLI
+``--set section.key=value`` overrides a value (parsed as YAML), and the run's manifest records
+the final values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from character_training.errors import UserError
+
+
+@dataclass
+class PromptsSection:
+    per_trait: int = 40
+    heldout_per_trait: int = 8
+    per_request: int = 10
+    temperature: float = 1.0
+    max_tokens: int = 256
+
+
+@dataclass
+class PairsSection:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 160
+    repetition_penalty: float = 1.0  # vLLM applies it to the prompt too: >1 penalizes the persona's own words
+    teacher_samples: int = 2  # the most in-character of these (by the persona classifier) is chosen
+    min_margin: float | None = 0.0  # drop pairs whose chosen answer is not more in character (null: keep all)
+    max_answer_chars: int = 2000
+    min_distinct_3grams: float = 0.75  # answers that loop on themselves are dropped
+    answer_hint: str | None = "Keep your answer short: at most three sentences."  # appended to both system prompts
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    use_rslora: bool = False
+
+
+@dataclass
+class DpoSection:
+    lora: LoraSection = field(default_factory=LoraSection)
+    trainer: dict = field(default_factory=dict)  # TRL DPOConfig fields
+
+
+@dataclass
+class EvalSection:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 160
+
+
+@dataclass
+class Recipe:
+    constitution: str
+    run_dir: str
+    model: str | None = None
+    seed: int = 0
+    stages: list = field(default_factory=lambda: ["prompts", "pairs", "dpo", "eval"])
+    prompts: PromptsSection = field(default_factory=PromptsSection)
+    pairs: PairsSection = field(default_factory=PairsSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    path: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+
+STAGES = ("prompts", "pairs", "dpo", "eval")
+
+
+def _build(cls, data: Any, where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or '<top level>'}: must be a mapping, got a {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise UserError(f"{where}: {prefix}{key}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+                            + f"; allowed keys: {', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(value, hint, where, f"{prefix}{key}")
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"{where}: {prefix}{name}: missing (required)")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str, key: str) -> Any:
+    simple = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list", dict: "a mapping"}
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    origin_options = [typing.get_origin(o) or o for o in options]
+    if value is None and type(None) in origin_options:
+        return value
+    for o in origin_options:
+        if o is Any:
+            return value
+        if o is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if o is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if o in (str, bool, list, dict) and isinstance(value, o):
+            return value
+    wanted = " or ".join(simple.get(o, getattr(o, "__name__", str(o))) for o in origin_options if o is not type(None))
+    raise UserError(f"{where}: {key}: must be {wanted}, got {value!r}")
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
+    """``section.key=value`` pairs (value parsed as YAML) applied to the raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set dpo.trainer.learning_rate=5e-5")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    where = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe not found; shipped recipes are in recipes/") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise UserError(f"{path}{loc}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or [], where) if overrides else data
+    if data is None:
+        raise UserError(f"{path}: the recipe is empty; it needs at least 'constitution' and 'run_dir'")
+    recipe = _build(Recipe, data, where, "")
+    for stage in recipe.stages:
+        if stage not in STAGES:
+            raise UserError(f"{where}: stages: unknown stage '{stage}'; stages are {', '.join(STAGES)}")
+    recipe.path = where
+    # Paths in a recipe are relative to the recipe file, so a recipe runs from any directory.
+    base = path.resolve().parent
+    recipe.constitution = str((base / recipe.constitution).resolve()) if not Path(recipe.constitution).is_absolute() else recipe.constitution
+    from character_training.train_dpo import check_trainer_fields
+
+    check_trainer_fields(recipe.dpo.trainer, where)
+    return recipe

@@ -1,0 +1,147 @@
+"""Teacher-vs-student preference pairs.
+
+For each training prompt the same model answers as the teacher, with the constitution as its
+system prompt, and as the student, without it (no system prompt, or a plain assistant one).
+The teacher's answer is ``chosen``, the student's ``rejected``; the pair is stored without any
+system prompt, so training teaches the model to answer in character unprompted.
+
+A small model in a costume is an unreliable teacher: many of its answers drift out of
+character. So the teacher may answer ``teacher_samples`` times; a persona classifier trained on
+all usable teacher vs student answers then keeps the most in-character sample, and a pair whose
+chosen answer is not more in character than its rejected one is dropped. Unfinished (cut off),
+empty, over-long and repetitive (looping) answers are dropped and counted.
+
+Writes ``pairs.jsonl`` in TRL's conversational preference format (``prompt``, ``chosen``,
+``rejected`` as message lists; loadable with ``datasets.load_dataset("json", ...)``).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_gen.backends import Backend, Completion, Sampling
+from data_gen.store import write_jsonl
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    teacher_samples: int = 1       # teacher answers per prompt; >1 keeps the most in-character one
+    max_answer_chars: int = 2000
+    min_answer_chars: int = 2
+    min_distinct_3grams: float = 0.0  # share of distinct word 3-grams below which an answer loops
+    min_margin: float | None = 0.0  # classifier persona-probability margin chosen - rejected; None: no check
+
+
+def distinct_3gram_share(text: str) -> float:
+    """Distinct word 3-grams / all word 3-grams (1.0: no repetition). Short answers count 1."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def answer_problem(c: Completion, settings: PairSettings) -> str | None:
+    """Why an answer cannot be used, or None when it can."""
+    text = c.text.strip()
+    if not text or len(text) < settings.min_answer_chars:
+        return "empty"
+    if not c.finished:
+        return "unfinished"
+    if len(text) > settings.max_answer_chars:
+        return "over_long"
+    if distinct_3gram_share(text) < settings.min_distinct_3grams:
+        return "repetitive"
+    return None
+
+
+def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out_dir: Path, *,
+                   student_system_prompt: str | None = None,
+                   sampling: Sampling = Sampling(temperature=0.7, max_tokens=160),
+                   settings: PairSettings = PairSettings(), seed: int = 0, classifier=None) -> dict:
+    k = settings.teacher_samples
+    teacher = backend.chat([[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}]
+                            for p in prompts for _ in range(k)], sampling, desc="teacher answers")
+    student_head = [{"role": "system", "content": student_system_prompt}] if student_system_prompt else []
+    student = backend.chat([student_head + [{"role": "user", "content": p}] for p in prompts], sampling,
+                           desc="student answers")
+
+    answer_drops: Counter = Counter()
+    pair_drops: Counter = Counter()
+    usable_teacher: list[list[str]] = []
+    for i in range(len(prompts)):
+        kept = []
+        for c in teacher[i * k:(i + 1) * k]:
+            problem = answer_problem(c, settings)
+            if problem:
+                answer_drops[f"teacher_{problem}"] += 1
+            else:
+                kept.append(c.text.strip())
+        usable_teacher.append(kept)
+    usable_student = []
+    for c in student:
+        problem = answer_problem(c, settings)
+        if problem:
+            answer_drops[f"student_{problem}"] += 1
+        usable_student.append(None if problem else c.text.strip())
+
+    selection: dict = {"method": "first usable sample"}
+    use_classifier = settings.min_margin is not None or k > 1
+    all_teacher = [t for ts in usable_teacher for t in ts]
+    all_student = [s for s in usable_student if s]
+    if use_classifier and all_teacher and all_student:
+        from data_gen.scoring import PersonaClassifier
+
+        classifier = classifier or PersonaClassifier()
+        selection = {"method": "persona classifier (teacher vs student answers)",
+                     **classifier.fit(all_teacher, all_student)}
+        teacher_p = iter(classifier.persona_probability(all_teacher).tolist())
+        teacher_scores = [[next(teacher_p) for _ in ts] for ts in usable_teacher]
+        student_scores = classifier.persona_probability(all_student).tolist()
+        student_p = iter(student_scores)
+        student_score = [next(student_p) if s else None for s in usable_student]
+    else:
+        teacher_scores = [[0.0] * len(ts) for ts in usable_teacher]
+        student_score = [0.0 if s else None for s in usable_student]
+
+    records = []
+    for i, prompt in enumerate(prompts):
+        if not usable_teacher[i]:
+            pair_drops["no_usable_teacher_answer"] += 1
+            continue
+        if usable_student[i] is None:
+            pair_drops["no_usable_student_answer"] += 1
+            continue
+        best = max(range(len(usable_teacher[i])), key=lambda j: teacher_scores[i][j])
+        chosen, rejected = usable_teacher[i][best], usable_student[i]
+        if chosen == rejected:
+            pair_drops["identical"] += 1
+            continue
+        margin = teacher_scores[i][best] - student_score[i]
+        if "cv_accuracy" in selection and settings.min_margin is not None and margin <= settings.min_margin:
+            pair_drops["chosen_not_more_in_character"] += 1
+            continue
+        records.append({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        })
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "pairs.jsonl", records)
+    return {
+        "stage": "pairs",
+        "model": backend.model,
+        "seed": seed,
+        "sampling": sampling.to_dict(),
+        "settings": asdict(settings),
+        "teacher_system_prompt": system_prompt,
+        "student_system_prompt": student_system_prompt,
+        "selection": selection,
+        "counts": {"prompts": len(prompts), "pairs": len(records),
+                   "dropped_pairs": len(prompts) - len(records),
+                   "teacher_answers": len(teacher), "student_answers": len(student),
+                   "teacher_tokens": sum(c.num_tokens for c in teacher),
+                   "student_tokens": sum(c.num_tokens for c in student)},
+        "drops": {"answers": dict(answer_drops), "pairs": dict(pair_drops)},
+    }

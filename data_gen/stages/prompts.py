@@ -1,0 +1,121 @@
+"""Prompt expansion: from each trait's seed questions the model writes more varied user
+messages. Lines are parsed, cleaned, de-duplicated, and a held-out split is taken per trait.
+
+Writes ``prompts.jsonl``: one ``{"prompt", "trait", "split", "source"}`` record per prompt,
+``split`` being ``train`` or ``heldout`` and ``source`` being ``seed`` or ``generated``.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_gen.backends import Backend, Sampling
+from data_gen.store import write_jsonl
+from data_gen.templating import render
+
+_BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.):]|\(\d+\)|[A-Za-z][.)])\s*")
+_PREAMBLE = re.compile(r"^(sure|here|certainly|of course|okay|ok)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ExpandSettings:
+    per_trait: int = 40          # training prompts kept per trait (seeds included)
+    heldout_per_trait: int = 8   # generated prompts set aside per trait for evaluation
+    per_request: int = 10        # new messages asked for in one request
+    examples_per_request: int = 4
+    oversample: float = 2.0      # requests are sized for this many times the needed prompts
+    min_chars: int = 12
+    max_chars: int = 200
+
+
+def normalize(text: str) -> str:
+    """Key for de-duplication: lowercase letters and digits only."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def parse_messages(text: str, settings: ExpandSettings) -> tuple[list[str], Counter]:
+    """User messages from one generation, one per line; returns (messages, drop reasons)."""
+    kept, drops = [], Counter()
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        line = _BULLET.sub("", raw).strip().strip('"“”\'').strip()
+        if not line:
+            continue
+        if _PREAMBLE.match(line) or line.endswith(":"):
+            drops["preamble"] += 1
+        elif len(line) < settings.min_chars:
+            drops["too_short"] += 1
+        elif len(line) > settings.max_chars:
+            drops["too_long"] += 1
+        elif not re.search(r"[A-Za-z]{2,}", line):
+            drops["not_text"] += 1
+        else:
+            kept.append(line)
+    return kept, drops
+
+
+def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_dir: Path, *,
+                   settings: ExpandSettings = ExpandSettings(), sampling: Sampling = Sampling(temperature=1.0, max_tokens=256),
+                   seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    generated_needed = settings.per_trait + settings.heldout_per_trait
+    requests, owners = [], []
+    for trait, seeds in seed_questions.items():
+        n_requests = max(1, round(generated_needed * settings.oversample / settings.per_request))
+        for _ in range(n_requests):
+            examples = rng.sample(seeds, min(settings.examples_per_request, len(seeds)))
+            content = render("expand_prompts.j2", examples=examples, n=settings.per_request).strip()
+            requests.append([{"role": "user", "content": content}])
+            owners.append(trait)
+    completions = backend.chat(requests, sampling, desc="expanding prompts")
+
+    drops: Counter = Counter()
+    seen = {normalize(q) for seeds in seed_questions.values() for q in seeds}
+    candidates: dict[str, list[str]] = {t: [] for t in seed_questions}
+    for trait, completion in zip(owners, completions):
+        messages, reasons = parse_messages(completion.text, settings)
+        drops.update(reasons)
+        if completion.finish_reason != "stop" and messages:
+            messages = messages[:-1]  # the last line of a cut-off generation may be cut too
+            drops["cut_off_line"] += 1
+        for message in messages:
+            key = normalize(message)
+            if key in seen:
+                drops["duplicate"] += 1
+                continue
+            seen.add(key)
+            candidates[trait].append(message)
+
+    records, per_trait_counts = [], {}
+    for trait, seeds in seed_questions.items():
+        pool = candidates[trait]
+        rng.shuffle(pool)
+        heldout = pool[:settings.heldout_per_trait]
+        train_generated = pool[settings.heldout_per_trait:][:max(0, settings.per_trait - len(seeds))]
+        drops["surplus"] += len(pool) - len(heldout) - len(train_generated)
+        records += [{"prompt": q, "trait": trait, "split": "train", "source": "seed"} for q in seeds]
+        records += [{"prompt": q, "trait": trait, "split": "train", "source": "generated"} for q in train_generated]
+        records += [{"prompt": q, "trait": trait, "split": "heldout", "source": "generated"} for q in heldout]
+        per_trait_counts[trait] = {"train": len(seeds) + len(train_generated), "heldout": len(heldout)}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "prompts.jsonl", records)
+    return {
+        "stage": "prompts",
+        "model": backend.model,
+        "seed": seed,
+        "sampling": sampling.to_dict(),
+        "settings": settings.__dict__,
+        "requests": len(requests),
+        "counts": {
+            "train": sum(c["train"] for c in per_trait_counts.values()),
+            "heldout": sum(c["heldout"] for c in per_trait_counts.values()),
+            "per_trait": per_trait_counts,
+        },
+        "drops": dict(drops),
+    }

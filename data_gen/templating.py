@@ -1,0 +1,30 @@
+"""Prompts are data: Jinja templates in files, rendered in a sandbox."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from jinja2 import FileSystemLoader, StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@lru_cache(maxsize=None)
+def environment(directory: str) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        loader=FileSystemLoader(directory),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render_from(directory: str | Path, name: str, **values) -> str:
+    return environment(str(directory)).get_template(name).render(**values)
+
+
+def render(name: str, **values) -> str:
+    """Render one of data_gen's own templates."""
+    return render_from(TEMPLATES, name, **values)
