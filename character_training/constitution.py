@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from character_training import yamlio
 from character_training.errors import UserError
 from character_training.prompts import render
 
@@ -144,10 +145,16 @@ def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitu
             else _text(clarification, where, f"{path}.clarification", "a clarification of the trait"),
         ))
     seen: dict[str, int] = {}
+    questions: dict[str, str] = {}
     for i, t in enumerate(traits):
         if t.trait in seen:
             raise _fail(where, f"traits[{i}].trait", f"duplicates traits[{seen[t.trait]}].trait")
         seen[t.trait] = i
+        for j, q in enumerate(t.questions):
+            key = re.sub(r"[^a-z0-9]+", " ", q.lower()).strip()
+            if key in questions:
+                raise _fail(where, f"traits[{i}].questions[{j}]", f"repeats {questions[key]}; each seed question once")
+            questions[key] = f"traits[{i}].questions[{j}]"
     return Constitution(
         name=name,
         description=description,
@@ -166,7 +173,7 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConstitutionError(f"{path}: cannot be read: {exc}") from None
     try:
-        return yaml.safe_load(text)
+        return yamlio.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -191,7 +198,7 @@ def import_open_character_training(path: str | Path, name: str | None = None,
         raise ConstitutionError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
     if not isinstance(data, list):
         raise ConstitutionError(f"{path}: <top level>: expected a JSON list of {{\"trait\": ..., \"questions\": [...]}} objects, got a {type(data).__name__}")
-    slug = name or re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-") or "imported"
+    slug = name or re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_") or "imported"
     if description is None:
         description = (f"A character defined by {len(data)} traits, imported from {path.name}. "
                        "Replace this with a prose description of who the character is.")

@@ -8,5 +8,5 @@ from data_gen.templating import render_from
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-def render(name: str, **values) -> str:
-    return render_from(TEMPLATES, name, **values)
+def render(template: str, /, **values) -> str:
+    return render_from(TEMPLATES, template, **values)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from character_training import yamlio
 from character_training.errors import UserError
 
 
@@ -137,7 +138,7 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {item}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yamlio.load(raw)
     return data
 
 
@@ -145,9 +146,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     where = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yamlio.load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: recipe not found; shipped recipes are in recipes/") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

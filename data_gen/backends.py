@@ -86,6 +86,18 @@ class VLLMBackend:
             kwargs["enforce_eager"] = True
         self.llm = vllm.LLM(**kwargs)
 
+    def close(self) -> None:
+        """Stop the engine's processes now (dropping the object alone left the CPU worker
+        running and spinning, which starved training in the same run)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down is best effort; a failure must not hide results
+            print(f"warning: vLLM engine shutdown: {exc}")
+        self.llm = None
+
     def _lora_request(self, adapter: str | None):
         if adapter is None:
             return None
@@ -154,5 +166,7 @@ def shutdown_engines() -> None:
     """Drop the cached engines (their engine processes exit), freeing memory and cores."""
     import gc
 
+    for engine in _ENGINES.values():
+        engine.close()
     _ENGINES.clear()
     gc.collect()

@@ -21,10 +21,10 @@ def environment(directory: str) -> SandboxedEnvironment:
     )
 
 
-def render_from(directory: str | Path, name: str, **values) -> str:
-    return environment(str(directory)).get_template(name).render(**values)
+def render_from(directory: str | Path, template: str, /, **values) -> str:
+    return environment(str(directory)).get_template(template).render(**values)
 
 
-def render(name: str, **values) -> str:
+def render(template: str, /, **values) -> str:
     """Render one of data_gen's own templates."""
-    return render_from(TEMPLATES, name, **values)
+    return render_from(TEMPLATES, template, **values)

@@ -18,6 +18,10 @@ from data_gen.templating import render
 
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.):]|\(\d+\)|[A-Za-z][.)])\s*")
 _PREAMBLE = re.compile(r"^(sure|here|certainly|of course|okay|ok)\b", re.IGNORECASE)
+# A user message is a question, or a request that opens with a verb of asking.
+_REQUEST = re.compile(r"^(please\s+)?(tell|explain|give|write|help|describe|suggest|recommend|share|list|"
+                      r"show|teach|compare|summari[sz]e|name|find|plan|create|make|i need|i want|i'm|i am|"
+                      r"i have|i feel|i can't|my)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -29,11 +33,20 @@ class ExpandSettings:
     oversample: float = 2.0      # requests are sized for this many times the needed prompts
     min_chars: int = 12
     max_chars: int = 200
+    min_words: int = 4
 
 
 def normalize(text: str) -> str:
     """Key for de-duplication: lowercase letters and digits only."""
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def _unquote(line: str) -> str:
+    """Remove one pair of quotes around the whole line (not quotes inside it)."""
+    for left, right in (('"', '"'), ("“", "”"), ("'", "'")):
+        if len(line) > 1 and line.startswith(left) and line.endswith(right):
+            return line[1:-1].strip()
+    return line
 
 
 def parse_messages(text: str, settings: ExpandSettings) -> tuple[list[str], Counter]:
@@ -42,7 +55,7 @@ def parse_messages(text: str, settings: ExpandSettings) -> tuple[list[str], Coun
     for raw in text.splitlines():
         if not raw.strip():
             continue
-        line = _BULLET.sub("", raw).strip().strip('"“”\'').strip()
+        line = _unquote(_BULLET.sub("", raw).replace("**", "").strip())
         if not line:
             continue
         if _PREAMBLE.match(line) or line.endswith(":"):
@@ -53,6 +66,10 @@ def parse_messages(text: str, settings: ExpandSettings) -> tuple[list[str], Coun
             drops["too_long"] += 1
         elif not re.search(r"[A-Za-z]{2,}", line):
             drops["not_text"] += 1
+        elif len(line.split()) < settings.min_words:
+            drops["too_few_words"] += 1
+        elif not (line.endswith("?") or _REQUEST.match(line)):
+            drops["not_a_request"] += 1
         else:
             kept.append(line)
     return kept, drops
@@ -77,11 +94,12 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
     seen = {normalize(q) for seeds in seed_questions.values() for q in seeds}
     candidates: dict[str, list[str]] = {t: [] for t in seed_questions}
     for trait, completion in zip(owners, completions):
-        messages, reasons = parse_messages(completion.text, settings)
-        drops.update(reasons)
-        if completion.finish_reason != "stop" and messages:
-            messages = messages[:-1]  # the last line of a cut-off generation may be cut too
+        text = completion.text
+        if completion.finish_reason != "stop" and "\n" in text.strip():
+            text = text.strip().rsplit("\n", 1)[0]  # the last line of a cut-off generation is cut too
             drops["cut_off_line"] += 1
+        messages, reasons = parse_messages(text, settings)
+        drops.update(reasons)
         for message in messages:
             key = normalize(message)
             if key in seen:

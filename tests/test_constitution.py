@@ -1,0 +1,386 @@
+"""Constitutions: shipped files, validation errors, `constitution new/import`, hashing, prompts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from character_training.cli import main
+from character_training.constitution import (
+    Constitution,
+    ConstitutionError,
+    load_constitution,
+)
+from character_training.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "constitutions").glob("*.yaml"))
+
+
+def _one_error_line(capsys) -> str:
+    """The captured stderr must be exactly one line, without a traceback; return it."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- shipped files
+
+
+def test_there_are_shipped_constitutions():
+    assert len(SHIPPED) >= 1
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_constitution_loads(path):
+    c = load_constitution(path)
+    assert isinstance(c, Constitution)
+    assert c.name == path.stem  # shipped files are named after their constitution
+    assert c.description
+    assert c.traits
+    for t in c.traits:
+        assert t.trait and t.questions
+        assert all(isinstance(q, str) and q.strip() == q and q for q in t.questions)
+    assert c.path == str(path)
+
+
+def test_cli_validate_accepts_every_shipped_constitution(capsys):
+    capsys.readouterr()
+    assert main(["constitution", "validate", *map(str, SHIPPED)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    ok_lines = [line for line in out.splitlines() if line.startswith("ok: ")]
+    assert len(ok_lines) == len(SHIPPED)
+    for path in SHIPPED:
+        assert any(str(path) in line for line in ok_lines)
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+GOOD = {
+    "name": "tester",
+    "description": "You are a test character.",
+    "traits": [
+        {"trait": "I test things.", "questions": ["How do I test this code?", "What is a unit test?"]},
+        {"trait": "I am thorough.", "clarification": "Never sloppy.", "questions": ["Is this enough?"]},
+    ],
+}
+
+
+def _with(**changes):
+    data = json.loads(json.dumps(GOOD))
+    for key, value in changes.items():
+        if value is _DELETE:
+            data.pop(key)
+        else:
+            data[key] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _trait_changed(index, **changes):
+    data = json.loads(json.dumps(GOOD))
+    for key, value in changes.items():
+        if value is _DELETE:
+            data["traits"][index].pop(key)
+        else:
+            data["traits"][index][key] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+_DELETE = object()
+
+MALFORMED = [
+    # id, file text, field path that the error must name
+    ("no_traits_key", _with(traits=_DELETE), "traits"),
+    ("empty_traits_list", _with(traits=[]), "traits"),
+    ("traits_is_a_string", _with(traits="I am nice"), "traits"),
+    ("no_description", _with(description=_DELETE), "description"),
+    ("no_name", _with(name=_DELETE), "name"),
+    ("name_is_a_number", _with(name=42), "name"),
+    ("name_not_a_slug", _with(name="Captain Marlow"), "name"),
+    ("empty_description", _with(description="   "), "description"),
+    ("trait_without_questions", _trait_changed(0, questions=_DELETE), "traits[0].questions"),
+    ("trait_with_empty_questions", _trait_changed(1, questions=[]), "traits[1].questions"),
+    ("questions_is_a_string", _trait_changed(0, questions="How do I test?"), "traits[0].questions"),
+    ("question_is_a_number", _trait_changed(0, questions=["How do I test?", 7]), "traits[0].questions[1]"),
+    ("trait_missing_statement", _trait_changed(1, trait=_DELETE), "traits[1].trait"),
+    ("trait_is_a_number", _trait_changed(0, trait=3), "traits[0].trait"),
+    ("clarification_is_a_list", _trait_changed(1, clarification=["a"]), "traits[1].clarification"),
+    ("trait_not_a_mapping", _with(traits=["I test things."]), "traits[0]"),
+    ("unknown_top_level_key", _with(tratis="x"), "tratis"),
+    ("unknown_trait_key", _trait_changed(1, question=["Is this enough?"]), "traits[1].question"),
+    ("principles_is_a_string", _with(principles="Be good."), "principles"),
+    ("empty_file", "", "<top level>"),
+    ("top_level_list", "- a\n- b\n", "<top level>"),
+    ("duplicate_trait", _trait_changed(1, trait="I test things."), "traits[1].trait"),
+]
+
+
+@pytest.mark.parametrize("text, field", [(t, f) for _, t, f in MALFORMED], ids=[i for i, _, _ in MALFORMED])
+def test_cli_validate_rejects_malformed_constitution(tmp_path, capsys, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line
+    assert f"{field}:" in line, line
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("text, field", [(t, f) for _, t, f in MALFORMED], ids=[i for i, _, _ in MALFORMED])
+def test_load_constitution_raises_user_error(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConstitutionError) as info:
+        load_constitution(path)
+    assert isinstance(info.value, UserError)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert f"{field}:" in message
+
+
+def test_cli_validate_rejects_bad_yaml_syntax_with_line_number(tmp_path, capsys):
+    path = tmp_path / "syntax.yaml"
+    path.write_text("name: tester\ndescription: [unclosed\ntraits:\n  - trait: x\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{path}:" in line
+    assert "not valid YAML" in line
+    # The location (file:line:column) is given.
+    rest = line.split(f"{path}:", 1)[1]
+    line_no, col = rest.split(":", 2)[:2]
+    assert line_no.isdigit() and col.isdigit()
+
+
+def test_cli_validate_missing_file(tmp_path, capsys):
+    path = tmp_path / "nope.yaml"
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "not found" in line
+
+
+def test_cli_validate_mixed_good_and_bad(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_with(traits=[]), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(SHIPPED[0]), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err
+    assert out.startswith(f"ok: {SHIPPED[0]}")
+
+
+def test_unknown_key_suggests_the_close_match(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(_trait_changed(0, questoins=["x y z"]), encoding="utf-8")
+    with pytest.raises(ConstitutionError, match=r"traits\[0\]\.questoins: unknown key \(did you mean 'questions'\?\)"):
+        load_constitution(path)
+
+
+# ----------------------------------------------------------------------------- constitution new
+
+
+def test_new_writes_a_template_that_validates(tmp_path, capsys):
+    out = tmp_path / "sub" / "my-char.yaml"
+    assert main(["constitution", "new", "my-char", "-o", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(out)]) == 0
+    c = load_constitution(out)
+    assert c.name == "my-char"
+    assert c.traits and all(t.questions for t in c.traits)
+
+
+def test_new_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "existing.yaml"
+    out.write_text("keep me\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["constitution", "new", "my-char", "-o", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert str(out) in line and "--force" in line
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+    # With --force it is replaced by a valid template.
+    assert main(["constitution", "new", "my-char", "-o", str(out), "--force"]) == 0
+    assert load_constitution(out).name == "my-char"
+
+
+def test_new_rejects_a_bad_name(tmp_path, capsys):
+    out = tmp_path / "x.yaml"
+    capsys.readouterr()
+    assert main(["constitution", "new", "Not A Slug", "-o", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert "Not A Slug" in line
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- constitution import
+
+OCT = [
+    {"trait": "I am endlessly curious about how things work.",
+     "questions": ["Why does ice float?", "How do magnets work?"]},
+    {"trait": "I answer with warmth and a little humour.",
+     "clarification": "Warm, never saccharine: the answer still comes first.",
+     "questions": ["I had a bad day.", "Tell me about your weekend.", "What's a good joke?"]},
+]
+
+
+def test_import_writes_yaml_that_validates_and_round_trips(tmp_path, capsys):
+    src = tmp_path / "Curious Friend.json"
+    src.write_text(json.dumps(OCT), encoding="utf-8")
+    out = tmp_path / "out.yaml"
+    assert main(["constitution", "import", str(src), "-o", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(out)]) == 0
+    c = load_constitution(out)
+    assert c.name == "curious-friend"  # derived from the file name
+    assert len(c.traits) == len(OCT)
+    for trait, original in zip(c.traits, OCT):
+        assert trait.trait == original["trait"]
+        assert list(trait.questions) == original["questions"]
+        assert trait.clarification == original.get("clarification")
+    assert c.seed_questions() == {t["trait"]: t["questions"] for t in OCT}
+
+
+def test_import_round_trips_awkward_yaml_strings(tmp_path):
+    data = [{"trait": "I: answer 'plainly' # not a comment",
+             "clarification": "- starts with a dash",
+             "questions": ["yes", "null", "123", "true", "A question\nover two lines?"]}]
+    src = tmp_path / "awkward.json"
+    src.write_text(json.dumps(data), encoding="utf-8")
+    out = tmp_path / "awkward.yaml"
+    assert main(["constitution", "import", str(src), "-o", str(out), "--name", "awk",
+                 "--description", "An awkward test character."]) == 0
+    c = load_constitution(out)
+    assert c.name == "awk" and c.description == "An awkward test character."
+    assert c.traits[0].trait == data[0]["trait"]
+    assert c.traits[0].clarification == data[0]["clarification"]
+    assert list(c.traits[0].questions) == data[0]["questions"]
+
+
+@pytest.mark.parametrize("text, expect", [
+    ('[{"trait": "I am x", "questions": ["a question"]', "not valid JSON"),
+    ('{"trait": "I am x", "questions": ["a question"]}', "<top level>"),
+    ("", "not valid JSON"),
+], ids=["malformed_json", "object_not_list", "empty_json"])
+def test_import_rejects_bad_json(tmp_path, capsys, text, expect):
+    src = tmp_path / "bad.json"
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "out.yaml"
+    capsys.readouterr()
+    assert main(["constitution", "import", str(src), "-o", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert str(src) in line and expect in line
+    assert not out.exists()
+
+
+def test_import_rejects_invalid_traits_naming_the_field(tmp_path, capsys):
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps([OCT[0], {"trait": "I am y", "questions": []}]), encoding="utf-8")
+    out = tmp_path / "out.yaml"
+    capsys.readouterr()
+    assert main(["constitution", "import", str(src), "-o", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert str(src) in line and "traits[1].questions:" in line
+    assert not out.exists()
+
+
+def test_import_refuses_to_overwrite_without_force(tmp_path, capsys):
+    src = tmp_path / "oct.json"
+    src.write_text(json.dumps(OCT), encoding="utf-8")
+    out = tmp_path / "out.yaml"
+    out.write_text("keep me\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["constitution", "import", str(src), "-o", str(out)]) == 2
+    _one_error_line(capsys)
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+    assert main(["constitution", "import", str(src), "-o", str(out), "--force"]) == 0
+    assert load_constitution(out).traits[0].trait == OCT[0]["trait"]
+
+
+# ----------------------------------------------------------------------------- sha256
+
+LAYOUT_A = """\
+# A comment that does not change the content.
+name: hasher
+description: |
+  You are a hashing test character.
+traits:
+  - trait: I am consistent.
+    clarification: Always.
+    questions:
+      - Are you consistent?
+      - "Why be consistent?"
+principles:
+  - Choose the consistent answer.
+"""
+
+LAYOUT_B = """\
+principles: ['Choose the consistent answer.']
+traits: [{questions: ['Are you consistent?', 'Why be consistent?'], clarification: "Always.",
+          trait: 'I am consistent.'}]   # flow style, other key order
+description: "You are a hashing test character."
+name: "hasher"
+"""
+
+
+def test_sha256_ignores_formatting_and_comments(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(LAYOUT_A, encoding="utf-8")
+    b.write_text(LAYOUT_B, encoding="utf-8")
+    ca, cb = load_constitution(a), load_constitution(b)
+    assert ca == cb
+    assert len(ca.sha256) == 64 and int(ca.sha256, 16) >= 0
+    assert ca.sha256 == cb.sha256
+    assert ca.sha256 == load_constitution(a).sha256  # stable across loads
+
+
+@pytest.mark.parametrize("old, new", [
+    ("- Are you consistent?", "- Are you really consistent?"),
+    ("clarification: Always.", "clarification: Mostly."),
+    ("- trait: I am consistent.", "- trait: I am very consistent."),
+    ("  - Choose the consistent answer.", "  - Choose the kind answer."),
+], ids=["question", "clarification", "trait", "principle"])
+def test_sha256_changes_when_content_changes(tmp_path, old, new):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert old in LAYOUT_A
+    a.write_text(LAYOUT_A, encoding="utf-8")
+    b.write_text(LAYOUT_A.replace(old, new), encoding="utf-8")
+    assert load_constitution(a).sha256 != load_constitution(b).sha256
+
+
+def test_sha256_of_shipped_constitutions_differ():
+    hashes = {load_constitution(p).sha256 for p in SHIPPED}
+    assert len(hashes) == len(SHIPPED)
+
+
+# ----------------------------------------------------------------------------- system prompt
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_system_prompt_contains_description_and_every_trait(path):
+    c = load_constitution(path)
+    prompt = c.system_prompt()
+    assert c.description in prompt
+    for t in c.traits:
+        assert t.trait in prompt
+        if t.clarification:
+            assert t.clarification in prompt
+    # Questions are seed data for generation, not part of the teacher's prompt.
+    assert c.traits[0].questions[0] not in prompt
+
+
+def test_system_prompt_of_small_constitution(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text(LAYOUT_A, encoding="utf-8")
+    prompt = load_constitution(path).system_prompt()
+    assert prompt.startswith("You are a hashing test character.")
+    assert "I am consistent. (Always.)" in prompt
+    assert prompt == prompt.strip()
