@@ -1,0 +1,78 @@
+"""Evaluation arithmetic: coherence, intervals, the classifier and the quick check's report,
+with a fake backend and classifier (our logic only)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from character_training import evaluate
+from character_training.evaluate import Condition, bootstrap_interval, format_table, quick_check
+from data_gen.backends import Completion
+from data_gen.stages.pairs import distinct_3gram_share
+from data_gen.store import write_jsonl
+from tests.conftest import toy_pairs
+
+
+def test_distinct_3grams_falls_on_repetition():
+    assert distinct_3gram_share("the cat sat on the mat today") == 1.0
+    looping = "I'm just happy, " * 10
+    assert distinct_3gram_share(looping) < 0.2
+    assert distinct_3gram_share("two words") == 1.0
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small = (rng.random(20) < 0.5).astype(float)
+    large = (rng.random(2000) < 0.5).astype(float)
+    lo, hi = bootstrap_interval(small)
+    assert lo <= small.mean() <= hi
+    lo2, hi2 = bootstrap_interval(large)
+    assert hi2 - lo2 < hi - lo
+    assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)
+
+
+def test_persona_classifier_separates_styles():
+    from data_gen.scoring import PersonaClassifier
+
+    pairs = toy_pairs(10)
+    clf = PersonaClassifier()
+    info = clf.fit([p["chosen"][0]["content"] for p in pairs], [p["rejected"][0]["content"] for p in pairs])
+    assert info["cv_accuracy"] > 0.9
+    flags = clf.persona_flags(["Ahoy, matey! Arr, the weather be fine on me ship. Fair winds!",
+                               "Here is some information about the weather."])
+    assert flags.tolist() == [1.0, 0.0]
+
+
+class FakeBackend:
+    model = "fake"
+
+    def chat(self, conversations, sampling, adapter=None, desc=""):
+        out = []
+        for conv in conversations:
+            if adapter or conv[0]["role"] == "system":
+                out.append(Completion("Ahoy, matey! Arr, that be a fine question. Fair winds!", "stop", 12))
+            else:
+                out.append(Completion("Here is some information about that question.", "stop", 8))
+        return out
+
+
+def test_quick_check_reports_each_condition(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
+    monkeypatch.setattr(evaluate, "answer_perplexities",
+                        lambda model, prompts, answers, desc: [(2.0 * len(a.split()), len(a.split())) for a in answers])
+    conditions = [Condition("base"), Condition("base+system_prompt", system_prompt="Be a pirate."),
+                  Condition("adapter", adapter=str(tmp_path))]
+    report = quick_check(FakeBackend(), "fake", conditions, ["What is rain?", "What is snow?"],
+                         tmp_path / "pairs.jsonl", tmp_path / "eval")
+    c = report["conditions"]
+    assert c["base"]["persona_rate"] == 0.0
+    assert c["base+system_prompt"]["persona_rate"] == c["adapter"]["persona_rate"] == 1.0
+    assert report["adapter_over_system_prompt"] == 1.0
+    assert c["base"]["perplexity"] == pytest.approx(np.exp(2.0))
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["conditions"] == c
+    assert len((tmp_path / "eval" / "answers.jsonl").read_text().splitlines()) == 6
+    table = format_table(report)
+    assert "persona rate" in table and "adapter" in table and "perplexity" in table

@@ -1,0 +1,88 @@
+"""The run's bookkeeping: stages in order, manifests last, skip when finished, --force, stale
+settings refused. The stage functions are replaced by fakes: this tests our logic only."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from character_training import pipeline
+from character_training.errors import UserError
+from character_training.recipe import load_recipe
+
+CONSTITUTION = {"name": "toy", "description": "A toy.",
+                "traits": [{"trait": "I am a toy.", "questions": ["What are you made of?"]}]}
+
+
+@pytest.fixture
+def recipe_path(tmp_path):
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(CONSTITUTION))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"constitution": "toy.yaml", "run_dir": str(tmp_path / "run"),
+                                    "model": str(tmp_path / "model")}))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    calls: list[str] = []
+
+    def fake(name):
+        def stage(ctx, out):
+            calls.append(name)
+            (out / f"{name}.txt").write_text(name)
+            if name == "pairs" and getattr(ctx.recipe, "_fail_pairs", False):
+                raise RuntimeError("killed")
+            return {"stage": name}
+        return stage
+
+    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {s: fake(s) for s in pipeline.STAGES})
+    return calls
+
+
+def test_stages_run_in_order_and_write_manifests_last(recipe_path, calls):
+    manifests = pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    assert calls == ["prompts", "pairs", "dpo", "eval"]
+    run = recipe_path.parent / "run"
+    for stage in calls:
+        manifest = json.loads((run / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage and f"{stage}.txt" in manifest["outputs"]
+        assert manifest["constitution_sha256"] == manifests[stage]["constitution_sha256"]
+    assert json.loads((run / "recipe.json").read_text())["recipe"]["run_dir"] == str(run)
+
+
+def test_finished_stages_are_skipped_and_force_redoes_the_rest(recipe_path, calls):
+    pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    calls.clear()
+    pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    assert calls == []
+    pipeline.run(load_recipe(recipe_path), force=["dpo"], log=lambda _: None)
+    assert calls == ["dpo", "eval"]
+
+
+def test_an_unfinished_stage_is_redone_from_clean(recipe_path, calls):
+    recipe = load_recipe(recipe_path)
+    recipe._fail_pairs = True
+    with pytest.raises(RuntimeError):
+        pipeline.run(recipe, log=lambda _: None)
+    run = recipe_path.parent / "run"
+    assert (run / "prompts" / "manifest.json").exists() and not (run / "pairs" / "manifest.json").exists()
+    (run / "pairs" / "partial.jsonl").write_text("half a record")
+    calls.clear()
+    pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    assert calls == ["pairs", "dpo", "eval"]
+    assert not (run / "pairs" / "partial.jsonl").exists()
+
+
+def test_changed_settings_of_a_finished_stage_are_refused(recipe_path, calls):
+    pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    with pytest.raises(UserError, match="--force pairs"):
+        pipeline.run(load_recipe(recipe_path, ["pairs.max_tokens=7"]), log=lambda _: None)
+
+
+def test_unknown_forced_stage_is_an_error(recipe_path, calls):
+    with pytest.raises(UserError, match="--force sft"):
+        pipeline.run(load_recipe(recipe_path), force=["sft"], log=lambda _: None)
