@@ -79,7 +79,15 @@ def load_pairs(path: Path):
 
     if not path.is_file():
         raise UserError(f"{path}: no pairs dataset; run the pairs stage first")
-    dataset = load_dataset("json", data_files=str(path), split="train")
+    with path.open(encoding="utf-8") as f:
+        has_records = any(line.strip() for line in f)
+    if not has_records:  # datasets' JSON loader fails on an empty file with a bare StopIteration
+        raise UserError(f"{path}: the pairs dataset is empty (every pair was dropped; see the pairs "
+                        "stage's manifest 'drops'); raise pairs.max_tokens or use more prompts")
+    try:
+        dataset = load_dataset("json", data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises several types for malformed JSON lines
+        raise UserError(f"{path}: not a JSON-lines preference dataset ({type(exc).__name__}: {exc})") from None
     missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
         raise UserError(f"{path}: columns {sorted(missing)} missing; expected TRL's conversational "
