@@ -19,7 +19,7 @@ from character_training.errors import UserError
 # a moderate learning rate, and TRL's SFT term on the chosen answers beside the DPO loss
 # (the NLL term; `loss_type=["sigmoid", "sft"]`), which anchors the model to fluent text.
 DEFAULT_TRAINER: dict[str, Any] = {
-    "learning_rate": 1e-4,
+    "learning_rate": 5e-4,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 2,
