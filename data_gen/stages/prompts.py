@@ -19,7 +19,8 @@ from data_gen.templating import render
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.):]|\(\d+\)|[A-Za-z][.)])\s*")
 _PREAMBLE = re.compile(r"^(sure|here|certainly|of course|okay|ok)\b", re.IGNORECASE)
 # A user message is a question, or a request that opens with a verb of asking.
-_REQUEST = re.compile(r"^(please\s+)?(tell|explain|give|write|help|describe|suggest|recommend|share|list|"
+_REQUEST = re.compile(r"^(please\s+)?(what|how|why|when|where|who|which|can|could|should|would|is|are|do|does|"
+                      r"will|tell|explain|give|write|help|describe|suggest|recommend|share|list|"
                       r"show|teach|compare|summari[sz]e|name|find|plan|create|make|i need|i want|i'm|i am|"
                       r"i have|i feel|i can't|my)\b", re.IGNORECASE)
 
@@ -30,7 +31,7 @@ class ExpandSettings:
     heldout_per_trait: int = 8   # generated prompts set aside per trait for evaluation
     per_request: int = 10        # new messages asked for in one request
     examples_per_request: int = 4
-    oversample: float = 2.0      # requests are sized for this many times the needed prompts
+    oversample: float = 3.0      # requests are sized for this many times the needed prompts
     min_chars: int = 12
     max_chars: int = 200
     min_words: int = 4
@@ -123,6 +124,9 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "prompts.jsonl", records)
+    # The raw generations, to see what the parser kept and dropped.
+    write_jsonl(out_dir / "expansions.jsonl", ({"trait": t, "text": c.text, "finish_reason": c.finish_reason}
+                                               for t, c in zip(owners, completions)))
     return {
         "stage": "prompts",
         "model": backend.model,
