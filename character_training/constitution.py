@@ -8,7 +8,6 @@ trait out), optional ``principles`` (used for critique and judging) and optional
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from character_training import yamlio
-from character_training.errors import UserError
+from character_training.errors import UserError, did_you_mean
 from character_training.prompts import render
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -85,9 +84,7 @@ def _fail(where: str, field_path: str, problem: str) -> ConstitutionError:
 
 
 def _unknown_key(where: str, prefix: str, key: Any, allowed: list[str]) -> ConstitutionError:
-    hint = difflib.get_close_matches(str(key), allowed, n=1)
-    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return _fail(where, f"{prefix}{key}", f"unknown key{did_you_mean}; allowed keys: {', '.join(allowed)}")
+    return _fail(where, f"{prefix}{key}", f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
 
 
 def _text(value: Any, where: str, field_path: str, what: str) -> str:
@@ -175,9 +172,7 @@ def _read_yaml(path: Path) -> Any:
     try:
         return yamlio.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        loc, problem = yamlio.describe_error(exc)
         raise ConstitutionError(f"{path}{loc}: not valid YAML: {problem}; fix the syntax at that line") from None
 
 

@@ -12,6 +12,14 @@ class UserError(Exception):
     exit_code = 2
 
 
+def did_you_mean(key: object, allowed) -> str:
+    """' (did you mean 'x'?)' for the closest allowed key, or '' when none is close."""
+    import difflib
+
+    hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
 class NotSupportedYet(UserError):
     """A feature the framework does not have yet; the README lists these."""
 

@@ -51,7 +51,7 @@ def answer_perplexities(model_path: str, prompts: list[str], answers: list[str],
     """(summed negative log-likelihood, token count) of each answer given its user prompt,
     under the base model without a system prompt."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = _base_lm(model_path)

@@ -131,13 +131,12 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None) -> dict:
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
     "prompts": stage_prompts, "pairs": stage_pairs, "dpo": stage_dpo, "eval": stage_eval,
 }
-STAGE_SETTINGS = {"prompts": "prompts", "pairs": "pairs", "dpo": "dpo", "eval": "eval"}
 
 
 def stage_key(ctx: Context, stage: str) -> str:
     """Hash of what a stage's result depends on: its settings, the model, the constitution and
     the seed. Inputs from earlier stages are covered by re-running later stages."""
-    settings = {"section": asdict(getattr(ctx.recipe, STAGE_SETTINGS[stage])), "model": ctx.model,
+    settings = {"section": asdict(getattr(ctx.recipe, stage)), "model": ctx.model,
                 "constitution": ctx.constitution.sha256, "seed": ctx.recipe.seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

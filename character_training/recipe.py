@@ -7,7 +7,6 @@ the final values.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 
 from character_training import yamlio
-from character_training.errors import UserError
+from character_training.errors import UserError, did_you_mean
 
 
 @dataclass
@@ -93,9 +92,8 @@ def _build(cls, data: Any, where: str, prefix: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            raise UserError(f"{where}: {prefix}{key}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
-                            + f"; allowed keys: {', '.join(fields)}")
+            raise UserError(f"{where}: {prefix}{key}: unknown key{did_you_mean(key, fields)}"
+                            f"; allowed keys: {', '.join(fields)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, where, f"{prefix}{key}.")
@@ -152,10 +150,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise UserError(f"{path}{loc}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or [], where) if overrides else data
+        loc, problem = yamlio.describe_error(exc)
+        raise UserError(f"{path}{loc}: not valid YAML: {problem}") from None
+    if overrides and isinstance(data, (dict, type(None))):
+        data = apply_overrides(data or {}, overrides, where)
     if data is None:
         raise UserError(f"{path}: the recipe is empty; it needs at least 'constitution' and 'run_dir'")
     recipe = _build(Recipe, data, where, "")

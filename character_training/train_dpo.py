@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from character_training.errors import UserError
+from character_training.errors import UserError, did_you_mean
 
 # Defaults measured on the demo (135M model, ~70 pairs, 18 steps; see README): TRL's SFT term on
 # the chosen answers beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL term), which
@@ -53,15 +53,11 @@ def dpo_config_fields() -> set[str]:
 
 def check_trainer_fields(trainer: dict, where: str) -> None:
     """Unknown trainer keys are errors that name the key (they are TRL's DPOConfig fields)."""
-    import difflib
-
     known = dpo_config_fields()
     for key in trainer:
         if key not in known:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
-            raise UserError(f"{where}: dpo.trainer.{key}: not a field of TRL's DPOConfig"
-                            + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                            + "; see TRL's DPOConfig documentation for the fields it accepts")
+            raise UserError(f"{where}: dpo.trainer.{key}: not a field of TRL's DPOConfig{did_you_mean(key, known)}"
+                            "; see TRL's DPOConfig documentation for the fields it accepts")
 
 
 def make_dpo_config(trainer: dict, output_dir: Path, seed: int):

@@ -25,3 +25,10 @@ Loader.add_implicit_resolver(
 
 def load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)
+
+
+def describe_error(exc: yaml.YAMLError) -> tuple[str, str]:
+    """(':LINE:COL' or '', the problem in words) of a YAML parse error."""
+    mark = getattr(exc, "problem_mark", None)
+    loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+    return loc, getattr(exc, "problem", None) or str(exc).splitlines()[0]
