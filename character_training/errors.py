@@ -1,15 +1,9 @@
 """User-facing errors: the CLI prints them as one line and exits non-zero, never a traceback."""
 from __future__ import annotations
 
+from data_gen.errors import UserError  # defined there so that data_gen's stages can raise it
 
-class UserError(Exception):
-    """Something the user can fix (bad file, missing model, wrong option).
-
-    The message says what went wrong, why, and how to fix it. Bugs raise ordinary
-    exceptions and keep their traceback.
-    """
-
-    exit_code = 2
+__all__ = ["UserError", "NotSupportedYet", "did_you_mean"]
 
 
 def did_you_mean(key: object, allowed) -> str:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from data_gen.backends import Backend, Sampling
 from data_gen.scoring import PersonaClassifier
-from data_gen.stages.pairs import distinct_3gram_share
+from data_gen.filters import distinct_3gram_share
 from data_gen.store import read_jsonl, write_json, write_jsonl
 
 BASE, PROMPTED, ADAPTER = "base", "base+system_prompt", "adapter"

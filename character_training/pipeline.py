@@ -58,10 +58,13 @@ def _with_hint(system_prompt: str, hint: str | None) -> str:
     return f"{system_prompt}\n\n{hint}" if hint else system_prompt
 
 
-def _generation_backend(ctx: Context):
+def _generation_backend(ctx: Context, out: Path):
+    """The run's vLLM engine behind the stage's generation cache (``out/cache.jsonl``): a stage
+    killed mid-generation and run again reuses every answer already made."""
     from data_gen.backends import vllm_backend
+    from data_gen.cache import CACHE_FILE, CachedBackend
 
-    return vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2)
+    return CachedBackend(vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2), out / CACHE_FILE)
 
 
 def stage_prompts(ctx: Context, out: Path) -> dict:
@@ -69,7 +72,7 @@ def stage_prompts(ctx: Context, out: Path) -> dict:
 
     p = ctx.recipe.prompts
     return expand_prompts(
-        _generation_backend(ctx), ctx.constitution.seed_questions(), out,
+        _generation_backend(ctx, out), ctx.constitution.seed_questions(), out,
         settings=ExpandSettings(per_trait=p.per_trait, heldout_per_trait=p.heldout_per_trait, per_request=p.per_request),
         sampling=Sampling(temperature=p.temperature, max_tokens=p.max_tokens), seed=ctx.recipe.seed)
 
@@ -79,7 +82,7 @@ def stage_pairs(ctx: Context, out: Path) -> dict:
 
     p = ctx.recipe.pairs
     manifest = generate_pairs(
-        _generation_backend(ctx), ctx.prompts("train"), ctx.teacher_prompt(), out,
+        _generation_backend(ctx, out), ctx.prompts("train"), ctx.teacher_prompt(), out,
         student_system_prompt=ctx.student_prompt(),
         sampling=Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
                           repetition_penalty=p.repetition_penalty),
@@ -141,6 +144,19 @@ def stage_key(ctx: Context, stage: str) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
+    """An unfinished stage starts clean except for its generation cache (which resumes it); a
+    forced stage, or one whose inputs were just remade, starts from nothing."""
+    from data_gen.cache import CACHE_FILE
+
+    if not out.exists():
+        return
+    for path in out.iterdir():
+        if keep_cache and path.name == CACHE_FILE:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def make_context(recipe: Recipe) -> Context:
     from character_training.models import resolve_model
 
@@ -171,9 +187,8 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
             log(f"[{stage}] done already ({out / MANIFEST}); skipping")
             manifests[stage] = manifest
             continue
-        if out.exists():
-            shutil.rmtree(out)  # an unfinished or forced stage starts clean
-        out.mkdir(parents=True)
+        _clean_stage_dir(out, keep_cache=stage not in force and not rerun_rest)
+        out.mkdir(parents=True, exist_ok=True)
         log(f"[{stage}] running -> {out}")
         started = time.time()
         manifest = STAGE_FUNCTIONS[stage](ctx, out)

@@ -23,6 +23,7 @@ class Sampling:
     top_p: float = 0.95
     max_tokens: int = 192
     repetition_penalty: float = 1.0
+    logprobs: int = 0  # >0: return this many top alternatives for the first generated token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,6 +34,9 @@ class Completion:
     text: str
     finish_reason: str  # "stop" when the model ended its answer, "length" when cut off
     num_tokens: int
+    # With ``Sampling.logprobs``: the first generated token's top alternatives, text -> logprob
+    # (what a judge's choice token is read from). None when not asked for or not given.
+    first_logprobs: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -117,11 +121,25 @@ class VLLMBackend:
             return []
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens,
-                                repetition_penalty=sampling.repetition_penalty)
-        outputs = self.llm.chat(list(conversations), params, use_tqdm=_progress(desc),
+                                repetition_penalty=sampling.repetition_penalty,
+                                logprobs=sampling.logprobs or None)
+        outputs = self.llm.chat(list(conversations), params, use_tqdm=_progress(desc) if desc else False,
                                 lora_request=self._lora_request(adapter))
         return [Completion(text=o.outputs[0].text, finish_reason=o.outputs[0].finish_reason or "length",
-                           num_tokens=len(o.outputs[0].token_ids)) for o in outputs]
+                           num_tokens=len(o.outputs[0].token_ids),
+                           first_logprobs=_first_logprobs(o.outputs[0]) if sampling.logprobs else None)
+                for o in outputs]
+
+
+def _first_logprobs(output) -> dict[str, float] | None:
+    """vLLM's per-position {token_id: Logprob} for the first token, as {text: logprob}."""
+    if not output.logprobs:
+        return None
+    found: dict[str, float] = {}
+    for token_id, lp in output.logprobs[0].items():
+        text = lp.decoded_token if lp.decoded_token is not None else str(token_id)
+        found[text] = max(found.get(text, float("-inf")), float(lp.logprob))
+    return found
 
 
 def _cpu_has_bf16() -> bool:

@@ -11,7 +11,8 @@ import pytest
 
 from data_gen import store
 from data_gen.backends import Completion, Sampling
-from data_gen.stages.pairs import PairSettings, answer_problem, distinct_3gram_share, generate_pairs
+from data_gen.filters import distinct_3gram_share
+from data_gen.stages.pairs import PairSettings, answer_problem, generate_pairs
 from data_gen.stages.prompts import ExpandSettings, expand_prompts, normalize, parse_messages
 
 

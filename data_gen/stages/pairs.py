@@ -16,12 +16,12 @@ Writes ``pairs.jsonl`` in TRL's conversational preference format (``prompt``, ``
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_gen.backends import Backend, Completion, Sampling
+from data_gen.filters import completion_problem
 from data_gen.store import write_jsonl
 
 
@@ -34,25 +34,10 @@ class PairSettings:
     min_margin: float | None = 0.0  # classifier persona-probability margin chosen - rejected; None: no check
 
 
-def distinct_3gram_share(text: str) -> float:
-    """Distinct word 3-grams / all word 3-grams (1.0: no repetition). Short answers count 1."""
-    words = re.findall(r"\w+", text.lower())
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 def answer_problem(c: Completion, settings: PairSettings) -> str | None:
     """Why an answer cannot be used, or None when it can."""
-    text = c.text.strip()
-    if not text or len(text) < settings.min_answer_chars:
-        return "empty"
-    if not c.finished:
-        return "unfinished"
-    if len(text) > settings.max_answer_chars:
-        return "over_long"
-    if distinct_3gram_share(text) < settings.min_distinct_3grams:
-        return "repetitive"
-    return None
+    return completion_problem(c, min_chars=settings.min_answer_chars, max_chars=settings.max_answer_chars,
+                              min_distinct_3grams=settings.min_distinct_3grams, refusals=False)
 
 
 def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out_dir: Path, *,
