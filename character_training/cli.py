@@ -103,6 +103,57 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from character_training.constitution import load_constitution
+    from character_training.generation import (GEN_STAGES, BackendSection, check_section, make_backend,
+                                               read_prompt_file, run_generation_stage)
+    from character_training.models import resolve_model
+    from character_training.recipe import apply_overrides
+    from data_gen.backends import shutdown_engines
+    from data_gen.cache import CACHE_FILE
+    from data_gen.store import read_manifest, write_manifest
+
+    import shutil
+
+    spec = GEN_STAGES[args.stage]
+    out = Path(args.output)
+    if read_manifest(out) is not None and not args.force:
+        raise UserError(f"{out}: this {args.stage} output is finished already (manifest.json); "
+                        "use --force to generate it again or choose another -o")
+    section = check_section(args.stage, apply_overrides({}, args.set or [], "--set"), "--set")
+    constitution = load_constitution(args.constitution)
+    if args.adapter and not spec.takes_adapter:
+        raise UserError(f"--adapter: the {args.stage} stage does not generate with an adapter "
+                        f"(reflection and interaction do)")
+    prompts = None
+    if spec.needs_prompts:
+        prompts = read_prompt_file(args.prompts) if args.prompts else [
+            q for t in constitution.traits for q in t.questions]
+    backend_section = BackendSection(kind=args.backend, base_urls=args.base_url or [],
+                                     served_model=args.served_model, judge_model=args.judge_model,
+                                     max_concurrency=args.max_concurrency)
+    model = resolve_model(args.model) if args.backend == "vllm" else (args.model or "default")
+    if out.exists() and args.force:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in out.iterdir():  # an unfinished earlier attempt: keep only the caches
+        if not path.name.endswith(CACHE_FILE):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    backend = make_backend(model, backend_section, args.seed, enable_lora=bool(args.adapter))
+    judge = make_backend(model, backend_section, args.seed, judge=True) if args.judge_model else None
+    try:
+        manifest = run_generation_stage(args.stage, backend=backend, constitution=constitution, out=out,
+                                        section=section, seed=args.seed, prompts=prompts, judge=judge,
+                                        adapter=args.adapter)
+    finally:
+        shutdown_engines()
+    manifest.update(constitution=str(args.constitution), constitution_sha256=constitution.sha256)
+    write_manifest(out, manifest)
+    print(f"[{args.stage}] counts: {manifest.get('counts')}\n[{args.stage}] drops: {manifest.get('drops')}")
+    print(f"[{args.stage}] wrote {', '.join(str(out / o) for o in spec.outputs)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", help="prose description of the character")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_constitution_import)
+
+    from character_training.generation import GEN_STAGES
+
+    p = sub.add_parser("generate", help="run one data-generation stage on its own (resumable: rerun after a crash)")
+    p.add_argument("stage", choices=list(GEN_STAGES))
+    p.add_argument("--constitution", required=True, help="constitution YAML")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--model", help="model directory or hub id (default: the packaged SmolLM2-135M-Instruct); "
+                                   "with --backend openai, the served model name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a stage setting, e.g. --set rounds=2 or --set sampling.max_tokens=300 (repeatable)")
+    p.add_argument("--prompts", help="user prompts for critique/rlaif: .jsonl with a 'prompt' field, or one per "
+                                     "line (default: the constitution's seed questions)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter to generate with (reflection, interaction)")
+    p.add_argument("--backend", choices=["vllm", "openai"], default="vllm")
+    p.add_argument("--base-url", action="append", help="OpenAI-compatible server URL, e.g. "
+                                                       "http://127.0.0.1:8000/v1 (repeatable: requests are spread)")
+    p.add_argument("--served-model", help="openai backend: the model name the servers serve")
+    p.add_argument("--judge-model", help="judge with another model (rlaif, sdf); default: the same model")
+    p.add_argument("--max-concurrency", type=int, default=8, help="openai backend: requests in flight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="generate again even if finished")
+    p.set_defaults(func=_generate)
 
     for name, func, help_text in (("run", _run, "run a recipe's stages in order"),
                                   ("eval", _eval, "quick persona check of an adapter on a run's held-out prompts")):

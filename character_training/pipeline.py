@@ -1,6 +1,7 @@
 """The run: a recipe's stages in order, each in its own directory under the run directory.
 
-    prompts -> pairs -> dpo -> eval
+    prompts -> pairs -> dpo -> eval                 (the demo)
+    prompts -> pairs | sdf | critique | rlaif | reflection | interaction -> dpo -> eval
 
 Each stage reads what earlier stages wrote (nothing else passes between them) and writes a
 ``manifest.json`` last. A stage whose manifest exists is skipped on re-run; ``--force STAGE``
@@ -59,12 +60,29 @@ def _with_hint(system_prompt: str, hint: str | None) -> str:
 
 
 def _generation_backend(ctx: Context, out: Path):
-    """The run's vLLM engine behind the stage's generation cache (``out/cache.jsonl``): a stage
+    """The recipe's backend behind the stage's generation cache (``out/cache.jsonl``): a stage
     killed mid-generation and run again reuses every answer already made."""
-    from data_gen.backends import vllm_backend
+    from character_training.generation import make_backend
     from data_gen.cache import CACHE_FILE, CachedBackend
 
-    return CachedBackend(vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2), out / CACHE_FILE)
+    return CachedBackend(make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed), out / CACHE_FILE)
+
+
+def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
+    def run_stage(ctx: Context, out: Path) -> dict:
+        from character_training.generation import GEN_STAGES, make_backend, run_generation_stage
+
+        spec = GEN_STAGES[stage]
+        backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed)
+        judge = None
+        if spec.takes_judge and ctx.recipe.backend.judge_model:
+            judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, judge=True)
+        prompts = ctx.prompts("train") if spec.needs_prompts else None
+        return run_generation_stage(stage, backend=backend, constitution=ctx.constitution, out=out,
+                                    section=getattr(ctx.recipe, stage), seed=ctx.recipe.seed,
+                                    prompts=prompts, judge=judge)
+    run_stage.__name__ = f"stage_{stage}"
+    return run_stage
 
 
 def stage_prompts(ctx: Context, out: Path) -> dict:
@@ -132,14 +150,17 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None) -> dict:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
-    "prompts": stage_prompts, "pairs": stage_pairs, "dpo": stage_dpo, "eval": stage_eval,
+    "prompts": stage_prompts, "pairs": stage_pairs,
+    **{stage: _generation_stage(stage) for stage in ("sdf", "critique", "rlaif", "reflection", "interaction")},
+    "dpo": stage_dpo, "eval": stage_eval,
 }
 
 
 def stage_key(ctx: Context, stage: str) -> str:
     """Hash of what a stage's result depends on: its settings, the model, the constitution and
     the seed. Inputs from earlier stages are covered by re-running later stages."""
-    settings = {"section": asdict(getattr(ctx.recipe, stage)), "model": ctx.model,
+    section = getattr(ctx.recipe, stage)
+    settings = {"section": section if isinstance(section, dict) else asdict(section), "model": ctx.model,
                 "constitution": ctx.constitution.sha256, "seed": ctx.recipe.seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

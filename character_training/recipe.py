@@ -16,6 +16,7 @@ import yaml
 
 from character_training import yamlio
 from character_training.errors import UserError, did_you_mean
+from character_training.generation import GEN_STAGES, BackendSection, check_section
 
 
 @dataclass
@@ -73,6 +74,14 @@ class Recipe:
     pairs: PairsSection = field(default_factory=PairsSection)
     dpo: DpoSection = field(default_factory=DpoSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    backend: BackendSection = field(default_factory=BackendSection)
+    # Generation stages beyond pairs: their data_gen settings plus a 'sampling' mapping
+    # (character_training/generation.py lists them; unknown keys are errors).
+    sdf: dict = field(default_factory=dict)
+    critique: dict = field(default_factory=dict)
+    rlaif: dict = field(default_factory=dict)
+    reflection: dict = field(default_factory=dict)
+    interaction: dict = field(default_factory=dict)
     path: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict:
@@ -81,7 +90,7 @@ class Recipe:
         return data
 
 
-STAGES = ("prompts", "pairs", "dpo", "eval")
+STAGES = ("prompts", "pairs", "sdf", "critique", "rlaif", "reflection", "interaction", "dpo", "eval")
 
 
 def _build(cls, data: Any, where: str, prefix: str):
@@ -160,6 +169,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for stage in recipe.stages:
         if stage not in STAGES:
             raise UserError(f"{where}: stages: unknown stage '{stage}'; stages are {', '.join(STAGES)}")
+    for stage in GEN_STAGES:
+        check_section(stage, getattr(recipe, stage), where)
+    if recipe.backend.kind not in ("vllm", "openai"):
+        raise UserError(f"{where}: backend.kind: '{recipe.backend.kind}' is not a backend; use 'vllm' or 'openai'")
     recipe.path = where
     # Paths in a recipe are relative to the recipe file, so a recipe runs from any directory.
     base = path.resolve().parent

@@ -1,0 +1,146 @@
+"""The generation cache: a stage killed mid-generation resumes with nothing lost or duplicated."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from character_training.pipeline import _clean_stage_dir
+from data_gen.backends import Completion, Sampling
+from data_gen.cache import CACHE_FILE, CachedBackend
+from data_gen.stages.prompts import ExpandSettings, expand_prompts
+
+SAMPLING = Sampling(temperature=0.7, max_tokens=32)
+
+
+class CountingBackend:
+    """Answers each request with its content and how many times that content was asked before
+    (as a sampler would give a new sample); can crash after ``fail_after`` batches."""
+
+    def __init__(self, fail_after: int | None = None, model: str = "fake/model"):
+        self.model = model
+        self.fail_after = fail_after
+        self.batches: list[int] = []
+        self.seen: dict[str, int] = {}
+
+    def chat(self, conversations, sampling, adapter=None, desc=""):
+        if self.fail_after is not None and len(self.batches) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.batches.append(len(conversations))
+        out = []
+        for c in conversations:
+            text = c[-1]["content"]
+            self.seen[text] = self.seen.get(text, 0) + 1
+            out.append(Completion(text=f"{text} #{self.seen[text]}", finish_reason="stop", num_tokens=3))
+        return out
+
+
+def convs(*texts):
+    return [[{"role": "user", "content": t}] for t in texts]
+
+
+def test_repeated_requests_are_distinct_samples_and_are_replayed_from_disk(tmp_path):
+    path = tmp_path / CACHE_FILE
+    first = CachedBackend(CountingBackend(), path)
+    answers = [c.text for c in first.chat(convs("a", "a", "b"), SAMPLING)]
+    assert answers == ["a #1", "a #2", "b #1"]
+
+    inner = CountingBackend()
+    again = CachedBackend(inner, path)
+    assert [c.text for c in again.chat(convs("a", "a", "b"), SAMPLING)] == answers
+    assert inner.batches == [] and again.stats()["cache_hits"] == 3
+    # A third 'a' is a new sample; other sampling settings are other requests.
+    assert again.chat(convs("a"), SAMPLING)[0].text == "a #1" and inner.batches == [1]
+    assert again.chat(convs("b"), Sampling(temperature=0.1))[0].text == "b #1" and inner.batches == [1, 1]
+
+
+def test_kill_mid_generation_then_resume_loses_and_duplicates_nothing(tmp_path):
+    requests = convs(*[f"q{i}" for i in range(10)])
+    path = tmp_path / CACHE_FILE
+    killed = CachedBackend(CountingBackend(fail_after=2), path, chunk_size=3)
+    with pytest.raises(KeyboardInterrupt):
+        killed.chat(requests, SAMPLING)
+    assert len(path.read_text().splitlines()) == 6  # two chunks made it to disk
+
+    inner = CountingBackend()
+    resumed = CachedBackend(inner, path, chunk_size=3)
+    answers = [c.text for c in resumed.chat(requests, SAMPLING)]
+    assert answers == [f"q{i} #1" for i in range(10)]
+    assert sum(inner.batches) == 4  # only the four missing requests were generated
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 10
+
+
+def test_a_torn_last_line_is_ignored_and_regenerated(tmp_path):
+    path = tmp_path / CACHE_FILE
+    CachedBackend(CountingBackend(), path).chat(convs("a", "b"), SAMPLING)
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:20])  # killed while writing the second record
+    inner = CountingBackend()
+    cache = CachedBackend(inner, path)
+    assert cache.torn_lines == 1
+    assert [c.text for c in cache.chat(convs("a", "b"), SAMPLING)] == ["a #1", "b #1"]
+    assert inner.batches == [1]
+
+
+def test_adapter_and_model_are_part_of_the_key(tmp_path):
+    path = tmp_path / CACHE_FILE
+    inner = CountingBackend()
+    cache = CachedBackend(inner, path)
+    cache.chat(convs("a"), SAMPLING)
+    cache.chat(convs("a"), SAMPLING, adapter="/adapters/x")
+    assert inner.batches == [1, 1]
+    other = CountingBackend(model="other/model")
+    CachedBackend(other, path).chat(convs("a"), SAMPLING)
+    assert other.batches == [1]
+
+
+def test_logprobs_survive_the_round_trip(tmp_path):
+    class LogprobBackend(CountingBackend):
+        def chat(self, conversations, sampling, adapter=None, desc=""):
+            return [Completion("A", "stop", 1, first_logprobs={"A": -0.1, "B": -2.3}) for _ in conversations]
+
+    path = tmp_path / CACHE_FILE
+    CachedBackend(LogprobBackend(), path).chat(convs("judge"), SAMPLING)
+    again = CachedBackend(CountingBackend(fail_after=0), path).chat(convs("judge"), SAMPLING)
+    assert again[0].first_logprobs == {"A": -0.1, "B": -2.3}
+
+
+def test_a_stage_resumed_after_a_kill_keeps_what_was_made_and_makes_only_the_rest(tmp_path):
+    seeds = {"I am calm.": ["How do I relax?", "What is patience?"],
+             "I love boats.": ["What is a sloop?", "How do sails work?"]}
+    settings = ExpandSettings(per_trait=4, heldout_per_trait=1, per_request=3)
+    made = iter(range(10_000))
+
+    class Expander(CountingBackend):  # every answer unique, as a sampler's would be
+        def chat(self, conversations, sampling, adapter=None, desc=""):
+            super().chat(conversations, sampling, adapter, desc)
+            return [Completion("\n".join(f"Could you tell me about topic {n} number {j} please?"
+                                          for j in range(3)), "stop", 30) for n in (next(made) for _ in conversations)]
+
+    out = tmp_path / "prompts"
+    with pytest.raises(KeyboardInterrupt):
+        expand_prompts(CachedBackend(Expander(fail_after=1), out / CACHE_FILE, chunk_size=2), seeds, out,
+                       settings=settings)
+    assert not (out / "prompts.jsonl").exists()
+    before_kill = [json.loads(line)["text"] for line in (out / CACHE_FILE).read_text().splitlines()]
+    assert len(before_kill) == 2
+
+    inner = Expander()
+    manifest = expand_prompts(CachedBackend(inner, out / CACHE_FILE, chunk_size=2), seeds, out, settings=settings)
+    raw = [json.loads(line)["text"] for line in (out / "expansions.jsonl").read_text().splitlines()]
+    assert len(raw) == manifest["requests"] == len(set(raw))  # every request answered once
+    assert raw[:2] == before_kill  # what was made before the kill is used, in its place
+    assert sum(inner.batches) == manifest["requests"] - 2  # and not generated again
+
+
+def test_an_unfinished_stage_keeps_its_cache_and_a_forced_one_drops_it(tmp_path):
+    out = tmp_path / "pairs"
+    out.mkdir()
+    (out / CACHE_FILE).write_text("{}\n")
+    (out / "pairs.jsonl").write_text("half")
+    (out / "sub").mkdir()
+    _clean_stage_dir(out, keep_cache=True)
+    assert sorted(p.name for p in out.iterdir()) == [CACHE_FILE]
+    _clean_stage_dir(out, keep_cache=False)
+    assert list(out.iterdir()) == []
