@@ -10,7 +10,7 @@ import pytest
 from character_training import evaluate
 from character_training.evaluate import Condition, bootstrap_interval, format_table, quick_check
 from data_gen.backends import Completion
-from data_gen.stages.pairs import distinct_3gram_share
+from data_gen.filters import distinct_3gram_share
 from data_gen.store import write_jsonl
 from tests.conftest import toy_pairs
 
