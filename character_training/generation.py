@@ -93,6 +93,8 @@ def check_section(stage: str, section: Any, where: str) -> dict:
         build_settings(stage, section)
     except TypeError as exc:
         raise UserError(f"{where}: {stage}: {exc}") from None
+    except UserError as exc:
+        raise UserError(f"{where}: {stage}: {exc}") from None
     return section
 
 

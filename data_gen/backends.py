@@ -61,7 +61,8 @@ class VLLMBackend:
 
     def __init__(self, model: str, *, seed: int = 0, max_model_len: int = 2048,
                  enable_lora: bool = False, max_lora_rank: int = 64, dtype: str = "auto",
-                 kv_cache_gib: int | None = None, gpu_memory_utilization: float = 0.85):
+                 kv_cache_gib: int | None = None, gpu_memory_utilization: float = 0.85,
+                 prefix_caching: bool = True):
         try:
             import vllm
         except ImportError as exc:
@@ -80,7 +81,7 @@ class VLLMBackend:
         self.enable_lora = enable_lora
         self._adapter_ids: dict[str, int] = {}
         kwargs = dict(model=model, seed=seed, max_model_len=max_model_len, dtype=dtype,
-                      enable_prefix_caching=True, enable_lora=enable_lora)
+                      enable_prefix_caching=prefix_caching, enable_lora=enable_lora)
         if enable_lora:
             kwargs["max_lora_rank"] = max_lora_rank
         if on_gpu:

@@ -1,0 +1,192 @@
+"""AI-judged preference pairs (RLAIF): the model's own answers, ranked by a judge against the
+constitution's principles.
+
+For each prompt the model samples two candidate answers (the same conversation twice, in one
+batch: the cache keeps repeated requests as distinct samples). A judge (the same model unless
+another is given) compares them against a principle drawn per prompt and answers with one
+letter, in both orders (candidate 1 as A, then as B), which cancels a judge's preference for a
+position. Each verdict is P(A): from the judge's first-token logprobs (the probability mass on
+"A" vs "B") when it gives them, else parsed from its text ("A", "(A)", "Answer: A").
+
+The preference for candidate 1 is the mean of P(candidate 1 better) over the two orders;
+``margin = |preference - 0.5| * 2``. Pairs under ``min_margin`` (the judge cannot tell, or only
+prefers a position), with an unparseable verdict, or with an unusable candidate (empty, cut
+off, refused, looping, identical to the other) are dropped and counted.
+
+Writes ``pairs.jsonl`` (TRL's conversational preference format, no system message) and
+``judgments.jsonl`` (prompt, principle, both candidates, both verdicts, probabilities, margin,
+whether kept).
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_gen.backends import Backend, Completion, Sampling
+from data_gen.errors import UserError
+from data_gen.filters import completion_problem
+from data_gen.stages.critique import require_principles, system_head
+from data_gen.stages.prompts import normalize
+from data_gen.store import write_jsonl
+from data_gen.templating import render
+
+
+@dataclass(frozen=True)
+class RlaifSettings:
+    # None: candidates answer without a system prompt; "constitution": with the constitution's
+    candidates_system_prompt: str | None = None
+    min_margin: float = 0.2          # |P(candidate 1 better) - 0.5| * 2 under which a pair is dropped
+    min_answer_chars: int = 2        # a shorter candidate is "empty"
+    max_answer_chars: int = 2000     # a longer candidate is "over_long"
+    min_distinct_3grams: float = 0.0  # share of distinct word 3-grams below which a candidate loops
+    judge_max_tokens: int = 4        # the judge answers with one letter; a few tokens leave room for "(A)"
+    judge_logprobs: int = 20         # top alternatives of the judge's first token read for P(A)
+
+
+_LETTER_TEXT = re.compile(
+    r"^[\s*\"'(\[]*(?:(?i:the\s+)?(?i:answer|response|option|choice|verdict)(?i:\s+is)?[\s:*\-]*)?"
+    r"[\s*\"'(\[]*([AB])(?![A-Za-z])")
+
+
+def letter_from_logprobs(first_logprobs: dict[str, float] | None) -> float | None:
+    """P(A) among the first token's alternatives whose text is "A" or "B" (whitespace, case and
+    brackets aside; the probabilities of all spellings of a letter add up), or None when
+    neither letter is among them."""
+    if not first_logprobs:
+        return None
+    mass = {"A": 0.0, "B": 0.0}
+    for token, logprob in first_logprobs.items():
+        letter = token.strip().strip("(*[").upper()
+        if letter in mass and logprob is not None and logprob > float("-inf"):
+            mass[letter] += math.exp(logprob)
+    total = mass["A"] + mass["B"]
+    return mass["A"] / total if total > 0 else None
+
+
+def letter_from_text(text: str) -> str | None:
+    """"A" or "B" from a short reply ("A", "(B)", "Answer: A", "Response B", "**A**"), else None."""
+    match = _LETTER_TEXT.match(text)
+    return match.group(1) if match else None
+
+
+def verdict(c: Completion) -> tuple[float | None, str]:
+    """(P(A), source): source is "logprobs", "text" or "unparseable" (P(A) None)."""
+    p = letter_from_logprobs(c.first_logprobs)
+    if p is not None:
+        return p, "logprobs"
+    letter = letter_from_text(c.text)
+    if letter is not None:
+        return (1.0 if letter == "A" else 0.0), "text"
+    return None, "unparseable"
+
+
+def _candidate_problem(c: Completion, settings: RlaifSettings) -> str | None:
+    return completion_problem(c, min_chars=settings.min_answer_chars, max_chars=settings.max_answer_chars,
+                              min_distinct_3grams=settings.min_distinct_3grams, refusals=True)
+
+
+def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path, *,
+              settings: RlaifSettings = RlaifSettings(),
+              sampling: Sampling = Sampling(temperature=0.9, max_tokens=160),
+              judge: Backend | None = None, seed: int = 0) -> dict:
+    require_principles(constitution, "rlaif")
+    head = system_head(settings.candidates_system_prompt, constitution, "rlaif.candidates_system_prompt")
+    if not 0.0 <= settings.min_margin <= 1.0:
+        raise UserError(f"rlaif.min_margin: {settings.min_margin}; give a number from 0 to 1 (0.2 keeps pairs the "
+                        "judge prefers at 60/40 or more)")
+    if settings.judge_max_tokens < 1:
+        raise UserError(f"rlaif.judge_max_tokens: {settings.judge_max_tokens}; give at least 1")
+    if not prompts:
+        raise UserError("rlaif: no prompts to answer; run the prompts stage or pass --prompts FILE")
+    judge = judge or backend
+    judge_sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=settings.judge_max_tokens,
+                              logprobs=settings.judge_logprobs)
+
+    rng = random.Random(seed)
+    principles = [rng.choice(constitution.principles) for _ in prompts]
+    conversations = [head + [{"role": "user", "content": p}] for p in prompts]
+    answers = backend.chat([c for c in conversations for _ in range(2)], sampling, desc="rlaif: candidates")
+
+    drops: Counter = Counter()
+    judged = []  # (prompt index, candidate 1, candidate 2)
+    for i in range(len(prompts)):
+        pair = answers[2 * i:2 * i + 2]
+        problem = next((p for p in (_candidate_problem(c, settings) for c in pair) if p), None)
+        if problem:
+            drops[f"candidate_{problem}"] += 1
+        elif normalize(pair[0].text) == normalize(pair[1].text):
+            drops["candidates_identical"] += 1
+        else:
+            judged.append((i, pair[0].text.strip(), pair[1].text.strip()))
+
+    def ask(i: int, a: str, b: str) -> list[dict]:
+        return [{"role": "user", "content": render("rlaif_judge.j2", constitution=constitution, prompt=prompts[i],
+                                                   principle=principles[i], response_a=a, response_b=b).strip()}]
+
+    requests = [r for i, one, two in judged for r in (ask(i, one, two), ask(i, two, one))]
+    verdicts = judge.chat(requests, judge_sampling, desc="rlaif: judging") if requests else []
+
+    records, judgments = [], []
+    sources: Counter = Counter()
+    first_position, agreements, both_parsed = [], 0, 0
+    for n, (i, one, two) in enumerate(judged):
+        (p1, s1), (p2, s2) = verdict(verdicts[2 * n]), verdict(verdicts[2 * n + 1])
+        sources.update([s1, s2])
+        first_position += [p for p in (p1, p2) if p is not None]
+        record = {"prompt": prompts[i], "principle": principles[i], "candidates": [one, two],
+                  "verdicts": [{"order": "candidate 1 as A", "text": verdicts[2 * n].text, "p_a": p1, "source": s1},
+                               {"order": "candidate 2 as A", "text": verdicts[2 * n + 1].text, "p_a": p2, "source": s2}],
+                  "p_candidate_1": None, "margin": None, "chosen": None, "kept": False, "drop_reason": None}
+        if p1 is None or p2 is None:
+            record["drop_reason"] = "judge_unparseable"
+        else:
+            # P(candidate 1 better): P(A) in the first order, P(B) in the swapped one.
+            p_one = (p1 + (1.0 - p2)) / 2
+            margin = abs(p_one - 0.5) * 2
+            both_parsed += 1
+            agreements += (p1 - 0.5) * ((1.0 - p2) - 0.5) > 0
+            record.update(p_candidate_1=p_one, margin=margin, chosen=1 if p_one > 0.5 else 2 if p_one < 0.5 else None)
+            if margin == 0 or margin < settings.min_margin:
+                record["drop_reason"] = "low_margin"
+            else:
+                chosen, rejected = (one, two) if p_one > 0.5 else (two, one)
+                record["kept"] = True
+                records.append({"prompt": [{"role": "user", "content": prompts[i]}],
+                                "chosen": [{"role": "assistant", "content": chosen}],
+                                "rejected": [{"role": "assistant", "content": rejected}]})
+        if record["drop_reason"]:
+            drops[record["drop_reason"]] += 1
+        judgments.append(record)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "pairs.jsonl", records)
+    write_jsonl(out_dir / "judgments.jsonl", judgments)
+    kept_margins = [j["margin"] for j in judgments if j["kept"]]
+    return {
+        "stage": "rlaif",
+        "model": backend.model,
+        "judge_model": judge.model,
+        "seed": seed,
+        "sampling": sampling.to_dict(),
+        "judge_sampling": judge_sampling.to_dict(),
+        "settings": asdict(settings),
+        "constitution": constitution.name,
+        "counts": {"prompts": len(prompts), "pairs": len(records), "judged": len(judged),
+                   "dropped_pairs": len(prompts) - len(records), "candidates": len(answers),
+                   "verdicts": len(verdicts), "candidate_tokens": sum(c.num_tokens for c in answers),
+                   "judge_tokens": sum(c.num_tokens for c in verdicts)},
+        "drops": dict(drops),
+        # Both orders prefer the same candidate (a judge that only picks a position scores 0).
+        "order_agreement": agreements / both_parsed if both_parsed else None,
+        # Mean P(the response in position A wins) - 0.5 over all parsed verdicts (0: no bias).
+        "position_bias": sum(first_position) / len(first_position) - 0.5 if first_position else None,
+        "verdict_sources": {"logprobs": sources["logprobs"], "text": sources["text"],
+                            "unparseable": sources["unparseable"]},
+        "mean_margin_kept": sum(kept_margins) / len(kept_margins) if kept_margins else None,
+        "principle_usage": dict(Counter(principles)),
+    }
