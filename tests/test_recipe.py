@@ -12,6 +12,7 @@ from character_training.recipe import (
     DpoSection,
     PairsSection,
     PromptsSection,
+    STAGES,
     Recipe,
     load_recipe,
 )
@@ -43,7 +44,7 @@ def test_shipped_recipe_loads(path):
     assert recipe.path == str(path)
     assert Path(recipe.constitution).is_absolute()
     assert Path(recipe.constitution).is_file(), recipe.constitution
-    assert recipe.stages and all(s in ("prompts", "pairs", "dpo", "eval") for s in recipe.stages)
+    assert recipe.stages and all(s in STAGES for s in recipe.stages)
     assert isinstance(recipe.prompts, PromptsSection)
     assert isinstance(recipe.pairs, PairsSection)
     assert isinstance(recipe.dpo, DpoSection)
@@ -244,3 +245,27 @@ def test_cli_run_rejects_bad_set_override(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pairs.max_tokens" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_generation_section_unknown_key_names_stage_and_suggests(tmp_path):
+    path = _recipe(tmp_path, "critique:\n  round: 2\n")
+    with pytest.raises(UserError, match=r"recipe.yaml: critique.round: unknown key \(did you mean 'rounds'\?\)"):
+        load_recipe(path)
+
+
+def test_generation_sampling_unknown_key(tmp_path):
+    path = _recipe(tmp_path, "sdf:\n  sampling: {temprature: 0.5}\n")
+    with pytest.raises(UserError, match=r"sdf.sampling.temprature: unknown key \(did you mean 'temperature'\?\)"):
+        load_recipe(path)
+
+
+def test_generation_section_bad_value_names_the_file(tmp_path):
+    path = _recipe(tmp_path, "sdf:\n  num_types: 0\n")
+    with pytest.raises(UserError, match=r"recipe.yaml: sdf"):
+        load_recipe(path)
+
+
+def test_unknown_backend_kind(tmp_path):
+    path = _recipe(tmp_path, "backend:\n  kind: tgi\n")
+    with pytest.raises(UserError, match="backend.kind: 'tgi'"):
+        load_recipe(path)

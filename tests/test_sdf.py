@@ -257,10 +257,10 @@ def test_same_seed_same_requests_and_another_seed_others(marlow, tmp_path):
 
 def test_bad_settings_and_constitutions_fail_before_generation(marlow, tmp_path):
     backend = FakeBackend()
-    for bad in (SdfSettings(num_types=0), SdfSettings(ideas_per_type=0), SdfSettings(dedup_threshold=0.0),
-                SdfSettings(brainstorm_requests=0, seed_types=()), SdfSettings(seed_types=("news", " "))):
-        with pytest.raises(UserError):
-            run_sdf(backend, marlow, tmp_path, settings=bad)
+    for bad in (dict(num_types=0), dict(ideas_per_type=0), dict(dedup_threshold=0.0),
+                dict(brainstorm_requests=0, seed_types=()), dict(seed_types=("news", " "))):
+        with pytest.raises(UserError):  # refused when the settings are built
+            run_sdf(backend, marlow, tmp_path, settings=SdfSettings(**bad))
     empty = SimpleNamespace(name="nobody", description="  ", facts=())
     with pytest.raises(UserError, match="no description and no facts"):
         run_sdf(backend, empty, tmp_path)

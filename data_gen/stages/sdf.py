@@ -91,6 +91,9 @@ class SdfSettings:
     keep_unjudged: bool = False      # keep documents whose verdict is neither yes nor no
     seed_types: tuple[str, ...] = SEED_TYPES  # fallback document types when the brainstorm is junk
 
+    def __post_init__(self):
+        check_values(self)
+
 
 def check_settings(constitution, settings: SdfSettings) -> None:
     """Raise UserError for input the stage cannot use, before anything is generated."""
@@ -100,6 +103,14 @@ def check_settings(constitution, settings: SdfSettings) -> None:
     if not (constitution.description or "").strip() and not constitution.facts:
         raise UserError(f"constitution '{constitution.name}': no description and no facts, so there is "
                         "nothing to write documents about; add a description or facts")
+    check_values(settings)
+
+
+def check_values(settings: SdfSettings) -> None:
+    """The settings' own range checks (run when the settings are built, e.g. from a recipe)."""
+    def bad(field: str, problem: str, fix: str) -> UserError:
+        return UserError(f"sdf.{field}: {problem}; {fix}")
+
     for field in ("num_types", "ideas_per_type", "types_per_request", "max_type_words", "target_words",
                   "min_words"):
         if getattr(settings, field) < 1:
