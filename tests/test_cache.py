@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,34 @@ def test_an_unfinished_stage_keeps_its_cache_and_a_forced_one_drops_it(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == [CACHE_FILE]
     _clean_stage_dir(out, keep_cache=False)
     assert list(out.iterdir()) == []
+
+
+def test_a_multi_step_stage_killed_between_steps_resumes_without_regenerating(tmp_path):
+    """Self-critique has three dependent steps; killed after the first, the rerun answers step
+    one from the cache and builds steps two and three on the same answers."""
+    from character_training.constitution import load_constitution
+    from data_gen.stages.critique import run_critique
+
+    constitution = load_constitution(Path(__file__).resolve().parent.parent / "constitutions" / "captain-marlow.yaml")
+    prompts = [f"How do I tie knot number {i}?" for i in range(5)]
+    made = iter(range(10_000))
+
+    class Writer(CountingBackend):
+        def chat(self, conversations, sampling, adapter=None, desc=""):
+            super().chat(conversations, sampling, adapter, desc)
+            return [Completion(f"Arr, answer number {next(made)} about tying the knot well.", "stop", 12)
+                    for _ in conversations]
+
+    out = tmp_path / "critique"
+    with pytest.raises(KeyboardInterrupt):
+        run_critique(CachedBackend(Writer(fail_after=1), out / CACHE_FILE), constitution, prompts, out)
+    first_answers = [json.loads(line)["text"] for line in (out / CACHE_FILE).read_text().splitlines()]
+    assert len(first_answers) == 5
+
+    inner = Writer()
+    manifest = run_critique(CachedBackend(inner, out / CACHE_FILE), constitution, prompts, out)
+    assert inner.batches == [5, 5]  # critiques and revisions only
+    rejected = [json.loads(line)["rejected"][0]["content"] for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(rejected) == sorted(first_answers) and manifest["counts"]["pairs"] == 5
+    keys = [json.loads(line)["key"] for line in (out / CACHE_FILE).read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 15
