@@ -68,6 +68,9 @@ class BackendSection:
     timeout_s: float = 120.0
     max_retries: int = 4
     judge_model: str | None = None  # judging stages (rlaif, sdf's filter): another model; null: the same one
+    # openai: send a per-request seed derived from the recipe's seed (reproducible samples). Off by
+    # default: vLLM's CPU server can crash on seeded requests whose prefill is chunked.
+    request_seeds: bool = False
 
 
 def check_section(stage: str, section: Any, where: str) -> dict:
@@ -132,7 +135,7 @@ def make_backend(model: str, section: BackendSection, seed: int, *, enable_lora:
         name = (section.judge_model if judge and section.judge_model else section.served_model) or target
         return OpenAIBackend(name, list(section.base_urls), api_key_env=section.api_key_env,
                              max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
-                             max_retries=section.max_retries, seed=seed)
+                             max_retries=section.max_retries, seed=seed if section.request_seeds else None)
     raise UserError(f"backend.kind: '{section.kind}' is not a backend; use 'vllm' or 'openai'")
 
 
