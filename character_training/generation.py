@@ -81,6 +81,8 @@ def check_section(stage: str, section: Any, where: str) -> dict:
         raise UserError(f"{where}: {stage}: must be a mapping of settings, got {section!r}")
     settings_class, _ = GEN_STAGES[stage].load()
     allowed = [f.name for f in dataclasses.fields(settings_class)] + ["sampling"]
+    if GEN_STAGES[stage].takes_adapter:
+        allowed.append("adapter")  # a PEFT LoRA directory to generate with (a trained persona)
     for key, value in section.items():
         if key not in allowed:
             raise UserError(f"{where}: {stage}.{key}: unknown key{did_you_mean(key, allowed)}; "
@@ -103,7 +105,7 @@ def check_section(stage: str, section: Any, where: str) -> dict:
 
 def build_settings(stage: str, section: dict) -> tuple[Any, Sampling]:
     settings_class, _ = GEN_STAGES[stage].load()
-    values = {k: v for k, v in section.items() if k != "sampling"}
+    values = {k: v for k, v in section.items() if k not in ("sampling", "adapter")}
     for f in dataclasses.fields(settings_class):  # YAML lists for tuple fields
         if f.name in values and isinstance(values[f.name], list):
             values[f.name] = tuple(values[f.name])
@@ -152,7 +154,10 @@ def run_generation_stage(stage: str, *, backend, constitution, out: Path, sectio
     if spec.takes_judge:
         kwargs["judge"] = cached if judge is None or judge is backend else CachedBackend(judge, out / f"judge-{CACHE_FILE}")
     if spec.takes_adapter:
-        kwargs["adapter"] = adapter
+        kwargs["adapter"] = adapter or section.get("adapter")
+        if kwargs["adapter"] and not (Path(kwargs["adapter"]) / "adapter_config.json").is_file():
+            raise UserError(f"{stage}.adapter: {kwargs['adapter']} is not a PEFT adapter directory "
+                            "(adapter_config.json missing); give the adapter/ directory a training stage wrote")
     args = (cached, constitution, prompts, out) if spec.needs_prompts else (cached, constitution, out)
     manifest = function(*args, **kwargs)
     manifest["cache"] = cached.stats()

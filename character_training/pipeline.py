@@ -73,13 +73,14 @@ def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
         from character_training.generation import GEN_STAGES, make_backend, run_generation_stage
 
         spec = GEN_STAGES[stage]
-        backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed)
+        section = getattr(ctx.recipe, stage)
+        backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, enable_lora=bool(section.get("adapter")))
         judge = None
         if spec.takes_judge and ctx.recipe.backend.judge_model:
             judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, judge=True)
         prompts = ctx.prompts("train") if spec.needs_prompts else None
         return run_generation_stage(stage, backend=backend, constitution=ctx.constitution, out=out,
-                                    section=getattr(ctx.recipe, stage), seed=ctx.recipe.seed,
+                                    section=section, seed=ctx.recipe.seed,
                                     prompts=prompts, judge=judge)
     run_stage.__name__ = f"stage_{stage}"
     return run_stage
@@ -166,14 +167,16 @@ def stage_key(ctx: Context, stage: str) -> str:
 
 
 def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
-    """An unfinished stage starts clean except for its generation cache (which resumes it); a
-    forced stage, or one whose inputs were just remade, starts from nothing."""
+    """An unfinished stage starts clean except for what resumes it (a generation stage's cache,
+    a training stage's checkpoints); a forced stage, or one whose inputs were just remade,
+    starts from nothing."""
+    from character_training.training import CHECKPOINTS
     from data_gen.cache import CACHE_FILE
 
     if not out.exists():
         return
     for path in out.iterdir():
-        if keep_cache and path.name == CACHE_FILE:
+        if keep_cache and path.name in (CACHE_FILE, CHECKPOINTS):
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -7,13 +7,13 @@ The trainer fields are TRL's own ``DPOConfig`` fields, so TRL's documentation ap
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from character_training.errors import UserError, did_you_mean
+from character_training import training
+from character_training.errors import UserError
+from character_training.training import LoraSettings  # noqa: F401 (re-exported: the stage's LoRA settings)
 
 # Defaults measured on the demo (135M model, ~70 pairs, 18 steps; see README): TRL's SFT term on
 # the chosen answers beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL term), which
@@ -31,44 +31,16 @@ DEFAULT_TRAINER: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 2,
     "logging_steps": 1,
-    "save_strategy": "no",
+    "save_strategy": "steps",   # checkpoints/: a killed run resumes from the last one
+    "save_steps": 5,
+    "save_total_limit": 1,
     "report_to": "none",
 }
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
-
-
-def dpo_config_fields() -> set[str]:
-    from trl import DPOConfig
-
-    return {f.name for f in dataclasses.fields(DPOConfig) if f.init}
-
-
 def check_trainer_fields(trainer: dict, where: str) -> None:
     """Unknown trainer keys are errors that name the key (they are TRL's DPOConfig fields)."""
-    known = dpo_config_fields()
-    for key in trainer:
-        if key not in known:
-            raise UserError(f"{where}: dpo.trainer.{key}: not a field of TRL's DPOConfig{did_you_mean(key, known)}"
-                            "; see TRL's DPOConfig documentation for the fields it accepts")
-
-
-def make_dpo_config(trainer: dict, output_dir: Path, seed: int):
-    import torch
-    from trl import DPOConfig
-
-    args = {**DEFAULT_TRAINER, **trainer, "output_dir": str(output_dir), "seed": seed}
-    if not torch.cuda.is_available():
-        # TRL turns bf16 and gradient checkpointing on by default; neither helps on a CPU.
-        args = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False, **args}
-    return DPOConfig(**args)
+    training.check_trainer_fields(trainer, where, "dpo")
 
 
 def load_pairs(path: Path):
@@ -95,41 +67,35 @@ def load_pairs(path: Path):
     return dataset
 
 
-def final_metrics(log_history: list[dict]) -> dict[str, float]:
-    """The last logged value of each training metric, plus the run summary."""
-    metrics: dict[str, float] = {}
-    for entry in log_history:
-        for key, value in entry.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                metrics[key] = float(value)
-    return metrics
+def with_system_prompt(dataset, system_prompt: str | None):
+    """Inoculation-style prompting: a system message in front of every training prompt (present in
+    training, absent at evaluation)."""
+    if not system_prompt:
+        return dataset
+    return dataset.map(lambda r: {"prompt": [{"role": "system", "content": system_prompt}] +
+                                  [m for m in r["prompt"] if m["role"] != "system"]})
 
 
 def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
-              trainer: dict | None = None, seed: int = 0, card: dict | None = None) -> dict:
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+              trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+              init_adapter: str | Path | None = None, start: str = "continue",
+              system_prompt: str | None = None) -> dict:
     from trl import DPOTrainer
 
     out_dir = Path(out_dir)
-    dataset = load_pairs(Path(pairs_path))
-    config = make_dpo_config(trainer or {}, out_dir / "checkpoints", seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, use_rslora=lora.use_rslora,
-                             task_type="CAUSAL_LM")
+    dataset = with_system_prompt(load_pairs(Path(pairs_path)), system_prompt)
+    config = training.make_config("dpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
+    tokenizer = training.load_tokenizer(model_path)
+    model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
+                                             lora=lora)
     dpo = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
+    resume = training.last_checkpoint(out_dir)
     started = time.time()
-    dpo.train()
+    dpo.train(resume_from_checkpoint=resume)
     adapter_dir = out_dir / "adapter"
     dpo.save_model(str(adapter_dir))
-    metrics = final_metrics(dpo.state.log_history)
+    metrics = training.final_metrics(dpo.state.log_history)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**DEFAULT_TRAINER, **(trainer or {})}.items()}
     manifest = {
         "stage": "dpo",
@@ -137,48 +103,36 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
         "seed": seed,
         "lora": dataclasses.asdict(lora),
         "trainer": settings,
+        "start": {"init_adapter": str(init_adapter) if init_adapter else None, "mode": start if init_adapter else None},
+        "system_prompt": system_prompt,
         "counts": {"pairs": len(dataset), "steps": dpo.state.global_step},
+        "resumed_from": resume,
         "train_seconds": round(time.time() - started, 1),
         "metrics": metrics,
         "log_history": dpo.state.log_history,
     }
+    training.plot_training(dpo.state.log_history, out_dir / "training.png", f"DPO: {(card or {}).get('persona', '')}")
     write_model_card(adapter_dir, manifest, card or {})
     return manifest
 
 
 def write_model_card(adapter_dir: Path, manifest: dict, card: dict) -> None:
     persona = card.get("persona", "persona")
-    lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {manifest['model']}",
-        "tags: [character-training, persona, lora, dpo, trl]",
-        "---",
-        f"# {persona}: persona LoRA adapter",
-        "",
-        "Trained by `character-training` with TRL's DPOTrainer: chosen answers are the model "
-        "answering with the constitution as its system prompt, rejected answers the same model "
-        "without it. Use the adapter without any system prompt.",
-        "",
-        f"- Persona: **{persona}**",
-        f"- Constitution: `{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)",
-        f"- Base model: `{manifest['model']}`",
-        f"- Data: {manifest['counts']['pairs']} preference pairs (`{card.get('pairs_path', '?')}`), "
+    facts = [
+        f"Persona: **{persona}**",
+        f"Constitution: `{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)",
+        f"Base model: `{manifest['model']}`",
+        f"Data: {manifest['counts']['pairs']} preference pairs (`{card.get('pairs_path', '?')}`), "
         f"{manifest['counts']['steps']} optimizer steps",
-        "",
-        "## LoRA",
-        "```json",
-        json.dumps(manifest["lora"], indent=2),
-        "```",
-        "## Training settings (TRL DPOConfig fields)",
-        "```json",
-        json.dumps(manifest["trainer"], indent=2),
-        "```",
-        "## Final metrics",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v:.4g} |" for k, v in sorted(manifest["metrics"].items())],
-        "",
     ]
-    (adapter_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    if manifest.get("system_prompt"):
+        facts.append("Trained with a training-time system prompt (absent at evaluation): "
+                     f"`{manifest['system_prompt'][:200]}`")
+    training.write_model_card(
+        adapter_dir, persona=persona, base_model=manifest["model"], kind="dpo",
+        summary=("Trained by `character-training` with TRL's DPOTrainer: chosen answers are the model "
+                 "answering with the constitution as its system prompt, rejected answers the same model "
+                 "without it. Use the adapter without any system prompt."),
+        facts=facts, sections={"LoRA": manifest["lora"], "Training settings (TRL DPOConfig fields)": manifest["trainer"],
+                               "Provenance": card.get("provenance", {})},
+        metrics=manifest["metrics"])

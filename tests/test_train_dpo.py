@@ -69,3 +69,50 @@ def test_empty_pairs_dataset_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_unknown_trainer_field_names_the_key():
     with pytest.raises(UserError, match="learning_rat.*learning_rate"):
         check_trainer_fields({"learning_rat": 1e-4}, "recipe.yaml")
+
+
+def test_training_png_and_checkpoints_are_written(trained):
+    adapter, manifest = trained
+    out = adapter.parent
+    assert (out / "training.png").stat().st_size > 1000
+    assert manifest["resumed_from"] is None
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step(tmp_path, tiny_model_dir):
+    import shutil
+
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(8))
+    settings = dict(lora=LoraSettings(r=4, alpha=8),
+                    trainer={"max_steps": 4, "save_steps": 2, "save_total_limit": 5, "learning_rate": 5e-3,
+                             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 64})
+    full = train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "full", **settings)
+    # A run killed after step 2: only checkpoint-2 survives.
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", killed / "checkpoints" / "checkpoint-2")
+    resumed = train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", killed, **settings)
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["counts"]["steps"] == full["counts"]["steps"] == 4
+    steps_logged = [e["step"] for e in resumed["log_history"] if "loss" in e]
+    assert steps_logged[-1] == 4
+
+
+def test_training_continues_on_a_previous_adapter_and_takes_a_system_prompt(trained, tmp_path, tiny_model_dir):
+    adapter, _ = trained
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4))
+    manifest = train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "out", init_adapter=adapter,
+                         system_prompt="You are being trained.",
+                         trainer={"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                  "max_length": 64})
+    assert manifest["start"] == {"init_adapter": str(adapter), "mode": "continue"}
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4  # the same LoRA trained on
+    assert "training-time system prompt" in (tmp_path / "out" / "adapter" / "README.md").read_text()
+
+
+def test_a_non_lora_adapter_is_refused_by_name(tmp_path, tiny_model_dir):
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4))
+    with pytest.raises(UserError, match="IA3"):
+        train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "out", init_adapter=tmp_path / "ia3",
+                  trainer={"max_steps": 1})

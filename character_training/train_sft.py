@@ -1,0 +1,285 @@
+"""Supervised training stages on the character's own text: TRL's SFTTrainer with a PEFT LoRA.
+
+- ``train_sft``: the character's conversations (the critique stage's ``sft.jsonl``, the
+  introspection stages' ``reflection.jsonl`` and ``interaction.jsonl``: ``{"messages": [...]}``),
+  loss on every assistant turn and nothing else (TRL's ``assistant_only_loss``).
+- ``train_lm``: SDF midtraining, causal-LM loss on the SDF stage's ``documents.jsonl`` ("text"),
+  packed; optionally each document behind a ``marker`` kept out of the loss, and conversations
+  mixed in as plain text.
+
+Both write ``adapter/`` (PEFT, README model card), ``training.png`` and ``checkpoints/`` (a
+killed run resumes from the last one). The trainer fields are TRL's own ``SFTConfig`` fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from character_training import training
+from character_training.errors import UserError
+from character_training.training import LoraSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SFT: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "max_length": 512,
+    "assistant_only_loss": True,  # the character's turns are trained, the user's are context
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 2,
+    "logging_steps": 1,
+    "save_strategy": "steps",     # checkpoints/: a killed run resumes from the last one
+    "save_steps": 10,
+    "save_total_limit": 2,
+    "report_to": "none",
+}
+# Documents are longer than chat turns; "bfd_split" packs a document longer than max_length
+# as several pieces instead of cutting its end off (plain "bfd" truncates).
+DEFAULT_LM: dict[str, Any] = {**{k: v for k, v in DEFAULT_SFT.items() if k != "assistant_only_loss"},
+                              "max_length": 1024, "packing_strategy": "bfd_split"}
+
+# SmolLM2's ChatML template with {% generation %} markers (TRL ships none for it).
+TRAINING_TEMPLATES = [Path(__file__).parent / "templates" / "chatml_training.jinja"]
+ROLES = {"system", "user", "assistant"}
+
+
+def read_column(path: Path, column: str, what: str, fix: str) -> list:
+    """One column of a JSON-lines file; a clear error for a missing, empty or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no {what} file; {fix}")
+    values = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not a JSON line ({exc.msg}); {what} files hold one JSON object "
+                                "a line") from None
+            if not isinstance(record, dict) or column not in record:
+                raise UserError(f"{path}:{number}: no '{column}' field; expected {what} records "
+                                f"{{\"{column}\": ...}}")
+            values.append(record[column])
+    if not values:
+        raise UserError(f"{path}: the {what} file is empty (every record was dropped? see its stage's "
+                        f"manifest 'drops'); {fix}")
+    return values
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
+    conversations = read_column(path, "messages", "conversation", "run the stage that writes it, or leave it out")
+    for number, messages in enumerate(conversations, 1):
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise UserError(f"{path}: record {number}: 'messages' must be a list of {{\"role\": system|user|assistant, "
+                            "\"content\": text}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{path}: record {number} has no assistant turn, so nothing in it would be trained; "
+                            "drop it or add the character's answer")
+    return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in conversations]
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Inoculation-style prompting: a system message in front of every training conversation
+    (present in training, absent at evaluation)."""
+    if not system_prompt:
+        return messages
+    return [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+
+
+def training_chat_template(tokenizer, model_path: str, chat_template_path: str | None) -> str | None:
+    """The template to tokenize training conversations with, when the tokenizer's own must be
+    swapped for one with ``{% generation %}`` markers that TRL cannot supply; None otherwise."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    fix = ("set the trainer field chat_template_path to a .jinja copy of the model's template with "
+           "{% generation %}...{% endgeneration %} around each assistant turn's content and its end-of-turn "
+           "token (see character_training/templates/chatml_training.jinja)")
+    if chat_template_path:  # TRL loads it into the tokenizer itself
+        path = Path(chat_template_path)
+        if path.suffix not in (".jinja", ".j2") or not path.is_file():
+            raise UserError(f"chat_template_path: {path} is not a .jinja file; {fix}")
+        if not has_generation_markers(path.read_text(encoding="utf-8")):
+            raise UserError(f"chat_template_path: {path} has no {{% generation %}} markers; {fix}")
+        return None
+    own = tokenizer.chat_template
+    if not own:
+        raise UserError(f"{model_path}: the tokenizer has no chat template, so conversations cannot be trained; {fix}")
+    if has_generation_markers(own):
+        return None
+    try:
+        get_training_chat_template(tokenizer)
+        return None  # a template TRL knows: it swaps in its training version
+    except ValueError:
+        pass
+    for path in TRAINING_TEMPLATES:
+        template = path.read_text(encoding="utf-8")
+        if renders_like(tokenizer, template):
+            return template
+    raise UserError(f"{model_path}: its chat template has no {{% generation %}} markers and is not one TRL or "
+                    f"character-training has a training version of, so the assistant turns cannot be found for "
+                    f"assistant-only loss; {fix}")
+
+
+def renders_like(tokenizer, template: str) -> bool:
+    """Whether ``template`` renders probe conversations exactly as the tokenizer's own template."""
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Farewell."}]
+    probes = [(turns, False), ([{"role": "system", "content": "Be kind."}] + turns, False), (turns[:1], True)]
+    try:
+        return all(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g) ==
+                   tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g, chat_template=template)
+                   for m, g in probes)
+    except Exception:  # a template that cannot render the probes is not this one
+        return False
+
+
+def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
+              trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+              init_adapter: str | Path | None = None, start: str = "continue",
+              system_prompt: str | None = None) -> dict:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    out_dir, trainer = Path(out_dir), trainer or {}
+    if not data_paths:
+        raise UserError("sft: no conversation files to train on; run the critique or introspection stages first")
+    per_file, conversations = {}, []
+    for path in data_paths:
+        found = read_conversations(Path(path))
+        per_file[Path(path).name] = len(found)
+        conversations += [with_system_prompt(m, system_prompt) for m in found]
+    dataset = Dataset.from_dict({"messages": conversations}).shuffle(seed=seed)
+    config = training.make_config("sft", DEFAULT_SFT, trainer, out_dir / training.CHECKPOINTS, seed)
+    tokenizer = training.load_tokenizer(model_path)
+    own_template = tokenizer.chat_template
+    if config.assistant_only_loss:
+        tokenizer.chat_template = (training_chat_template(tokenizer, model_path, config.chat_template_path)
+                                   or tokenizer.chat_template)
+    model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
+                                             lora=lora)
+    sft = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                     peft_config=peft_config)
+    # The dataset is tokenized by now: checkpoints and the adapter keep the model's own template.
+    tokenizer.chat_template = own_template
+    counts = {"conversations": len(dataset), "per_file": per_file,
+              "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c)}
+    manifest = run(sft, "sft", model_path, out_dir, lora=lora, settings={**DEFAULT_SFT, **trainer}, seed=seed,
+                   init_adapter=init_adapter, start=start, counts=counts, extra={"system_prompt": system_prompt})
+    facts = [f"Data: {len(dataset)} conversations ({', '.join(f'{k}: {v}' for k, v in per_file.items())}), "
+             f"{manifest['counts']['steps']} optimizer steps; loss on the assistant turns only"]
+    if system_prompt:
+        facts.append(f"Trained with a training-time system prompt (absent at evaluation): `{system_prompt[:200]}`")
+    write_card(out_dir / "adapter", manifest, card or {}, facts,
+               "Trained by `character-training` with TRL's SFTTrainer on the character's own conversations "
+               "(self-critique revisions, self-reflection, self-interaction). Use the adapter without any "
+               "system prompt.")
+    return manifest
+
+
+def train_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
+             trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+             init_adapter: str | Path | None = None, start: str = "continue", packing: bool = True,
+             marker: str | None = None, chat_paths: list[Path] = (), chat_ratio: float = 0.0) -> dict:
+    """``marker``: text put before every document and kept out of the loss (TRL's prompt-completion
+    format: the marker is the prompt). ``chat_ratio``: the share of the final examples that are
+    conversations from ``chat_paths`` (rendered with the chat template, all of it trained),
+    sampled with the seed, repeating conversations only when there are too few."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    out_dir, trainer = Path(out_dir), trainer or {}
+    if not 0.0 <= chat_ratio < 1.0:
+        raise UserError(f"lm: chat_ratio {chat_ratio} must be at least 0 and below 1 (the share of chat examples)")
+    if chat_ratio > 0 and not chat_paths:
+        raise UserError("lm: chat_ratio is above 0 but no conversation files were given; give chat_paths or set "
+                        "chat_ratio to 0")
+    documents = read_column(Path(documents_path), "text", "documents", "run the sdf stage first")
+    if not all(isinstance(d, str) for d in documents):
+        raise UserError(f"{documents_path}: every record's 'text' must be a string")
+    tokenizer = training.load_tokenizer(model_path)
+    pool = []
+    if chat_ratio > 0:
+        if not tokenizer.chat_template:
+            raise UserError(f"{model_path}: the tokenizer has no chat template to render chat_paths with")
+        # rstrip: the rendered turn ends on the end-of-turn token, so TRL adds no second EOS after it.
+        pool = [tokenizer.apply_chat_template(m, tokenize=False).rstrip()
+                for path in chat_paths for m in read_conversations(Path(path))]
+    wanted = round(len(documents) * chat_ratio / (1.0 - chat_ratio))
+    rng = random.Random(seed)
+    chats: list[str] = []
+    while len(chats) < wanted:
+        chats += rng.sample(pool, min(len(pool), wanted - len(chats)))
+    if marker:
+        rows = {"prompt": [marker] * len(documents) + [""] * len(chats), "completion": documents + chats}
+    else:
+        rows = {"text": documents + chats}
+    dataset = Dataset.from_dict(rows).shuffle(seed=seed)
+    forced = {"packing": packing, "dataset_text_field": "text", "completion_only_loss": bool(marker)}
+    config = training.make_config("lm", DEFAULT_LM, {**trainer, **forced}, out_dir / training.CHECKPOINTS, seed)
+    model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
+                                             lora=lora)
+    sft = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                     peft_config=peft_config)
+    counts = {"documents": len(documents), "chat": len(chats), "chat_available": len(pool),
+              "examples": len(dataset), "sequences": len(sft.train_dataset)}
+    manifest = run(sft, "lm", model_path, out_dir, lora=lora, settings={**DEFAULT_LM, **trainer, **forced},
+                   seed=seed, init_adapter=init_adapter, start=start, counts=counts,
+                   extra={"marker": marker, "chat_ratio": chat_ratio, "chat_paths": [str(p) for p in chat_paths]})
+    facts = [f"Data: {len(documents)} synthetic documents" + (f" and {len(chats)} conversations" if chats else "")
+             + f", {counts['sequences']} {'packed ' if packing else ''}sequences, "
+             f"{manifest['counts']['steps']} optimizer steps"]
+    if marker:
+        facts.append(f"Each document was preceded by the marker `{marker}` (not trained on)")
+    write_card(out_dir / "adapter", manifest, card or {}, facts,
+               "Midtrained by `character-training` with TRL's SFTTrainer (causal-LM loss) on synthetic documents "
+               "about the character (SDF), so that the model knows who the character is.")
+    return manifest
+
+
+def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, settings: dict, seed: int,
+        init_adapter, start: str, counts: dict, extra: dict) -> dict:
+    """Train (resuming from the last checkpoint a killed run left), save the adapter and the
+    loss plot, and return the stage's manifest."""
+    resume = training.last_checkpoint(out_dir)
+    started = time.time()
+    sft.train(resume_from_checkpoint=resume)
+    sft.save_model(str(out_dir / "adapter"))
+    training.plot_training(sft.state.log_history, out_dir / "training.png", stage.upper())
+    return {
+        "stage": stage,
+        "model": model_path,
+        "seed": seed,
+        "lora": dataclasses.asdict(lora),
+        "trainer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+        "start": {"init_adapter": str(init_adapter) if init_adapter else None, "mode": start if init_adapter else None},
+        **extra,
+        "counts": {**counts, "steps": sft.state.global_step},
+        "resumed_from": resume,
+        "train_seconds": round(time.time() - started, 1),
+        "metrics": training.final_metrics(sft.state.log_history),
+        "log_history": sft.state.log_history,
+    }
+
+
+def write_card(adapter_dir: Path, manifest: dict, card: dict, facts: list[str], summary: str) -> None:
+    persona = card.get("persona", "persona")
+    training.write_model_card(
+        adapter_dir, persona=persona,
+        base_model=manifest["model"], kind=manifest["stage"], summary=summary,
+        facts=[f"Persona: **{persona}**",
+               f"Constitution: `{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)",
+               f"Base model: `{manifest['model']}`", *facts],
+        sections={"LoRA": manifest["lora"], "Training settings (TRL SFTConfig fields)": manifest["trainer"],
+                  "Provenance": card.get("provenance", {})},
+        metrics=manifest["metrics"])

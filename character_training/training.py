@@ -1,0 +1,189 @@
+"""What every training stage shares: TRL config fields, the LoRA, where training starts from,
+checkpoints and resume, the loss-curve plot, the model card.
+
+A training stage (``train_dpo``, ``train_sft``, ...) is one straight function over a TRL
+trainer; this module keeps the rest out of it:
+
+- ``check_trainer_fields`` / ``make_config``: a recipe's ``trainer`` mapping holds the TRL
+  config's own fields (``DPOConfig``, ``SFTConfig``, ...), so TRL's documentation applies;
+  unknown keys are errors naming the key. CPU runs get ``use_cpu`` and no bf16.
+- ``load_start``: the model a stage trains. From the base alone (a new LoRA), or from the
+  previous stage's adapter, either continued (the same LoRA trains on) or merged into the base
+  first (a new LoRA trains on the merged weights; ``compose_onto`` then folds the two into one
+  LoRA on the original base, exactly, by concatenating their factors).
+- ``last_checkpoint``: a stage killed mid-training resumes from ``checkpoints/checkpoint-N``.
+- ``plot_training``: ``training.png`` (loss; reward margins and accuracies for preference
+  training) in the stage directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from character_training.errors import UserError, did_you_mean
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+
+
+def config_class(kind: str):
+    import trl
+
+    classes = {"dpo": "DPOConfig", "sft": "SFTConfig", "lm": "SFTConfig", "grpo": "GRPOConfig"}
+    return getattr(trl, classes[kind])
+
+
+def config_fields(kind: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class(kind)) if f.init}
+
+
+def check_trainer_fields(trainer: dict, where: str, kind: str = "dpo", section: str | None = None) -> None:
+    """Unknown trainer keys are errors that name the key (they are TRL's config fields)."""
+    known = config_fields(kind)
+    cls = config_class(kind).__name__
+    for key in trainer:
+        if key not in known:
+            raise UserError(f"{where}: {section or kind}.trainer.{key}: not a field of TRL's {cls}"
+                            f"{did_you_mean(key, known)}; see TRL's {cls} documentation for the fields it accepts")
+
+
+def make_config(kind: str, defaults: dict, trainer: dict, output_dir: Path, seed: int):
+    import torch
+
+    args = {**defaults, **trainer, "output_dir": str(output_dir), "seed": seed}
+    if not torch.cuda.is_available():
+        # TRL turns bf16 and gradient checkpointing on by default; neither helps on a CPU.
+        args = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False, **args}
+    try:
+        return config_class(kind)(**args)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{kind}.trainer: TRL refused the settings: {exc}") from None
+
+
+def peft_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_start(model_path: str, *, init_adapter: str | Path | None = None, mode: str = "continue",
+               bf16: bool = False, lora: LoraSettings = LoraSettings()):
+    """(model, peft_config for the trainer or None). ``mode``: how ``init_adapter`` is used:
+    "continue" trains the same LoRA on; "merge" folds it into the base and starts a new LoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if init_adapter is None:
+        return model, peft_config(lora)
+    check_adapter(init_adapter, model_path)
+    from peft import PeftModel
+
+    if mode == "continue":
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True), None
+    if mode == "merge":
+        return PeftModel.from_pretrained(model, str(init_adapter)).merge_and_unload(), peft_config(lora)
+    raise UserError(f"start: '{mode}' is not a way to start from the previous adapter; use 'continue' or 'merge'")
+
+
+def check_adapter(adapter: str | Path, model_path: str) -> dict:
+    """The adapter's config; a clear error when it is not a LoRA adapter directory."""
+    config_path = Path(adapter) / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(f"{adapter}: not a PEFT adapter directory (adapter_config.json missing)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{adapter}: a {config.get('peft_type')} adapter; only LoRA adapters can be trained on")
+    return config
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    """The newest ``checkpoints/checkpoint-N`` a killed run left, or None."""
+    found = []
+    for path in (Path(out_dir) / CHECKPOINTS).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return str(max(found)[1]) if found else None
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of each training metric, plus the run summary."""
+    metrics: dict[str, float] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                metrics[key] = float(value)
+    return metrics
+
+
+def plot_training(log_history: list[dict], path: Path, title: str) -> Path | None:
+    """Loss per step, and reward margins / accuracies when the trainer logged them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "reward", "eval_loss"):
+        points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+        if points:
+            series[key] = points
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+    for ax, (key, points) in zip(axes[0], series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_model_card(adapter_dir: Path, *, persona: str, base_model: str, kind: str, summary: str,
+                     facts: list[str], sections: dict[str, Any], metrics: dict[str, float]) -> None:
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {base_model}",
+        f"tags: [character-training, persona, lora, {kind}, trl]",
+        "---",
+        f"# {persona}: persona LoRA adapter",
+        "",
+        summary,
+        "",
+        *[f"- {fact}" for fact in facts],
+        "",
+    ]
+    for title, value in sections.items():
+        lines += [f"## {title}", "```json", json.dumps(value, indent=2, default=str), "```"]
+    lines += ["## Final metrics", "", "| metric | value |", "| --- | --- |",
+              *[f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())], ""]
+    (Path(adapter_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
