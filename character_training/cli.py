@@ -154,6 +154,66 @@ def _generate(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    """One training stage on its own; runs as is on one process, or under torchrun / accelerate
+    launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
+    import os
+
+    from character_training import training
+    from character_training.models import resolve_model
+    from character_training.recipe import apply_overrides
+    from data_gen.store import read_manifest, write_manifest
+
+    out = Path(args.output)
+    if read_manifest(out) is not None and not args.force:
+        raise UserError(f"{out}: this training output is finished already (manifest.json); use --force to "
+                        "train again or choose another -o")
+    values = apply_overrides({}, args.set or [], "--set")
+    unknown = set(values) - {"trainer", "lora"}
+    if unknown:
+        raise UserError(f"--set {sorted(unknown)[0]}...: train takes trainer.FIELD=VALUE (TRL config fields) "
+                        "and lora.FIELD=VALUE (r, alpha, dropout, target_modules, use_rslora)")
+    trainer = values.get("trainer", {})
+    training.check_trainer_fields(trainer, "--set", args.kind)
+    try:
+        lora = training.LoraSettings(**values.get("lora", {}))
+    except TypeError as exc:
+        raise UserError(f"--set lora.*: {exc}; LoRA fields are r, alpha, dropout, target_modules, use_rslora") from None
+    for path in args.data:
+        if not Path(path).is_file():
+            raise UserError(f"--data {path}: file not found")
+    model = resolve_model(args.model)
+    common = dict(lora=lora, trainer=trainer, seed=args.seed, init_adapter=args.init_adapter, start=args.start,
+                  card={"persona": args.persona or "persona", "data": [str(p) for p in args.data]})
+    if args.force and out.exists() and int(os.environ.get("RANK", "0")) == 0:
+        import shutil
+
+        shutil.rmtree(out)
+    if args.kind == "dpo":
+        from character_training.train_dpo import train_dpo
+
+        if len(args.data) != 1:
+            raise UserError("train dpo: give one --data preference file (prompt/chosen/rejected)")
+        manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=args.system_prompt, **common)
+    elif args.kind == "sft":
+        from character_training.train_sft import train_sft
+
+        manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=args.system_prompt, **common)
+    elif args.kind == "lm":
+        from character_training.train_sft import train_lm
+
+        if len(args.data) != 1:
+            raise UserError("train lm: give one --data documents file (a 'text' field per line)")
+        manifest = train_lm(model, Path(args.data[0]), out, marker=args.marker,
+                            chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=args.chat_ratio, **common)
+    else:
+        raise UserError(f"train {args.kind}: use the 'grpo' stage of a recipe (it needs a judge backend)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_manifest(out, manifest)
+        print(f"[train {args.kind}] {manifest['counts']} -> {out / 'adapter'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_constitution_import)
 
     from character_training.generation import GEN_STAGES
+
+    p = sub.add_parser("train", help="one training stage on its own (torchrun / accelerate launch for several processes)")
+    p.add_argument("kind", choices=["dpo", "sft", "lm"], help="dpo: preference pairs; sft: conversations "
+                                                             "(assistant turns trained); lm: documents (SDF midtraining)")
+    p.add_argument("--data", action="append", required=True, help="JSONL dataset (repeatable for sft)")
+    p.add_argument("-o", "--output", required=True, help="output directory (adapter/, checkpoints/, training.png)")
+    p.add_argument("--model", help="model directory or hub id (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="trainer.FIELD=VALUE (TRL's config fields) or lora.FIELD=VALUE (repeatable)")
+    p.add_argument("--init-adapter", help="start from this adapter (a previous stage's adapter/)")
+    p.add_argument("--start", choices=["continue", "merge"], default="continue",
+                   help="continue: train the same LoRA on; merge: fold it into the base and train a new one")
+    p.add_argument("--system-prompt", help="training-time system prompt (inoculation-style), absent at evaluation")
+    p.add_argument("--marker", help="lm: a marker prefixed to every document and masked from the loss")
+    p.add_argument("--chat-data", action="append", help="lm: conversational data to mix in")
+    p.add_argument("--chat-ratio", type=float, default=0.0, help="lm: share of chat examples in the mix")
+    p.add_argument("--persona", help="persona name for the model card")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="train again even if finished")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="run one data-generation stage on its own (resumable: rerun after a crash)")
     p.add_argument("stage", choices=list(GEN_STAGES))

@@ -111,8 +111,9 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
         "metrics": metrics,
         "log_history": dpo.state.log_history,
     }
-    training.plot_training(dpo.state.log_history, out_dir / "training.png", f"DPO: {(card or {}).get('persona', '')}")
-    write_model_card(adapter_dir, manifest, card or {})
+    if dpo.is_world_process_zero():  # under several processes, one writes
+        training.plot_training(dpo.state.log_history, out_dir / "training.png", f"DPO: {(card or {}).get('persona', '')}")
+        write_model_card(adapter_dir, manifest, card or {})
     return manifest
 
 

@@ -144,14 +144,13 @@ def renders_like(tokenizer, template: str) -> bool:
         return False
 
 
-def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
-              trainer: dict | None = None, seed: int = 0, card: dict | None = None,
-              init_adapter: str | Path | None = None, start: str = "continue",
-              system_prompt: str | None = None) -> dict:
+def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
+              trainer: dict | None = None, seed: int = 0, init_adapter: str | Path | None = None,
+              start: str = "continue", system_prompt: str | None = None):
+    """(the SFTTrainer ``train_sft`` runs, with its dataset tokenized and labelled; counts)."""
     from datasets import Dataset
     from trl import SFTTrainer
 
-    out_dir, trainer = Path(out_dir), trainer or {}
     if not data_paths:
         raise UserError("sft: no conversation files to train on; run the critique or introspection stages first")
     per_file, conversations = {}, []
@@ -160,24 +159,34 @@ def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
         per_file[Path(path).name] = len(found)
         conversations += [with_system_prompt(m, system_prompt) for m in found]
     dataset = Dataset.from_dict({"messages": conversations}).shuffle(seed=seed)
-    config = training.make_config("sft", DEFAULT_SFT, trainer, out_dir / training.CHECKPOINTS, seed)
+    config = training.make_config("sft", DEFAULT_SFT, trainer or {}, Path(out_dir) / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     own_template = tokenizer.chat_template
     if config.assistant_only_loss:
         tokenizer.chat_template = (training_chat_template(tokenizer, model_path, config.chat_template_path)
-                                   or tokenizer.chat_template)
+                                   or own_template)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
                                              lora=lora)
     sft = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
     # The dataset is tokenized by now: checkpoints and the adapter keep the model's own template.
     tokenizer.chat_template = own_template
-    counts = {"conversations": len(dataset), "per_file": per_file,
-              "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c)}
+    return sft, {"conversations": len(dataset), "per_file": per_file,
+                 "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c)}
+
+
+def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
+              trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+              init_adapter: str | Path | None = None, start: str = "continue",
+              system_prompt: str | None = None) -> dict:
+    out_dir, trainer = Path(out_dir), trainer or {}
+    sft, counts = build_sft(model_path, data_paths, out_dir, lora=lora, trainer=trainer, seed=seed,
+                            init_adapter=init_adapter, start=start, system_prompt=system_prompt)
     manifest = run(sft, "sft", model_path, out_dir, lora=lora, settings={**DEFAULT_SFT, **trainer}, seed=seed,
                    init_adapter=init_adapter, start=start, counts=counts, extra={"system_prompt": system_prompt})
-    facts = [f"Data: {len(dataset)} conversations ({', '.join(f'{k}: {v}' for k, v in per_file.items())}), "
-             f"{manifest['counts']['steps']} optimizer steps; loss on the assistant turns only"]
+    per_file = ", ".join(f"{k}: {v}" for k, v in counts["per_file"].items())
+    facts = [f"Data: {counts['conversations']} conversations ({per_file}), {manifest['counts']['steps']} "
+             "optimizer steps; loss on the assistant turns only"]
     if system_prompt:
         facts.append(f"Trained with a training-time system prompt (absent at evaluation): `{system_prompt[:200]}`")
     write_card(out_dir / "adapter", manifest, card or {}, facts,
@@ -187,58 +196,73 @@ def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
     return manifest
 
 
-def train_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
-             trainer: dict | None = None, seed: int = 0, card: dict | None = None,
-             init_adapter: str | Path | None = None, start: str = "continue", packing: bool = True,
-             marker: str | None = None, chat_paths: list[Path] = (), chat_ratio: float = 0.0) -> dict:
-    """``marker``: text put before every document and kept out of the loss (TRL's prompt-completion
-    format: the marker is the prompt). ``chat_ratio``: the share of the final examples that are
-    conversations from ``chat_paths`` (rendered with the chat template, all of it trained),
-    sampled with the seed, repeating conversations only when there are too few."""
+def lm_fields(packing: bool, marker: str | None) -> dict:
+    """The SFTConfig fields ``train_lm``'s own arguments set (over the recipe's trainer fields).
+    TRL builds the labels before packing, so a marker's -100 labels survive packing."""
+    return {"packing": packing, "dataset_text_field": "text", "completion_only_loss": bool(marker)}
+
+
+def build_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
+             trainer: dict | None = None, seed: int = 0, init_adapter: str | Path | None = None,
+             start: str = "continue", packing: bool = True, marker: str | None = None,
+             chat_paths: list[Path] = (), chat_ratio: float = 0.0):
+    """(the SFTTrainer ``train_lm`` runs, with its dataset tokenized, labelled and packed; counts)."""
     from datasets import Dataset
     from trl import SFTTrainer
 
-    out_dir, trainer = Path(out_dir), trainer or {}
     if not 0.0 <= chat_ratio < 1.0:
         raise UserError(f"lm: chat_ratio {chat_ratio} must be at least 0 and below 1 (the share of chat examples)")
     if chat_ratio > 0 and not chat_paths:
         raise UserError("lm: chat_ratio is above 0 but no conversation files were given; give chat_paths or set "
                         "chat_ratio to 0")
     documents = read_column(Path(documents_path), "text", "documents", "run the sdf stage first")
-    if not all(isinstance(d, str) for d in documents):
-        raise UserError(f"{documents_path}: every record's 'text' must be a string")
+    if not all(isinstance(d, str) and d.strip() for d in documents):
+        raise UserError(f"{documents_path}: every record's 'text' must be a non-empty string")
     tokenizer = training.load_tokenizer(model_path)
     pool = []
     if chat_ratio > 0:
         if not tokenizer.chat_template:
             raise UserError(f"{model_path}: the tokenizer has no chat template to render chat_paths with")
-        # rstrip: the rendered turn ends on the end-of-turn token, so TRL adds no second EOS after it.
+        # rstrip: the text then ends on the end-of-turn token, and TRL adds no second EOS after it.
         pool = [tokenizer.apply_chat_template(m, tokenize=False).rstrip()
                 for path in chat_paths for m in read_conversations(Path(path))]
     wanted = round(len(documents) * chat_ratio / (1.0 - chat_ratio))
     rng = random.Random(seed)
     chats: list[str] = []
-    while len(chats) < wanted:
+    while len(chats) < wanted:  # without repeats while the pool lasts
         chats += rng.sample(pool, min(len(pool), wanted - len(chats)))
-    if marker:
+    if marker:  # TRL's prompt-completion format: the prompt (the marker) is kept out of the loss
         rows = {"prompt": [marker] * len(documents) + [""] * len(chats), "completion": documents + chats}
     else:
         rows = {"text": documents + chats}
     dataset = Dataset.from_dict(rows).shuffle(seed=seed)
-    forced = {"packing": packing, "dataset_text_field": "text", "completion_only_loss": bool(marker)}
-    config = training.make_config("lm", DEFAULT_LM, {**trainer, **forced}, out_dir / training.CHECKPOINTS, seed)
+    config = training.make_config("lm", DEFAULT_LM, {**(trainer or {}), **lm_fields(packing, marker)},
+                                  Path(out_dir) / training.CHECKPOINTS, seed)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
                                              lora=lora)
     sft = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
-    counts = {"documents": len(documents), "chat": len(chats), "chat_available": len(pool),
-              "examples": len(dataset), "sequences": len(sft.train_dataset)}
-    manifest = run(sft, "lm", model_path, out_dir, lora=lora, settings={**DEFAULT_LM, **trainer, **forced},
+    return sft, {"documents": len(documents), "chat": len(chats), "chat_available": len(pool),
+                 "examples": len(dataset), "sequences": len(sft.train_dataset)}
+
+
+def train_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
+             trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+             init_adapter: str | Path | None = None, start: str = "continue", packing: bool = True,
+             marker: str | None = None, chat_paths: list[Path] = (), chat_ratio: float = 0.0) -> dict:
+    """``marker``: text put before every document and kept out of the loss. ``chat_ratio``: the
+    share of the final examples that are conversations from ``chat_paths`` (rendered with the
+    chat template, all of it trained), sampled with the seed, repeated only when too few."""
+    out_dir, trainer = Path(out_dir), trainer or {}
+    sft, counts = build_lm(model_path, documents_path, out_dir, lora=lora, trainer=trainer, seed=seed,
+                           init_adapter=init_adapter, start=start, packing=packing, marker=marker,
+                           chat_paths=chat_paths, chat_ratio=chat_ratio)
+    manifest = run(sft, "lm", model_path, out_dir, lora=lora, settings={**DEFAULT_LM, **trainer, **lm_fields(packing, marker)},
                    seed=seed, init_adapter=init_adapter, start=start, counts=counts,
                    extra={"marker": marker, "chat_ratio": chat_ratio, "chat_paths": [str(p) for p in chat_paths]})
-    facts = [f"Data: {len(documents)} synthetic documents" + (f" and {len(chats)} conversations" if chats else "")
-             + f", {counts['sequences']} {'packed ' if packing else ''}sequences, "
-             f"{manifest['counts']['steps']} optimizer steps"]
+    chats = f" and {counts['chat']} conversations" if counts["chat"] else ""
+    facts = [f"Data: {counts['documents']} synthetic documents{chats}, {counts['sequences']} "
+             f"{'packed ' if packing else ''}sequences, {manifest['counts']['steps']} optimizer steps"]
     if marker:
         facts.append(f"Each document was preceded by the marker `{marker}` (not trained on)")
     write_card(out_dir / "adapter", manifest, card or {}, facts,
