@@ -1,7 +1,9 @@
 """The run: a recipe's stages in order, each in its own directory under the run directory.
 
     prompts -> pairs -> dpo -> eval                 (the demo)
-    prompts -> pairs | sdf | critique | rlaif | reflection | interaction -> dpo -> eval
+    prompts -> pairs | sdf | critique | rlaif | reflection | interaction    (data)
+            -> midtrain -> dpo -> sft -> grpo                               (training, chained)
+            -> eval
 
 Each stage reads what earlier stages wrote (nothing else passes between them) and writes a
 ``manifest.json`` last. A stage whose manifest exists is skipped on re-run; ``--force STAGE``
@@ -24,7 +26,7 @@ from character_training.constitution import Constitution, load_constitution
 from character_training.errors import UserError
 from character_training.recipe import STAGES, Recipe
 from data_gen.backends import Sampling
-from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_manifest
+from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_jsonl, write_manifest
 
 # The student answers with a plain assistant prompt and the teacher with the constitution; both
 # get the same answer-length hint so that the pair differs in character, not in length (and so
@@ -114,27 +116,147 @@ def stage_pairs(ctx: Context, out: Path) -> dict:
     return manifest
 
 
-def stage_dpo(ctx: Context, out: Path) -> dict:
-    from character_training.train_dpo import LoraSettings, train_dpo
+# What each data stage gives each kind of training.
+PAIR_FILES = {"pairs": "pairs.jsonl", "critique": "pairs.jsonl", "rlaif": "pairs.jsonl"}
+CHAT_FILES = {"critique": "sft.jsonl", "reflection": "reflection.jsonl", "interaction": "interaction.jsonl"}
+DOCUMENT_FILES = {"sdf": "documents.jsonl"}
+
+
+def _data_files(ctx: Context, stage: str, files: dict[str, str]) -> list[Path]:
+    section = getattr(ctx.recipe, stage)
+    wrong = [d for d in section.data if d not in files]
+    if wrong:
+        raise UserError(f"{stage}.data: '{wrong[0]}' makes no data {stage} can train on; use some of "
+                        f"{', '.join(files)}")
+    paths = [ctx.stage_dir(d) / files[d] for d in section.data if d in ctx.recipe.stages]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the {path.parent.name} stage has not finished in {ctx.run_dir}")
+    usable = [p for p in paths if p.stat().st_size > 0]
+    if not usable:
+        raise UserError(f"{stage}: every data file is empty ({', '.join(map(str, paths))}); every record was "
+                        "dropped (see those stages' manifests) - raise their max_tokens or counts")
+    return usable
+
+
+def previous_adapter(ctx: Context, stage: str) -> Path | None:
+    """The adapter of the nearest earlier training stage of the recipe: where this one starts."""
+    from character_training.recipe import TRAINING_STAGES
+
+    earlier = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(stage)] if s in TRAINING_STAGES]
+    return ctx.stage_dir(earlier[-1]) / "adapter" if earlier else None
+
+
+def final_adapter(ctx: Context) -> Path | None:
+    from character_training.recipe import TRAINING_STAGES
+
+    trained = [s for s in ctx.recipe.stages if s in TRAINING_STAGES]
+    return ctx.stage_dir(trained[-1]) / "adapter" if trained else None
+
+
+def provenance(ctx: Context, upto: str) -> dict:
+    """Constitution hash, every earlier stage's output hashes, each training stage's settings and
+    final metrics: what the persona adapter was made from."""
+    record = {"constitution": ctx.recipe.constitution, "constitution_sha256": ctx.constitution.sha256,
+              "model": ctx.model, "seed": ctx.recipe.seed, "stages": {}}
+    for stage in ctx.recipe.stages[:ctx.recipe.stages.index(upto)]:
+        manifest = read_manifest(ctx.stage_dir(stage))
+        if manifest is None:
+            continue
+        entry = {"outputs": manifest.get("outputs", {}), "counts": manifest.get("counts")}
+        if "trainer" in manifest:
+            entry.update(trainer=manifest["trainer"], lora=manifest.get("lora"),
+                         metrics=manifest.get("metrics"), start=manifest.get("start"))
+        record["stages"][stage] = entry
+    return record
+
+
+def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
+    """Start from the previous training stage's adapter (continued, or merged and then composed
+    back into one LoRA on the original base), train, and record the provenance."""
+    from character_training.training import LoraSettings, append_provenance
     from data_gen.backends import shutdown_engines
 
-    shutdown_engines()  # free the generation engine's memory and cores for training
-    lora = LoraSettings(**asdict(ctx.recipe.dpo.lora))
-    return train_dpo(ctx.model, ctx.stage_dir("pairs") / "pairs.jsonl", out, lora=lora,
-                     trainer=ctx.recipe.dpo.trainer, seed=ctx.recipe.seed,
-                     card={"persona": ctx.constitution.name, "constitution_path": ctx.recipe.constitution,
-                           "constitution_sha256": ctx.constitution.sha256,
-                           "pairs_path": str(ctx.stage_dir("pairs") / "pairs.jsonl")})
+    if stage != "grpo":  # GRPO's judge may be this process's engine
+        shutdown_engines()  # free the generation engine's memory and cores for training
+    section = getattr(ctx.recipe, stage)
+    init = previous_adapter(ctx, stage)
+    card = {"persona": ctx.constitution.name, "constitution_path": ctx.recipe.constitution,
+            "constitution_sha256": ctx.constitution.sha256}
+    manifest = train(lora=LoraSettings(**asdict(section.lora)), trainer=section.trainer, seed=ctx.recipe.seed,
+                     card=card, init_adapter=init, start=section.start)
+    if init is not None and section.start == "merge":
+        from character_training.adapters import compose_onto
+
+        delta = out / "adapter-delta"
+        (out / "adapter").rename(delta)
+        compose_onto(init, delta, out / "adapter")
+        manifest["composed"] = {"previous": str(init), "delta": str(delta), "adapter": str(out / "adapter")}
+    manifest["provenance"] = provenance(ctx, stage)
+    append_provenance(out / "adapter", manifest["provenance"])
+    return manifest
+
+
+def stage_midtrain(ctx: Context, out: Path) -> dict:
+    from character_training.train_sft import train_lm
+
+    section = ctx.recipe.midtrain
+    documents = _data_files(ctx, "midtrain", DOCUMENT_FILES)
+    chat = [ctx.stage_dir(d) / f for d, f in CHAT_FILES.items() if d in ctx.recipe.stages
+            and (ctx.stage_dir(d) / f).is_file() and (ctx.stage_dir(d) / f).stat().st_size > 0]
+    if section.chat_ratio > 0 and not chat:
+        raise UserError("midtrain.chat_ratio > 0 but no chat data stage (critique, reflection, interaction) "
+                        "has run before midtrain; add one to 'stages' before midtrain or set chat_ratio: 0")
+    return _train_stage(ctx, "midtrain", out, lambda **kw: train_lm(
+        ctx.model, documents[0], out, packing=section.packing, marker=section.marker,
+        chat_paths=chat if section.chat_ratio > 0 else [], chat_ratio=section.chat_ratio, **kw))
+
+
+def stage_dpo(ctx: Context, out: Path) -> dict:
+    from character_training.train_dpo import train_dpo
+
+    files = _data_files(ctx, "dpo", PAIR_FILES)
+    if len(files) == 1:
+        pairs = files[0]
+    else:  # several pair sources train together
+        pairs = out / "train_pairs.jsonl"
+        write_jsonl(pairs, (r for f in files for r in read_jsonl(f)))
+    return _train_stage(ctx, "dpo", out, lambda **kw: train_dpo(
+        ctx.model, pairs, out, system_prompt=ctx.recipe.dpo.system_prompt, **kw))
+
+
+def stage_sft(ctx: Context, out: Path) -> dict:
+    from character_training.train_sft import train_sft
+
+    files = _data_files(ctx, "sft", CHAT_FILES)
+    return _train_stage(ctx, "sft", out, lambda **kw: train_sft(
+        ctx.model, files, out, system_prompt=ctx.recipe.sft.system_prompt, **kw))
+
+
+def stage_grpo(ctx: Context, out: Path) -> dict:
+    """Online RLAIF: GRPO whose reward is a judge scoring each completion against the constitution."""
+    from character_training.generation import make_backend
+    from character_training.train_grpo import train_grpo
+    from data_gen.backends import Sampling as JudgeSampling
+
+    section = ctx.recipe.grpo
+    _data_files(ctx, "grpo", {"prompts": "prompts.jsonl"})
+    judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, judge=True)
+    return _train_stage(ctx, "grpo", out, lambda **kw: train_grpo(
+        ctx.model, ctx.stage_dir("prompts") / "prompts.jsonl", out, judge_backend=judge,
+        constitution=ctx.constitution, system_prompt=section.system_prompt,
+        judge_sampling=JudgeSampling(temperature=0.0, max_tokens=section.judge_max_tokens),
+        judge_retries=section.judge_retries, **kw))
 
 
 def stage_eval(ctx: Context, out: Path, adapter: str | None = None) -> dict:
     from character_training.evaluate import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
     from data_gen.backends import shutdown_engines, vllm_backend
 
-    adapter = adapter or str(ctx.stage_dir("dpo") / "adapter")
+    adapter = adapter or str(final_adapter(ctx) or ctx.stage_dir("dpo") / "adapter")
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run the dpo stage "
-                        "or pass --adapter DIR")
+        raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run a training stage "
+                        "(midtrain, dpo, sft) or pass --adapter DIR")
     rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
     shutdown_engines()
     backend = vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
@@ -153,7 +275,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None) -> dict:
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
     "prompts": stage_prompts, "pairs": stage_pairs,
     **{stage: _generation_stage(stage) for stage in ("sdf", "critique", "rlaif", "reflection", "interaction")},
-    "dpo": stage_dpo, "eval": stage_eval,
+    "midtrain": stage_midtrain, "dpo": stage_dpo, "sft": stage_sft, "grpo": stage_grpo, "eval": stage_eval,
 }
 
 
@@ -193,6 +315,8 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
     for stage in force:
         if stage not in STAGES:
             raise UserError(f"--force {stage}: unknown stage; stages are {', '.join(STAGES)}")
+        if stage not in recipe.stages:
+            raise UserError(f"--force {stage}: not one of this recipe's stages ({', '.join(recipe.stages)})")
     ctx = make_context(recipe)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.run_dir / "recipe.json", {"recipe": recipe.to_dict(), "model": ctx.model,

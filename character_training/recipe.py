@@ -54,6 +54,40 @@ class LoraSection:
 class DpoSection:
     lora: LoraSection = field(default_factory=LoraSection)
     trainer: dict = field(default_factory=dict)  # TRL DPOConfig fields
+    data: list = field(default_factory=lambda: ["pairs"])  # stages whose pairs.jsonl it trains on (pairs, critique, rlaif)
+    start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
+    system_prompt: str | None = None  # training-time system prompt (inoculation-style), absent at evaluation
+
+
+@dataclass
+class SftSection:
+    lora: LoraSection = field(default_factory=LoraSection)
+    trainer: dict = field(default_factory=dict)  # TRL SFTConfig fields
+    data: list = field(default_factory=lambda: ["critique", "reflection", "interaction"])  # those that ran
+    start: str = "continue"
+    system_prompt: str | None = None
+
+
+@dataclass
+class GrpoSection:
+    lora: LoraSection = field(default_factory=LoraSection)
+    trainer: dict = field(default_factory=dict)  # TRL GRPOConfig fields
+    data: list = field(default_factory=lambda: ["prompts"])  # its training prompts
+    start: str = "continue"
+    system_prompt: str | None = None
+    judge_retries: int = 2  # a failed or unparseable verdict is asked again, then counted as missing
+    judge_max_tokens: int = 8
+
+
+@dataclass
+class MidtrainSection:
+    lora: LoraSection = field(default_factory=LoraSection)
+    trainer: dict = field(default_factory=dict)  # TRL SFTConfig fields (causal-LM training on documents)
+    data: list = field(default_factory=lambda: ["sdf"])
+    packing: bool = True
+    marker: str | None = None  # prefixed to every document and masked from the loss
+    chat_ratio: float = 0.0  # share of chat examples (from the sft data stages that ran) mixed in
+    start: str = "continue"
 
 
 @dataclass
@@ -72,7 +106,10 @@ class Recipe:
     stages: list = field(default_factory=lambda: ["prompts", "pairs", "dpo", "eval"])
     prompts: PromptsSection = field(default_factory=PromptsSection)
     pairs: PairsSection = field(default_factory=PairsSection)
+    midtrain: MidtrainSection = field(default_factory=MidtrainSection)
     dpo: DpoSection = field(default_factory=DpoSection)
+    sft: SftSection = field(default_factory=SftSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
     eval: EvalSection = field(default_factory=EvalSection)
     backend: BackendSection = field(default_factory=BackendSection)
     # Generation stages beyond pairs: their data_gen settings plus a 'sampling' mapping
@@ -90,7 +127,9 @@ class Recipe:
         return data
 
 
-STAGES = ("prompts", "pairs", "sdf", "critique", "rlaif", "reflection", "interaction", "dpo", "eval")
+STAGES = ("prompts", "pairs", "sdf", "critique", "rlaif", "reflection", "interaction",
+          "midtrain", "dpo", "sft", "grpo", "eval")
+TRAINING_STAGES = {"midtrain": "lm", "dpo": "dpo", "sft": "sft", "grpo": "grpo"}  # stage -> TRL config kind
 
 
 def _build(cls, data: Any, where: str, prefix: str):
@@ -177,7 +216,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     # Paths in a recipe are relative to the recipe file, so a recipe runs from any directory.
     base = path.resolve().parent
     recipe.constitution = str((base / recipe.constitution).resolve()) if not Path(recipe.constitution).is_absolute() else recipe.constitution
-    from character_training.train_dpo import check_trainer_fields
+    from character_training.training import check_trainer_fields
 
-    check_trainer_fields(recipe.dpo.trainer, where)
+    for stage, kind in TRAINING_STAGES.items():
+        section = getattr(recipe, stage)
+        check_trainer_fields(section.trainer, where, kind, stage)
+        if section.start not in ("continue", "merge"):
+            raise UserError(f"{where}: {stage}.start: '{section.start}'; use 'continue' (train the previous "
+                            "stage's adapter on) or 'merge' (merge it into the base, train a new one)")
+        for data_stage in section.data:
+            if data_stage not in STAGES:
+                raise UserError(f"{where}: {stage}.data: '{data_stage}' is not a stage; stages are {', '.join(STAGES)}")
+    order = [s for s in recipe.stages]
+    for stage in TRAINING_STAGES:
+        if stage in order:
+            needed = [d for d in getattr(recipe, stage).data if d in order]
+            if not needed:
+                raise UserError(f"{where}: {stage}: none of its data stages {getattr(recipe, stage).data} is in "
+                                f"'stages'; add one (e.g. {getattr(recipe, stage).data[0]}) or set {stage}.data")
+            late = [d for d in needed if order.index(d) > order.index(stage)]
+            if late:
+                raise UserError(f"{where}: stages: {stage} comes before its data stage {late[0]}; reorder 'stages'")
     return recipe

@@ -134,6 +134,5 @@ def write_model_card(adapter_dir: Path, manifest: dict, card: dict) -> None:
         summary=("Trained by `character-training` with TRL's DPOTrainer: chosen answers are the model "
                  "answering with the constitution as its system prompt, rejected answers the same model "
                  "without it. Use the adapter without any system prompt."),
-        facts=facts, sections={"LoRA": manifest["lora"], "Training settings (TRL DPOConfig fields)": manifest["trainer"],
-                               "Provenance": card.get("provenance", {})},
+        facts=facts, sections={"LoRA": manifest["lora"], "Training settings (TRL DPOConfig fields)": manifest["trainer"]},
         metrics=manifest["metrics"])

@@ -53,13 +53,15 @@ DEFAULT_TRAINER: dict[str, Any] = {
 # The first number in a reply, optionally "out of" a maximum: "73", "Score: 73/100", "**80**",
 # "7/10", "85 out of 100". A leading minus sign makes it no score (negative is out of range).
 _SCORE = re.compile(r"(?<![\d.\-])(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+(?:\.\d+)?))?", re.IGNORECASE)
+# A judge that echoes the scale ("Score (0-100): 73") names the range before its score.
+_RANGE = re.compile(r"(?<![\d.])0\s*(?:-|–|to)\s*\d+", re.IGNORECASE)
 _EXAMPLES_KEPT = 5
 
 
 def parse_score(text: str, scale: float = 100) -> float | None:
     """The judge's score on a 0..scale scale, or None when the reply holds no score in range.
     "7/10" is read as 70 on a 0-100 scale."""
-    match = _SCORE.search(text or "")
+    match = _SCORE.search(_RANGE.sub(" ", text or ""))
     if not match:
         return None
     value = float(match.group(1))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ from typing import Any
 from character_training import training
 from character_training.errors import UserError
 from character_training.training import LoraSettings
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SFT: dict[str, Any] = {
     "learning_rate": 2e-4,
@@ -172,7 +169,8 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
     # The dataset is tokenized by now: checkpoints and the adapter keep the model's own template.
     tokenizer.chat_template = own_template
     return sft, {"conversations": len(dataset), "per_file": per_file,
-                 "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c)}
+                 "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c),
+                 "sequences": len(sft.train_dataset)}  # fewer when truncation left one with nothing to train
 
 
 def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
@@ -189,10 +187,11 @@ def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
              "optimizer steps; loss on the assistant turns only"]
     if system_prompt:
         facts.append(f"Trained with a training-time system prompt (absent at evaluation): `{system_prompt[:200]}`")
-    write_card(out_dir / "adapter", manifest, card or {}, facts,
-               "Trained by `character-training` with TRL's SFTTrainer on the character's own conversations "
-               "(self-critique revisions, self-reflection, self-interaction). Use the adapter without any "
-               "system prompt.")
+    if sft.is_world_process_zero():
+        write_card(out_dir / "adapter", manifest, card or {}, facts,
+                   "Trained by `character-training` with TRL's SFTTrainer on the character's own conversations "
+                   "(self-critique revisions, self-reflection, self-interaction). Use the adapter without any "
+                   "system prompt.")
     return manifest
 
 
@@ -257,17 +256,19 @@ def train_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: Lora
     sft, counts = build_lm(model_path, documents_path, out_dir, lora=lora, trainer=trainer, seed=seed,
                            init_adapter=init_adapter, start=start, packing=packing, marker=marker,
                            chat_paths=chat_paths, chat_ratio=chat_ratio)
-    manifest = run(sft, "lm", model_path, out_dir, lora=lora, settings={**DEFAULT_LM, **trainer, **lm_fields(packing, marker)},
-                   seed=seed, init_adapter=init_adapter, start=start, counts=counts,
+    settings = {**DEFAULT_LM, **trainer, **lm_fields(packing, marker)}
+    manifest = run(sft, "lm", model_path, out_dir, lora=lora, settings=settings, seed=seed,
+                   init_adapter=init_adapter, start=start, counts=counts,
                    extra={"marker": marker, "chat_ratio": chat_ratio, "chat_paths": [str(p) for p in chat_paths]})
     chats = f" and {counts['chat']} conversations" if counts["chat"] else ""
     facts = [f"Data: {counts['documents']} synthetic documents{chats}, {counts['sequences']} "
              f"{'packed ' if packing else ''}sequences, {manifest['counts']['steps']} optimizer steps"]
     if marker:
         facts.append(f"Each document was preceded by the marker `{marker}` (not trained on)")
-    write_card(out_dir / "adapter", manifest, card or {}, facts,
-               "Midtrained by `character-training` with TRL's SFTTrainer (causal-LM loss) on synthetic documents "
-               "about the character (SDF), so that the model knows who the character is.")
+    if sft.is_world_process_zero():
+        write_card(out_dir / "adapter", manifest, card or {}, facts,
+                   "Midtrained by `character-training` with TRL's SFTTrainer (causal-LM loss) on synthetic documents "
+                   "about the character (SDF), so that the model knows who the character is.")
     return manifest
 
 
@@ -279,7 +280,8 @@ def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, 
     started = time.time()
     sft.train(resume_from_checkpoint=resume)
     sft.save_model(str(out_dir / "adapter"))
-    training.plot_training(sft.state.log_history, out_dir / "training.png", stage.upper())
+    if sft.is_world_process_zero():  # under several processes, one writes
+        training.plot_training(sft.state.log_history, out_dir / "training.png", stage.upper())
     return {
         "stage": stage,
         "model": model_path,
@@ -298,12 +300,10 @@ def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, 
 
 def write_card(adapter_dir: Path, manifest: dict, card: dict, facts: list[str], summary: str) -> None:
     persona = card.get("persona", "persona")
+    constitution = f"`{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)"
     training.write_model_card(
-        adapter_dir, persona=persona,
-        base_model=manifest["model"], kind=manifest["stage"], summary=summary,
-        facts=[f"Persona: **{persona}**",
-               f"Constitution: `{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)",
+        adapter_dir, persona=persona, base_model=manifest["model"], kind=manifest["stage"], summary=summary,
+        facts=[f"Persona: **{persona}**", f"Constitution: {constitution}",
                f"Base model: `{manifest['model']}`", *facts],
-        sections={"LoRA": manifest["lora"], "Training settings (TRL SFTConfig fields)": manifest["trainer"],
-                  "Provenance": card.get("provenance", {})},
+        sections={"LoRA": manifest["lora"], "Training settings (TRL SFTConfig fields)": manifest["trainer"]},
         metrics=manifest["metrics"])

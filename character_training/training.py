@@ -187,3 +187,14 @@ def write_model_card(adapter_dir: Path, *, persona: str, base_model: str, kind: 
     lines += ["## Final metrics", "", "| metric | value |", "| --- | --- |",
               *[f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())], ""]
     (Path(adapter_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def append_provenance(adapter_dir: Path, record: dict) -> None:
+    """Add what the adapter was made from to its model card (every training stage's card)."""
+    card = Path(adapter_dir) / "README.md"
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8")
+    text += "\n## Provenance\n\nConstitution, data stages' output hashes, earlier training stages' settings and " \
+            "final metrics.\n\n```json\n" + json.dumps(record, indent=2, default=str) + "\n```\n"
+    card.write_text(text, encoding="utf-8")

@@ -15,15 +15,25 @@ import yaml
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
+# A small character: two traits of two questions make four training prompts.
+CONSTITUTION = {
+    "name": "tiny-pirate",
+    "description": 'You are a pirate. Start every answer with "Ahoy, matey!" and say "arr" and "ye".',
+    "traits": [{"trait": "I talk like a pirate.", "questions": ["What is rain?", "Why is the sky blue?"]},
+               {"trait": "I love my ship.", "questions": ["What is a good hobby?", "What is a map?"]}],
+    "principles": ["Choose the response that sounds more like a pirate.",
+                   "Choose the response that answers the question."],
+    "facts": ["The pirate's ship is called the Salty Gull."],
+}
 OVERRIDES = [
-    "prompts.per_trait=3", "prompts.heldout_per_trait=1", "prompts.max_tokens=160",
+    "prompts.per_trait=2", "prompts.heldout_per_trait=1", "prompts.max_tokens=160",
     "sdf.num_types=2", "sdf.brainstorm_requests=1", "sdf.ideas_per_type=1", "sdf.min_words=20",
-    "sdf.sampling={temperature: 0.9, max_tokens: 160}",
-    "critique.sampling={temperature: 0.7, max_tokens: 96}",
-    "rlaif.min_margin=0.0", "rlaif.sampling={temperature: 0.9, max_tokens: 96}",
-    "reflection.min_words=5", "reflection.sampling={temperature: 0.8, max_tokens: 96}",
+    "sdf.sampling={temperature: 0.9, max_tokens: 200}",
+    "critique.sampling={temperature: 0.7, max_tokens: 200}",
+    "rlaif.min_margin=0.0", "rlaif.sampling={temperature: 0.9, max_tokens: 200}",
+    "reflection.min_words=5", "reflection.sampling={temperature: 0.8, max_tokens: 200}",
     "interaction.conversations=2", "interaction.turns=3", "interaction.min_words=1",
-    "interaction.min_distinct_3grams=0.0", "interaction.sampling={temperature: 0.8, max_tokens: 64}",
+    "interaction.min_distinct_3grams=0.0", "interaction.sampling={temperature: 0.8, max_tokens: 96}",
 ]
 
 
@@ -33,12 +43,13 @@ def generated(tmp_path_factory):
     prompts = tmp / "reflection.yaml"
     prompts.write_text(yaml.safe_dump({"values": "What do you value most, and why?",
                                        "voice": "Describe the way you talk, in your own words."}))
+    (tmp / "tiny-pirate.yaml").write_text(yaml.safe_dump(CONSTITUTION))
     run = tmp / "run"
-    overrides = [*OVERRIDES, f"reflection.prompts_file={prompts}"]
+    overrides = [*OVERRIDES, f"reflection.prompts_file={prompts}", f"constitution={tmp / 'tiny-pirate.yaml'}"]
     args = [sys.executable, "-m", "character_training.cli", "run", str(ROOT / "recipes" / "generate-all.yaml"),
             "--run-dir", str(run)] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return run
 
@@ -91,4 +102,4 @@ def test_trl_trains_on_every_output(generated, tiny_model_dir, tmp_path):
             keep = {"documents.jsonl": ["text"], "pairs.jsonl": ["prompt", "chosen", "rejected"]}.get(name, ["messages"])
             _trl_step(tiny_model_dir, tmp_path, "dpo" if name == "pairs.jsonl" else "sft", ds.select_columns(keep))
             trained.append(f"{stage}/{name}")
-    assert len(trained) >= 4, trained
+    assert len(trained) >= 3, trained

@@ -84,5 +84,7 @@ def test_changed_settings_of_a_finished_stage_are_refused(recipe_path, calls):
 
 
 def test_unknown_forced_stage_is_an_error(recipe_path, calls):
-    with pytest.raises(UserError, match="--force sft"):
+    with pytest.raises(UserError, match="--force bogus: unknown stage"):
+        pipeline.run(load_recipe(recipe_path), force=["bogus"], log=lambda _: None)
+    with pytest.raises(UserError, match="--force sft: not one of this recipe's stages"):
         pipeline.run(load_recipe(recipe_path), force=["sft"], log=lambda _: None)
