@@ -82,7 +82,7 @@ def check_section(stage: str, section: Any, where: str) -> dict:
     settings_class, _ = GEN_STAGES[stage].load()
     allowed = [f.name for f in dataclasses.fields(settings_class)] + ["sampling"]
     if GEN_STAGES[stage].takes_adapter:
-        allowed.append("adapter")  # a PEFT LoRA directory to generate with (a trained persona)
+        allowed.append("adapter")  # a PEFT LoRA directory to generate with, or 'previous': the run's latest
     for key, value in section.items():
         if key not in allowed:
             raise UserError(f"{where}: {stage}.{key}: unknown key{did_you_mean(key, allowed)}; "

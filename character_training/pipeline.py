@@ -75,7 +75,12 @@ def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
         from character_training.generation import GEN_STAGES, make_backend, run_generation_stage
 
         spec = GEN_STAGES[stage]
-        section = getattr(ctx.recipe, stage)
+        section = dict(getattr(ctx.recipe, stage))
+        if section.get("adapter") == "previous":  # the persona as trained so far in this run
+            adapter = previous_adapter(ctx, stage)
+            if adapter is None:
+                raise UserError(f"{stage}.adapter: 'previous' but no training stage comes before {stage} in 'stages'")
+            section["adapter"] = str(adapter)
         backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, enable_lora=bool(section.get("adapter")))
         judge = None
         if spec.takes_judge and ctx.recipe.backend.judge_model:
