@@ -8,8 +8,8 @@ the model card. This module holds the little that is left:
 - ``is_main_process`` / ``rank`` / ``world_size``: from ``torch.distributed`` once it is
   initialized, from the launcher's ``RANK`` / ``WORLD_SIZE`` before that (so a stage can ask
   before its trainer exists, e.g. to clear an output directory once).
-- ``describe``: the run's ``DistributedType`` (accelerate's name: NO, MULTI_CPU, MULTI_GPU,
-  DEEPSPEED, FSDP, ...) and its number of processes, for the manifest and the log.
+- ``describe`` / ``summary``: the run's ``DistributedType`` (accelerate's name: NO, MULTI_CPU,
+  MULTI_GPU, DEEPSPEED, FSDP, ...) and its number of processes, for the manifest and the log.
 - ``finish``: destroys the torch process group at the end of a run. Without it a DeepSpeed
   run on the CPU was seen to train on every rank and then abort at interpreter exit
   ("terminate called without an active exception"), turning a finished run into a failure.
@@ -17,14 +17,13 @@ the model card. This module holds the little that is left:
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _initialized() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover (torch is a dependency)
-        return False
-    return dist.is_available() and dist.is_initialized()
+    # Never import torch here: a command that did not train (constitution validate) ends fast.
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
@@ -51,19 +50,24 @@ def is_main_process() -> bool:
 
 
 def distributed_type() -> str:
-    """accelerate's ``DistributedType`` of this run, by name ("NO" before anything set one up)."""
+    """accelerate's ``DistributedType`` of this run, by name (MULTI_CPU, MULTI_GPU, DEEPSPEED, ...;
+    NO on one process; UNINITIALIZED on several before a trainer set the run up)."""
     from accelerate.state import AcceleratorState, PartialState
 
     for state in (AcceleratorState, PartialState):
         if state._shared_state != {}:  # set once a trainer (or accelerate) initialised it; never create one here
             return str(state().distributed_type.value)
-    return "MULTI_CPU" if world_size() > 1 else "NO"
+    return "NO" if world_size() == 1 else "UNINITIALIZED"
 
 
 def describe() -> dict:
-    """What kind of run this is, for a manifest or a log line."""
-    return {"distributed_type": distributed_type(), "world_size": world_size(), "rank": rank(),
-            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1"))}
+    """What kind of run this is, for a manifest: accelerate's DistributedType and the process count."""
+    return {"distributed_type": distributed_type(), "world_size": world_size()}
+
+
+def summary() -> str:
+    """This process in a log line: "rank 1 of 2 (DEEPSPEED)"."""
+    return f"rank {rank()} of {world_size()} ({distributed_type()})"
 
 
 def finish() -> None:
@@ -73,8 +77,5 @@ def finish() -> None:
     e.g. in a ``finally`` around a stage: it does not wait for the other ranks, so an error on
     one rank cannot hang the others here.
     """
-    if not _initialized():
-        return
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    if _initialized():
+        sys.modules["torch.distributed"].destroy_process_group()

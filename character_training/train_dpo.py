@@ -6,7 +6,6 @@ The trainer fields are TRL's own ``DPOConfig`` fields, so TRL's documentation ap
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,10 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
     adapter_dir = out_dir / "adapter"
     dpo.save_model(str(adapter_dir))
     metrics = training.final_metrics(dpo.state.log_history)
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**DEFAULT_TRAINER, **(trainer or {})}.items()}
     manifest = {
-        "stage": "dpo",
-        "model": model_path,
-        "seed": seed,
-        "lora": dataclasses.asdict(lora),
-        "trainer": settings,
-        "start": {"init_adapter": str(init_adapter) if init_adapter else None, "mode": start if init_adapter else None},
-        "system_prompt": system_prompt,
+        **training.stage_manifest("dpo", model_path=model_path, seed=seed, lora=lora,
+                                  settings={**DEFAULT_TRAINER, **(trainer or {})}, init_adapter=init_adapter,
+                                  start=start, system_prompt=system_prompt),
         "counts": {"pairs": len(dataset), "steps": dpo.state.global_step},
         "resumed_from": resume,
         "train_seconds": round(time.time() - started, 1),

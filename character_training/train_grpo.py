@@ -20,7 +20,6 @@ score never counts as a zero. Missing scores are counted and reported in the man
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -262,15 +261,10 @@ def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_back
     log_history = _json_safe(grpo.state.log_history)
     per_step = reward_per_step(log_history)
     rewards = [s["reward"] for s in per_step if s["reward"] is not None]
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**DEFAULT_TRAINER, **(trainer or {})}.items()}
     manifest = {
-        "stage": "grpo",
-        "model": model_path,
-        "seed": seed,
-        "lora": dataclasses.asdict(lora),
-        "trainer": settings,
-        "start": {"init_adapter": str(init_adapter) if init_adapter else None, "mode": start if init_adapter else None},
-        "system_prompt": system_prompt,
+        **training.stage_manifest("grpo", model_path=model_path, seed=seed, lora=lora,
+                                  settings={**DEFAULT_TRAINER, **(trainer or {})}, init_adapter=init_adapter,
+                                  start=start, system_prompt=system_prompt),
         "constitution": constitution.name,
         "counts": {"prompts": len(prompts), "heldout_skipped": skipped, "steps": grpo.state.global_step},
         # Rewards are judge scores / scale (0..1); the counts cover this process (after a resume: since it).

@@ -12,7 +12,6 @@ killed run resumes from the last one). The trainer fields are TRL's own ``SFTCon
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -283,13 +282,8 @@ def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, 
     if sft.is_world_process_zero():  # under several processes, one writes
         training.plot_training(sft.state.log_history, out_dir / "training.png", stage.upper())
     return {
-        "stage": stage,
-        "model": model_path,
-        "seed": seed,
-        "lora": dataclasses.asdict(lora),
-        "trainer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-        "start": {"init_adapter": str(init_adapter) if init_adapter else None, "mode": start if init_adapter else None},
-        **extra,
+        **training.stage_manifest(stage, model_path=model_path, seed=seed, lora=lora, settings=settings,
+                                  init_adapter=init_adapter, start=start, **extra),
         "counts": {**counts, "steps": sft.state.global_step},
         "resumed_from": resume,
         "train_seconds": round(time.time() - started, 1),

@@ -198,3 +198,17 @@ def append_provenance(adapter_dir: Path, record: dict) -> None:
     text += "\n## Provenance\n\nConstitution, data stages' output hashes, earlier training stages' settings and " \
             "final metrics.\n\n```json\n" + json.dumps(record, indent=2, default=str) + "\n```\n"
     card.write_text(text, encoding="utf-8")
+
+
+def stage_manifest(stage: str, *, model_path: str, seed: int, lora: LoraSettings, settings: dict,
+                   init_adapter, start: str, **extra) -> dict:
+    """The head every training stage's manifest shares (its counts and metrics follow)."""
+    return {
+        "stage": stage,
+        "model": model_path,
+        "seed": seed,
+        "lora": dataclasses.asdict(lora),
+        "trainer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+        "start": {"init_adapter": str(init_adapter) if init_adapter else None, "mode": start if init_adapter else None},
+        **extra,
+    }

@@ -14,6 +14,7 @@ from data_gen.errors import UserError
 from data_gen.stages.critique import CritiqueSettings, clean_critique, clean_revision, run_critique
 from data_gen.stages.rlaif import RlaifSettings, letter_from_logprobs, letter_from_text, run_rlaif, verdict
 from data_gen.store import read_jsonl
+from tests.fakes import FakeBackend
 
 PRINCIPLES = ["Choose the response that sounds most like an old sea captain.",
               "Choose the response that gives correct, useful information.",
@@ -28,19 +29,6 @@ def constitution(principles=PRINCIPLES):
         "traits": [{"trait": "I speak like an old sea captain.", "questions": ["How do I boil an egg?"]}],
         "principles": list(principles),
     })
-
-
-class FakeBackend:
-    """Implements the Backend protocol; ``respond(conversation) -> Completion`` decides answers."""
-
-    def __init__(self, respond, model: str = "fake/model"):
-        self.model = model
-        self.respond = respond
-        self.calls: list[dict] = []
-
-    def chat(self, conversations, sampling, adapter=None, desc=""):
-        self.calls.append({"conversations": [list(c) for c in conversations], "sampling": sampling, "desc": desc})
-        return [self.respond(c) for c in conversations]
 
 
 def stop(text: str, **kwargs) -> Completion:

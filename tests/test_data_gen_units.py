@@ -14,20 +14,7 @@ from data_gen.backends import Completion, Sampling
 from data_gen.filters import distinct_3gram_share
 from data_gen.stages.pairs import PairSettings, answer_problem, generate_pairs
 from data_gen.stages.prompts import ExpandSettings, expand_prompts, normalize, parse_messages
-
-
-class FakeBackend:
-    """Implements the Backend protocol; ``respond(conversation) -> Completion`` decides answers."""
-
-    def __init__(self, respond, model: str = "fake/model"):
-        self.model = model
-        self.respond = respond
-        self.calls: list[dict] = []
-
-    def chat(self, conversations, sampling, adapter=None, desc=""):
-        self.calls.append({"conversations": [list(c) for c in conversations], "sampling": sampling,
-                           "adapter": adapter, "desc": desc})
-        return [self.respond(c) for c in conversations]
+from tests.fakes import FakeBackend
 
 
 def stop(text: str, tokens: int = 5) -> Completion:

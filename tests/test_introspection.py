@@ -13,6 +13,7 @@ from data_gen.stages.introspection import (
     INTERACTION_OPENERS, REFLECTION_PROMPTS, InteractionSettings, ReflectionSettings, display_name,
     load_openers, load_reflection_prompts, run_reflection, run_self_interaction)
 from data_gen.store import read_jsonl
+from tests.fakes import FakeBackend
 
 CONSTITUTION = constitution_from_dict({
     "name": "captain-marlow",
@@ -20,19 +21,6 @@ CONSTITUTION = constitution_from_dict({
     "traits": [{"trait": "I speak like an old sea captain.", "questions": ["How do I boil an egg?"]}],
 })
 SAMPLING = Sampling(temperature=0.8, max_tokens=64)
-
-
-class FakeBackend:
-    """Implements the Backend protocol; ``respond(conversation) -> Completion`` decides answers."""
-
-    def __init__(self, respond, model: str = "fake/model"):
-        self.model = model
-        self.respond = respond
-        self.calls: list[dict] = []
-
-    def chat(self, conversations, sampling, adapter=None, desc=""):
-        self.calls.append({"conversations": [list(c) for c in conversations], "adapter": adapter, "desc": desc})
-        return [self.respond(c) for c in conversations]
 
 
 def stop(text: str) -> Completion:
