@@ -157,9 +157,7 @@ def _generate(args) -> int:
 def _train(args) -> int:
     """One training stage on its own; runs as is on one process, or under torchrun / accelerate
     launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
-    import os
-
-    from character_training import training
+    from character_training import distributed, training
     from character_training.models import resolve_model
     from character_training.recipe import apply_overrides
     from data_gen.store import read_manifest, write_manifest
@@ -185,7 +183,7 @@ def _train(args) -> int:
     model = resolve_model(args.model)
     common = dict(lora=lora, trainer=trainer, seed=args.seed, init_adapter=args.init_adapter, start=args.start,
                   card={"persona": args.persona or "persona", "data": [str(p) for p in args.data]})
-    if args.force and out.exists() and int(os.environ.get("RANK", "0")) == 0:
+    if args.force and out.exists() and distributed.is_main_process():
         import shutil
 
         shutil.rmtree(out)
@@ -208,9 +206,12 @@ def _train(args) -> int:
                             chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=args.chat_ratio, **common)
     else:
         raise UserError(f"train {args.kind}: use the 'grpo' stage of a recipe (it needs a judge backend)")
-    if int(os.environ.get("RANK", "0")) == 0:
+    manifest["distributed"] = distributed.describe()
+    if distributed.is_main_process():
         write_manifest(out, manifest)
         print(f"[train {args.kind}] {manifest['counts']} -> {out / 'adapter'}")
+    if distributed.world_size() > 1:
+        print(f"[train] {distributed.summary()} finished", flush=True)
     return 0
 
 
@@ -279,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="generate again even if finished")
     p.set_defaults(func=_generate)
 
+    from character_training.adapters_cli import add_adapter_commands
+
+    add_adapter_commands(sub)
+
     for name, func, help_text in (("run", _run, "run a recipe's stages in order"),
                                   ("eval", _eval, "quick persona check of an adapter on a run's held-out prompts")):
         p = sub.add_parser(name, help=help_text)
@@ -299,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from character_training import distributed
+
     try:
         return args.func(args)
     except UserError as exc:
@@ -307,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, the unfinished one reruns next time", file=sys.stderr)
         return 130
+    finally:
+        # Under torchrun / accelerate launch: end the process group once this rank is done (a DeepSpeed
+        # run on the CPU otherwise aborts at interpreter exit). Nothing on one process.
+        distributed.finish()
 
 
 if __name__ == "__main__":
