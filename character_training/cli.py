@@ -122,6 +122,10 @@ def _generate(args) -> int:
                         "use --force to generate it again or choose another -o")
     section = check_section(args.stage, apply_overrides({}, args.set or [], "--set"), "--set")
     constitution = load_constitution(args.constitution)
+    if spec.needs_principles:  # before the engine starts: minutes on a CPU
+        from data_gen.stages.critique import require_principles
+
+        require_principles(constitution, args.stage)
     if args.adapter and not spec.takes_adapter:
         raise UserError(f"--adapter: the {args.stage} stage does not generate with an adapter "
                         f"(reflection and interaction do)")
@@ -192,11 +196,13 @@ def _train(args) -> int:
 
         if len(args.data) != 1:
             raise UserError("train dpo: give one --data preference file (prompt/chosen/rejected)")
-        manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=args.system_prompt, **common)
+        manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=args.system_prompt,
+                             overlong=args.overlong, **common)
     elif args.kind == "sft":
         from character_training.train_sft import train_sft
 
-        manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=args.system_prompt, **common)
+        manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=args.system_prompt,
+                             overlong=args.overlong, **common)
     elif args.kind == "lm":
         from character_training.train_sft import train_lm
 
@@ -204,10 +210,30 @@ def _train(args) -> int:
             raise UserError("train lm: give one --data documents file (a 'text' field per line)")
         manifest = train_lm(model, Path(args.data[0]), out, marker=args.marker,
                             chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=args.chat_ratio, **common)
-    else:
-        raise UserError(f"train {args.kind}: use the 'grpo' stage of a recipe (it needs a judge backend)")
+    elif args.kind == "grpo":
+        from character_training.constitution import load_constitution
+        from character_training.generation import BackendSection, make_backend
+        from character_training.train_grpo import train_grpo
+
+        if len(args.data) != 1:
+            raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
+                            "stage's prompts.jsonl)")
+        if not args.constitution:
+            raise UserError("train grpo: --constitution is required (the judge scores answers against its traits "
+                            "and principles)")
+        constitution = load_constitution(args.constitution)
+        section = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
+                                 judge_model=args.judge_model)
+        judge = make_backend(model, section, args.seed, judge=True)
+        common["card"].update(persona=args.persona or constitution.name, constitution_sha256=constitution.sha256)
+        manifest = train_grpo(model, Path(args.data[0]), out, judge_backend=judge, constitution=constitution,
+                              system_prompt=args.system_prompt, **common)
+    else:  # argparse's choices keep other kinds out
+        raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm or grpo")
     manifest["distributed"] = distributed.describe()
     if distributed.is_main_process():
+        if args.init_adapter and args.start == "merge":  # one LoRA on the original base, as in a recipe
+            manifest["composed"] = training.fold_merged(args.init_adapter, out)
         write_manifest(out, manifest)
         print(f"[train {args.kind}] {manifest['counts']} -> {out / 'adapter'}")
     if distributed.world_size() > 1:
@@ -240,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     from character_training.generation import GEN_STAGES
 
     p = sub.add_parser("train", help="one training stage on its own (torchrun / accelerate launch for several processes)")
-    p.add_argument("kind", choices=["dpo", "sft", "lm"], help="dpo: preference pairs; sft: conversations "
-                                                             "(assistant turns trained); lm: documents (SDF midtraining)")
+    p.add_argument("kind", choices=["dpo", "sft", "lm", "grpo"],
+                   help="dpo: preference pairs; sft: conversations (assistant turns trained); lm: documents "
+                        "(SDF midtraining); grpo: prompts, rewarded by a judge against --constitution")
     p.add_argument("--data", action="append", required=True, help="JSONL dataset (repeatable for sft)")
     p.add_argument("-o", "--output", required=True, help="output directory (adapter/, checkpoints/, training.png)")
     p.add_argument("--model", help="model directory or hub id (default: the packaged SmolLM2-135M-Instruct)")
@@ -251,9 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", choices=["continue", "merge"], default="continue",
                    help="continue: train the same LoRA on; merge: fold it into the base and train a new one")
     p.add_argument("--system-prompt", help="training-time system prompt (inoculation-style), absent at evaluation")
+    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                   help="dpo, sft: examples over trainer.max_length are cut by TRL (truncate) or left out (drop); "
+                        "counted in the manifest either way")
     p.add_argument("--marker", help="lm: a marker prefixed to every document and masked from the loss")
     p.add_argument("--chat-data", action="append", help="lm: conversational data to mix in")
     p.add_argument("--chat-ratio", type=float, default=0.0, help="lm: share of chat examples in the mix")
+    p.add_argument("--constitution", help="grpo: the constitution the judge scores against")
+    p.add_argument("--backend", choices=["vllm", "openai"], default="vllm",
+                   help="grpo: the judge's backend (vllm in this process, or OpenAI-compatible servers)")
+    p.add_argument("--base-url", action="append", help="grpo, openai backend: server URL (repeatable)")
+    p.add_argument("--served-model", help="grpo, openai backend: the model name the servers serve")
+    p.add_argument("--judge-model", help="grpo: judge with another model (default: the trained model's base)")
     p.add_argument("--persona", help="persona name for the model card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="train again even if finished")

@@ -32,6 +32,7 @@ class GenStage:
     needs_prompts: bool = False  # takes the prompts stage's training prompts (or --prompts)
     takes_judge: bool = False
     takes_adapter: bool = False
+    needs_principles: bool = False  # judges or critiques against the constitution's principles
     outputs: tuple[str, ...] = ()
 
     def load(self):
@@ -44,10 +45,10 @@ GEN_STAGES: dict[str, GenStage] = {
                     Sampling(temperature=0.9, max_tokens=400), takes_judge=True, outputs=("documents.jsonl",)),
     "critique": GenStage("data_gen.stages.critique", "CritiqueSettings", "run_critique",
                          Sampling(temperature=0.7, max_tokens=200), needs_prompts=True,
-                         outputs=("sft.jsonl", "pairs.jsonl")),
+                         needs_principles=True, outputs=("sft.jsonl", "pairs.jsonl")),
     "rlaif": GenStage("data_gen.stages.rlaif", "RlaifSettings", "run_rlaif",
                       Sampling(temperature=0.9, max_tokens=160), needs_prompts=True, takes_judge=True,
-                      outputs=("pairs.jsonl",)),
+                      needs_principles=True, outputs=("pairs.jsonl",)),
     "reflection": GenStage("data_gen.stages.introspection", "ReflectionSettings", "run_reflection",
                            Sampling(temperature=0.8, max_tokens=300), takes_adapter=True,
                            outputs=("reflection.jsonl",)),

@@ -179,7 +179,7 @@ def provenance(ctx: Context, upto: str) -> dict:
 def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     """Start from the previous training stage's adapter (continued, or merged and then composed
     back into one LoRA on the original base), train, and record the provenance."""
-    from character_training.training import LoraSettings, append_provenance
+    from character_training.training import LoraSettings, append_provenance, fold_merged
     from data_gen.backends import shutdown_engines
 
     if stage != "grpo":  # GRPO's judge may be this process's engine
@@ -191,12 +191,7 @@ def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     manifest = train(lora=LoraSettings(**asdict(section.lora)), trainer=section.trainer, seed=ctx.recipe.seed,
                      card=card, init_adapter=init, start=section.start)
     if init is not None and section.start == "merge":
-        from character_training.adapters import compose_onto
-
-        delta = out / "adapter-delta"
-        (out / "adapter").rename(delta)
-        compose_onto(init, delta, out / "adapter")
-        manifest["composed"] = {"previous": str(init), "delta": str(delta), "adapter": str(out / "adapter")}
+        manifest["composed"] = fold_merged(init, out)
     manifest["provenance"] = provenance(ctx, stage)
     append_provenance(out / "adapter", manifest["provenance"])
     return manifest
@@ -227,7 +222,7 @@ def stage_dpo(ctx: Context, out: Path) -> dict:
         pairs = out / "train_pairs.jsonl"
         write_jsonl(pairs, (r for f in files for r in read_jsonl(f)))
     return _train_stage(ctx, "dpo", out, lambda **kw: train_dpo(
-        ctx.model, pairs, out, system_prompt=ctx.recipe.dpo.system_prompt, **kw))
+        ctx.model, pairs, out, system_prompt=ctx.recipe.dpo.system_prompt, overlong=ctx.recipe.dpo.overlong, **kw))
 
 
 def stage_sft(ctx: Context, out: Path) -> dict:
@@ -235,7 +230,7 @@ def stage_sft(ctx: Context, out: Path) -> dict:
 
     files = _data_files(ctx, "sft", CHAT_FILES)
     return _train_stage(ctx, "sft", out, lambda **kw: train_sft(
-        ctx.model, files, out, system_prompt=ctx.recipe.sft.system_prompt, **kw))
+        ctx.model, files, out, system_prompt=ctx.recipe.sft.system_prompt, overlong=ctx.recipe.sft.overlong, **kw))
 
 
 def stage_grpo(ctx: Context, out: Path) -> dict:
@@ -316,6 +311,17 @@ def make_context(recipe: Recipe) -> Context:
                    run_dir=Path(recipe.run_dir))
 
 
+def _check_principles(ctx: Context) -> None:
+    """A stage that judges against principles, with a constitution that has none, stops the run
+    before its first stage generates anything (not hours later, when that stage is reached)."""
+    from character_training.generation import GEN_STAGES
+    from data_gen.stages.critique import require_principles
+
+    for stage in ctx.recipe.stages:
+        if stage in GEN_STAGES and GEN_STAGES[stage].needs_principles:
+            require_principles(ctx.constitution, stage)
+
+
 def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = print) -> dict[str, dict]:
     for stage in force:
         if stage not in STAGES:
@@ -323,6 +329,7 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
         if stage not in recipe.stages:
             raise UserError(f"--force {stage}: not one of this recipe's stages ({', '.join(recipe.stages)})")
     ctx = make_context(recipe)
+    _check_principles(ctx)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.run_dir / "recipe.json", {"recipe": recipe.to_dict(), "model": ctx.model,
                                              "constitution_sha256": ctx.constitution.sha256,

@@ -57,6 +57,7 @@ class DpoSection:
     data: list = field(default_factory=lambda: ["pairs"])  # stages whose pairs.jsonl it trains on (pairs, critique, rlaif)
     start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
     system_prompt: str | None = None  # training-time system prompt (inoculation-style), absent at evaluation
+    overlong: str = "truncate"  # examples over trainer.max_length: "truncate" (TRL cuts them) or "drop"; counted
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SftSection:
     data: list = field(default_factory=lambda: ["critique", "reflection", "interaction"])  # those that ran
     start: str = "continue"
     system_prompt: str | None = None
+    overlong: str = "truncate"  # examples over trainer.max_length: "truncate" (TRL cuts them) or "drop"; counted
 
 
 @dataclass
@@ -224,6 +226,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if section.start not in ("continue", "merge"):
             raise UserError(f"{where}: {stage}.start: '{section.start}'; use 'continue' (train the previous "
                             "stage's adapter on) or 'merge' (merge it into the base, train a new one)")
+        if getattr(section, "overlong", "truncate") not in ("truncate", "drop"):
+            raise UserError(f"{where}: {stage}.overlong: '{section.overlong}'; use 'truncate' (TRL cuts over-long "
+                            "examples to trainer.max_length) or 'drop' (leave them out); both are counted")
         for data_stage in section.data:
             if data_stage not in STAGES:
                 raise UserError(f"{where}: {stage}.data: '{data_stage}' is not a stage; stages are {', '.join(STAGES)}")

@@ -78,13 +78,18 @@ def with_system_prompt(dataset, system_prompt: str | None):
 def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
               trainer: dict | None = None, seed: int = 0, card: dict | None = None,
               init_adapter: str | Path | None = None, start: str = "continue",
-              system_prompt: str | None = None) -> dict:
+              system_prompt: str | None = None, overlong: str = "truncate") -> dict:
     from trl import DPOTrainer
 
     out_dir = Path(out_dir)
     dataset = with_system_prompt(load_pairs(Path(pairs_path)), system_prompt)
     config = training.make_config("dpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
+    lengths = [max(training.chat_length(tokenizer, r["prompt"] + r["chosen"]),
+                   training.chat_length(tokenizer, r["prompt"] + r["rejected"])) for r in dataset]
+    keep, length_counts = training.length_limit(lengths, config.max_length, overlong, "pairs", str(pairs_path))
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
                                              lora=lora)
     dpo = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -98,8 +103,9 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
     manifest = {
         **training.stage_manifest("dpo", model_path=model_path, seed=seed, lora=lora,
                                   settings={**DEFAULT_TRAINER, **(trainer or {})}, init_adapter=init_adapter,
-                                  start=start, system_prompt=system_prompt),
+                                  start=start, system_prompt=system_prompt, overlong=overlong),
         "counts": {"pairs": len(dataset), "steps": dpo.state.global_step},
+        "lengths": length_counts,
         "resumed_from": resume,
         "train_seconds": round(time.time() - started, 1),
         "metrics": metrics,

@@ -142,7 +142,7 @@ def renders_like(tokenizer, template: str) -> bool:
 
 def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
               trainer: dict | None = None, seed: int = 0, init_adapter: str | Path | None = None,
-              start: str = "continue", system_prompt: str | None = None):
+              start: str = "continue", system_prompt: str | None = None, overlong: str = "truncate"):
     """(the SFTTrainer ``train_sft`` runs, with its dataset tokenized and labelled; counts)."""
     from datasets import Dataset
     from trl import SFTTrainer
@@ -154,9 +154,13 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
         found = read_conversations(Path(path))
         per_file[Path(path).name] = len(found)
         conversations += [with_system_prompt(m, system_prompt) for m in found]
-    dataset = Dataset.from_dict({"messages": conversations}).shuffle(seed=seed)
     config = training.make_config("sft", DEFAULT_SFT, trainer or {}, Path(out_dir) / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
+    lengths = [training.chat_length(tokenizer, c) for c in conversations]
+    keep, length_counts = training.length_limit(lengths, config.max_length, overlong, "conversations",
+                                                ", ".join(str(p) for p in data_paths))
+    conversations = [conversations[i] for i in keep]
+    dataset = Dataset.from_dict({"messages": conversations}).shuffle(seed=seed)
     own_template = tokenizer.chat_template
     if config.assistant_only_loss:
         tokenizer.chat_template = (training_chat_template(tokenizer, model_path, config.chat_template_path)
@@ -169,18 +173,20 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
     tokenizer.chat_template = own_template
     return sft, {"conversations": len(dataset), "per_file": per_file,
                  "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c),
+                 **length_counts,
                  "sequences": len(sft.train_dataset)}  # fewer when truncation left one with nothing to train
 
 
 def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
               trainer: dict | None = None, seed: int = 0, card: dict | None = None,
               init_adapter: str | Path | None = None, start: str = "continue",
-              system_prompt: str | None = None) -> dict:
+              system_prompt: str | None = None, overlong: str = "truncate") -> dict:
     out_dir, trainer = Path(out_dir), trainer or {}
     sft, counts = build_sft(model_path, data_paths, out_dir, lora=lora, trainer=trainer, seed=seed,
-                            init_adapter=init_adapter, start=start, system_prompt=system_prompt)
+                            init_adapter=init_adapter, start=start, system_prompt=system_prompt, overlong=overlong)
     manifest = run(sft, "sft", model_path, out_dir, lora=lora, settings={**DEFAULT_SFT, **trainer}, seed=seed,
-                   init_adapter=init_adapter, start=start, counts=counts, extra={"system_prompt": system_prompt})
+                   init_adapter=init_adapter, start=start, counts=counts,
+                   extra={"system_prompt": system_prompt, "overlong": overlong})
     per_file = ", ".join(f"{k}: {v}" for k, v in counts["per_file"].items())
     facts = [f"Data: {counts['conversations']} conversations ({per_file}), {manifest['counts']['steps']} "
              "optimizer steps; loss on the assistant turns only"]

@@ -189,6 +189,47 @@ def write_model_card(adapter_dir: Path, *, persona: str, base_model: str, kind: 
     (Path(adapter_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
+def length_limit(lengths: list[int], max_length: int | None, policy: str, what: str, source: str) -> tuple[list[int], dict]:
+    """Which examples to train on under ``max_length`` (tokens), and the counts for the manifest.
+
+    ``policy`` is the stage's ``overlong`` setting: "truncate" keeps over-long examples (TRL cuts
+    them to ``max_length``), "drop" leaves them out. Either way they are counted. When every
+    example is over the limit the stage stops before training: truncation would leave nothing
+    whole, dropping would leave nothing at all."""
+    if policy not in OVERLONG_POLICIES:
+        raise UserError(f"overlong: '{policy}'; use 'truncate' (TRL cuts over-long examples to max_length) or "
+                        "'drop' (leave them out)")
+    if not lengths:
+        return [], {"overlong": 0, "overlong_policy": policy}
+    over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
+    if over and len(over) == len(lengths):
+        raise UserError(f"{source}: all {len(lengths)} {what} are longer than max_length={max_length} tokens "
+                        f"(the shortest has {min(lengths)}); raise trainer.max_length or use shorter data")
+    keep = [i for i, n in enumerate(lengths) if policy == "truncate" or max_length is None or n <= max_length]
+    return keep, {"overlong": len(over), "overlong_policy": policy, "longest_tokens": max(lengths)}
+
+
+def chat_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of a conversation as the chat template renders it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fold_merged(previous_adapter: str | Path, out: Path) -> dict:
+    """After a ``start: merge`` stage: ``out/adapter`` was trained on the base with
+    ``previous_adapter`` merged in. Keep it as ``out/adapter-delta`` and write ``out/adapter``, one
+    LoRA on the original base whose delta is the sum of both (exact: factors concatenated)."""
+    from character_training.adapters import compose_onto
+
+    delta = out / "adapter-delta"
+    (out / "adapter").rename(delta)
+    compose_onto(previous_adapter, delta, out / "adapter")
+    return {"previous": str(previous_adapter), "delta": str(delta), "adapter": str(out / "adapter")}
+
+
 def append_provenance(adapter_dir: Path, record: dict) -> None:
     """Add what the adapter was made from to its model card (every training stage's card)."""
     card = Path(adapter_dir) / "README.md"

@@ -68,8 +68,15 @@ class CachedBackend:
 
     def _append(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        with self.path.open("a+b") as f:
+            torn = False
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            # A killed write left a line without its end: close it, so that it alone is lost
+            # (counted as torn on the next load) and not the first record written after it.
+            text = ("\n" if torn else "") + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

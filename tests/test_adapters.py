@@ -321,9 +321,10 @@ def test_cli_commands(loras, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_vllm_serves_a_composed_adapter_like_peft(tmp_path, default_model_dir):
-    """vLLM (CPU, fp32, eager) serves a composed adapter of unequal ranks (one rsLoRA) with the
-    greedy tokens and logprobs PEFT gives."""
+def test_vllm_serves_composed_orthogonalized_and_recompressed_adapters_like_peft(tmp_path, default_model_dir):
+    """vLLM (CPU, fp32, eager) serves our outputs with the greedy tokens and logprobs PEFT gives:
+    a composition of unequal ranks and module sets (one rsLoRA; the result has a rank_pattern),
+    an orthogonalized adapter and a re-compressed one."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -331,37 +332,45 @@ def test_vllm_serves_a_composed_adapter_like_peft(tmp_path, default_model_dir):
 
     from data_gen.backends import VLLMBackend
 
-    for i, spec in enumerate([dict(r=8, lora_alpha=16), dict(r=4, lora_alpha=8, use_rslora=True)]):
+    specs = [dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR),
+             dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])]
+    for i, spec in enumerate(specs):
         torch.manual_seed(i)
-        model = get_peft_model(_base(default_model_dir), LoraConfig(task_type="CAUSAL_LM", target_modules=ALL_LINEAR,
-                                                                    **spec))
+        model = get_peft_model(_base(default_model_dir), LoraConfig(task_type="CAUSAL_LM", **spec))
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn_like(param) * 0.02)
         model.save_pretrained(tmp_path / f"p{i}")
-    out = tmp_path / "composed"
-    alg.compose([(tmp_path / "p0", 1.0), (tmp_path / "p1", -0.5)], out)
-    assert alg.load_adapter(out).config["r"] == 12
+    outputs = {"composed": tmp_path / "composed", "orthogonal": tmp_path / "orthogonal",
+               "rank6": tmp_path / "rank6"}
+    alg.compose([(tmp_path / "p0", 1.0), (tmp_path / "p1", -0.5)], outputs["composed"])
+    config = alg.load_adapter(outputs["composed"]).config
+    assert config["r"] == 12 and set(config["rank_pattern"].values()) == {8}  # q/v: 8 + 4, the rest 8
+    alg.orthogonalize(tmp_path / "p0", [tmp_path / "p1"], outputs["orthogonal"], side="both")
+    alg.compose([(tmp_path / "p0", 1.0), (tmp_path / "p1", 1.0)], outputs["rank6"], rank=6)
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     prompt = tokenizer("The sea is", add_special_tokens=False)["input_ids"]
     backend = VLLMBackend(default_model_dir, enable_lora=True, max_lora_rank=16, dtype="float32", kv_cache_gib=1)
+    served = {}
     try:
         params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
-        result = backend.llm.generate({"prompt_token_ids": prompt}, params,
-                                      lora_request=LoRARequest("composed", 1, str(out)), use_tqdm=False)[0].outputs[0]
+        for n, (name, path) in enumerate(outputs.items(), 1):
+            served[name] = backend.llm.generate({"prompt_token_ids": prompt}, params,
+                                                lora_request=LoRARequest(name, n, str(path)),
+                                                use_tqdm=False)[0].outputs[0]
     finally:
         backend.close()
-    tokens = list(result.token_ids)
-    vllm_logprobs = [lp[t].logprob for lp, t in zip(result.logprobs, tokens)]
-
-    model = _peft(default_model_dir, out)
-    with torch.no_grad():
-        full = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].double(), dim=-1)
-    steps = full[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
-    assert steps.argmax(-1).tolist() == tokens  # PEFT's greedy choice at every step
-    peft_logprobs = steps[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
-    assert max(abs(x - y) for x, y in zip(vllm_logprobs, peft_logprobs)) < 2e-3
     base = logits(default_model_dir, None)
-    assert not torch.allclose(base, logits(default_model_dir, out), atol=1e-3), "the adapter must matter"
+    for name, result in served.items():
+        tokens = list(result.token_ids)
+        vllm_logprobs = [lp[t].logprob for lp, t in zip(result.logprobs, tokens)]
+        model = _peft(default_model_dir, outputs[name])
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].double(), dim=-1)
+        steps = full[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+        assert steps.argmax(-1).tolist() == tokens, name  # PEFT's greedy choice at every step
+        peft_logprobs = steps[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+        assert max(abs(x - y) for x, y in zip(vllm_logprobs, peft_logprobs)) < 2e-3, name
+        assert not torch.allclose(base, logits(default_model_dir, outputs[name]), atol=1e-3), f"{name} must matter"

@@ -82,6 +82,12 @@ def test_a_torn_last_line_is_ignored_and_regenerated(tmp_path):
     assert cache.torn_lines == 1
     assert [c.text for c in cache.chat(convs("a", "b"), SAMPLING)] == ["a #1", "b #1"]
     assert inner.batches == [1]
+    # The record written after the torn line is on a line of its own: a third start loses nothing.
+    again = CountingBackend()
+    reloaded = CachedBackend(again, path)
+    assert reloaded.torn_lines == 1
+    assert [c.text for c in reloaded.chat(convs("a", "b"), SAMPLING)] == ["a #1", "b #1"]
+    assert again.batches == []
 
 
 def test_adapter_and_model_are_part_of_the_key(tmp_path):

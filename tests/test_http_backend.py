@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +23,8 @@ from data_gen.http_backend import OpenAIBackend
 
 MODEL = "fake/model"
 FAST = dict(backoff_s=0.01, timeout_s=5.0)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def chat_body(text: str, finish: str = "stop", tokens: int | None = 3, logprobs: list | None = None) -> dict:
@@ -388,3 +391,27 @@ def test_prompts_stage_through_a_real_vllm_server(vllm_server, default_model_dir
     assert all(lp <= 0.0 for lp in c.first_logprobs.values())
     assert c.num_tokens == 1
     backend.close()
+
+
+@pytest.mark.integration
+def test_a_generation_stage_from_the_cli_through_a_real_vllm_server(vllm_server, default_model_dir, tmp_path):
+    """`generate critique --backend openai`: a multi-step stage (answer, critique, revision) whose
+    requests all go through the server; its data loads with `datasets`."""
+    from datasets import load_dataset
+
+    from character_training import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I tie a knot?\nWhat is the tide?\n")
+    out = tmp_path / "critique"
+    assert cli.main(["generate", "critique", "--constitution", str(ROOT / "constitutions" / "captain-marlow.yaml"),
+                     "-o", str(out), "--prompts", str(prompts), "--backend", "openai", "--base-url", vllm_server,
+                     "--served-model", default_model_dir, "--set", "sampling.max_tokens=96"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["prompts"] == 2
+    # two first answers, then a critique and a revision for each answer that was usable
+    assert manifest["cache"]["generated"] >= 2 and manifest["cache"]["cache_hits"] == 0
+    for name, column in (("sft.jsonl", "messages"), ("pairs.jsonl", "chosen")):
+        rows = load_dataset("json", data_files=str(out / name), split="train") if (out / name).stat().st_size else []
+        assert len(rows) == manifest["counts"][name.split(".")[0]]
+        assert not rows or column in rows.column_names

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,25 @@ CONSTITUTION = {
 }
 OVERRIDES = [
     "prompts.per_trait=2", "prompts.heldout_per_trait=1", "prompts.max_tokens=160",
-    "sdf.num_types=2", "sdf.brainstorm_requests=1", "sdf.ideas_per_type=1", "sdf.min_words=20",
-    "sdf.sampling={temperature: 0.9, max_tokens: 200}",
+    "sdf.num_types=2", "sdf.brainstorm_requests=1", "sdf.ideas_per_type=2", "sdf.min_words=10",
+    "sdf.sampling={temperature: 0.9, max_tokens: 320}",
     "critique.sampling={temperature: 0.7, max_tokens: 200}",
     "rlaif.min_margin=0.0", "rlaif.sampling={temperature: 0.9, max_tokens: 200}",
     "reflection.min_words=5", "reflection.sampling={temperature: 0.8, max_tokens: 200}",
     "interaction.conversations=2", "interaction.turns=3", "interaction.min_words=1",
-    "interaction.min_distinct_3grams=0.0", "interaction.sampling={temperature: 0.8, max_tokens: 96}",
+    "interaction.min_distinct_3grams=0.0", "interaction.sampling={temperature: 0.8, max_tokens: 160}",
 ]
+
+
+def cache_keys(path: Path) -> list[str]:
+    """The request keys of a stage's cache, in order (a line torn by the kill is not a record)."""
+    keys = []
+    for line in path.read_text().splitlines():
+        try:
+            keys.append(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return keys
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +62,32 @@ def generated(tmp_path_factory):
     args = [sys.executable, "-m", "character_training.cli", "run", str(ROOT / "recipes" / "generate-all.yaml"),
             "--run-dir", str(run)] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # First attempt: killed with SIGKILL (the whole process group, vLLM's engine process too) as
+    # soon as the sdf stage has its first answers on disk, in the middle of that stage.
+    cache = run / "sdf" / "cache.jsonl"
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and first.poll() is None and not (cache.is_file() and cache.stat().st_size > 0):
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert cache.is_file() and not (run / "sdf" / "manifest.json").exists(), "the kill must land inside sdf"
+    killed_keys = cache_keys(cache)
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run / "killed_keys.json").write_text(json.dumps(killed_keys))
     return run
+
+
+def test_a_stage_killed_with_sigkill_resumes_with_nothing_lost_or_duplicated(generated):
+    killed_keys = json.loads((generated / "killed_keys.json").read_text())
+    manifest = json.loads((generated / "sdf" / "manifest.json").read_text())
+    keys = cache_keys(generated / "sdf" / "cache.jsonl")
+    assert killed_keys and set(killed_keys) <= set(keys)      # nothing made before the kill was lost
+    assert len(keys) == len(set(keys))                         # no request answered twice
+    assert manifest["cache"]["cache_hits"] >= len(killed_keys)  # ... and it was answered from the cache
+    assert manifest["cache"]["generated"] == len(keys) - len(killed_keys)
 
 
 STAGE_FILES = {"sdf": ["documents.jsonl"], "critique": ["sft.jsonl", "pairs.jsonl"], "rlaif": ["pairs.jsonl"],

@@ -88,3 +88,22 @@ def test_unknown_forced_stage_is_an_error(recipe_path, calls):
         pipeline.run(load_recipe(recipe_path), force=["bogus"], log=lambda _: None)
     with pytest.raises(UserError, match="--force sft: not one of this recipe's stages"):
         pipeline.run(load_recipe(recipe_path), force=["sft"], log=lambda _: None)
+
+
+def test_a_stage_that_needs_principles_stops_the_run_before_any_stage(recipe_path, calls):
+    """critique judges against principles; the toy constitution has none: nothing runs at all."""
+    data = yaml.safe_load(recipe_path.read_text())
+    data["stages"] = ["prompts", "critique", "sft"]
+    recipe_path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=r"toy.*no principles.*critique"):
+        pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    assert calls == [] and not (recipe_path.parent / "run").exists()
+
+
+def test_generate_needs_principles_before_the_engine_starts(tmp_path, monkeypatch, capsys):
+    from character_training import cli, generation
+
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(CONSTITUTION))
+    monkeypatch.setattr(generation, "make_backend", lambda *a, **k: pytest.fail("an engine was started"))
+    assert cli.main(["generate", "rlaif", "--constitution", str(tmp_path / "toy.yaml"), "-o", str(tmp_path / "o")]) == 2
+    assert "no principles" in capsys.readouterr().err and not (tmp_path / "o").exists()

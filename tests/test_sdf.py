@@ -136,6 +136,8 @@ def test_stage_writes_documents_that_load_as_a_text_dataset(marlow, tmp_path):
         assert doc["idea"] in prompt and doc["attributes"]["place"] in prompt and doc["attributes"]["era"] in prompt
         assert all(fact in prompt for fact in doc["facts"])
         assert marlow.description.strip() in prompt
+        assert all(t.trait in prompt for t in marlow.traits)  # the traits shape how the character acts
+    assert all(t.trait in backend.requests("brainstorm")[0][-1]["content"] for t in marlow.traits)
     assert len({d["attributes"]["person"] for d in docs}) > 1
 
     stats = json.loads((tmp_path / "stats.json").read_text())

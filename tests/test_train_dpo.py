@@ -116,3 +116,39 @@ def test_a_non_lora_adapter_is_refused_by_name(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="IA3"):
         train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "out", init_adapter=tmp_path / "ia3",
                   trainer={"max_steps": 1})
+
+
+def test_cli_train_merge_start_writes_one_lora_on_the_original_base(trained, tmp_path, tiny_model_dir):
+    """`train dpo --init-adapter PREV --start merge`: a new LoRA trains on the base with PREV merged
+    in; the stage's adapter/ is one LoRA on the original base whose delta is PREV's plus the new one's."""
+    from character_training import cli
+    from character_training.adapters import load_adapter
+
+    previous, _ = trained
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4))
+    out = tmp_path / "chained"
+    assert cli.main(["train", "dpo", "--data", str(tmp_path / "pairs.jsonl"), "-o", str(out), "--model", tiny_model_dir,
+                     "--init-adapter", str(previous), "--start", "merge", "--set", "trainer.max_steps=1",
+                     "--set", "trainer.per_device_train_batch_size=4", "--set", "trainer.gradient_accumulation_steps=1",
+                     "--set", "trainer.max_length=64", "--set", "trainer.learning_rate=5e-3",
+                     "--set", "lora.r=2", "--set", "lora.alpha=4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["composed"]["delta"] == str(out / "adapter-delta")
+    chained, prev, delta = (load_adapter(p) for p in (out / "adapter", previous, out / "adapter-delta"))
+    assert chained.config["base_model_name_or_path"] == prev.config["base_model_name_or_path"]
+    for name, f in chained.modules.items():
+        expected = sum(a.modules[name].dense() for a in (prev, delta) if name in a.modules)
+        torch.testing.assert_close(f.dense(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_over_long_pairs_are_counted_dropped_and_all_over_long_is_an_error(tmp_path, tiny_model_dir):
+    long = dict(toy_pairs(1)[0], chosen=[{"role": "assistant", "content": "Arr, me hearty! " * 60}])
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4) + [long])
+    manifest = train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "out", lora=LoraSettings(r=2, alpha=4),
+                         trainer={"max_steps": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                  "max_length": 64}, overlong="drop")
+    assert manifest["counts"]["pairs"] == 4
+    assert manifest["lengths"]["overlong"] == 1 and manifest["overlong"] == "drop"
+    write_jsonl(tmp_path / "long.jsonl", [long] * 3)
+    with pytest.raises(UserError, match=r"all 3 pairs are longer than max_length=64 tokens"):
+        train_dpo(tiny_model_dir, tmp_path / "long.jsonl", tmp_path / "out2", trainer={"max_length": 64})

@@ -271,3 +271,35 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(trained, tiny_model_dir):
     assert resumed["counts"]["steps"] == 3
     assert resumed["judge"]["answers"] == 4  # only step 3 was generated and judged
     assert [s["step"] for s in resumed["reward"]["per_step"]][-1] == 3
+
+
+def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_model_dir, tmp_path, monkeypatch):
+    """`character-training train grpo --constitution C --backend openai --base-url U`: the judge is
+    built from those options (faked here: no server), the stage trains and writes its manifest."""
+    import yaml
+
+    from character_training import cli, generation
+
+    tmp, _, _ = trained
+    asked = {}
+
+    def make_backend(model, section, seed, judge=False, **_):
+        asked.update(kind=section.kind, base_urls=section.base_urls, judge=judge)
+        return toy_judge()
+
+    monkeypatch.setattr(generation, "make_backend", make_backend)
+    path = tmp_path / "captain.yaml"
+    path.write_text(yaml.safe_dump({"name": "captain-test", "description": "You are Captain Test.",
+                                    "traits": [{"trait": TRAITS[0], "questions": ["Hi?"]}],
+                                    "principles": PRINCIPLES}))
+    out = tmp_path / "grpo"
+    settings = [a for k, v in {**TRAINER, "max_steps": 1}.items() for a in ("--set", f"trainer.{k}={v}")]
+    assert cli.main(["train", "grpo", "--data", str(tmp / "prompts.jsonl"), "-o", str(out), "--model", tiny_model_dir,
+                     "--constitution", str(path), "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
+                     "--set", "lora.r=4", "--set", "lora.alpha=8", *settings]) == 0
+    assert asked == {"kind": "openai", "base_urls": ["http://127.0.0.1:9/v1"], "judge": True}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["steps"] == 1 and manifest["judge"]["answers"] == 4
+    assert "captain-test" in (out / "adapter" / "README.md").read_text()
+    assert cli.main(["train", "grpo", "--data", str(tmp / "prompts.jsonl"), "-o", str(tmp_path / "x"),
+                     "--model", tiny_model_dir]) == 2  # no constitution: a clear error

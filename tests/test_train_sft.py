@@ -62,9 +62,11 @@ def test_every_assistant_turn_and_its_end_token_is_supervised_and_nothing_else(t
     write_jsonl(tmp_path / "interaction.jsonl", [{"messages": MULTI_TURN, "source": "interaction"}])
     sft, counts = build_sft(tiny_model_dir, [tmp_path / "interaction.jsonl"], tmp_path / "out", lora=LORA,
                             trainer=TINY)
-    assert counts == {"conversations": 1, "per_file": {"interaction.jsonl": 1}, "assistant_turns": 2, "sequences": 1}
+    assert counts == {"conversations": 1, "per_file": {"interaction.jsonl": 1}, "assistant_turns": 2, "sequences": 1,
+                      "overlong": 0, "overlong_policy": "truncate", "longest_tokens": counts["longest_tokens"]}
     tokenizer = sft.processing_class
     row = sft.train_dataset[0]
+    assert counts["longest_tokens"] == len(row["input_ids"])  # the length the limit is checked on is the trained one
     text = tokenizer.decode(row["input_ids"])
     assert text == tokenizer.apply_chat_template(MULTI_TURN, tokenize=False)  # the model's own rendering
     expected = [MULTI_TURN[2]["content"] + "<|im_end|>", MULTI_TURN[4]["content"] + "<|im_end|>"]
@@ -94,6 +96,27 @@ def test_system_prompt_is_in_every_example_and_files_are_concatenated(tmp_path, 
         assert len(spans) == 1 and "being trained" not in spans[0]
         sources.append("critique" if "critique" in spans[0] else "reflection")
     assert sources.count("critique") == 3 and sources != sorted(sources, reverse=True)  # shuffled together
+
+
+def test_over_long_conversations_are_counted_and_truncated_or_dropped(tmp_path, tiny_model_dir):
+    long = {"messages": [{"role": "user", "content": "Tell me everything about the sea."},
+                         {"role": "assistant", "content": "Arr, the sea be wide and deep. " * 40}]}
+    write_jsonl(tmp_path / "sft.jsonl", conversations(3, "critique") + [long])
+    sft, counts = build_sft(tiny_model_dir, [tmp_path / "sft.jsonl"], tmp_path / "t", lora=LORA, trainer=TINY)
+    assert counts["overlong"] == 1 and counts["overlong_policy"] == "truncate" and counts["longest_tokens"] > 128
+    assert len(sft.train_dataset) == 4 and max(len(r["input_ids"]) for r in sft.train_dataset) == 128
+    sft, counts = build_sft(tiny_model_dir, [tmp_path / "sft.jsonl"], tmp_path / "d", lora=LORA, trainer=TINY,
+                            overlong="drop")
+    assert counts["overlong"] == 1 and counts["conversations"] == 3 and len(sft.train_dataset) == 3
+    assert max(len(r["input_ids"]) for r in sft.train_dataset) < 128
+    write_jsonl(tmp_path / "long.jsonl", [long] * 2)
+    for policy in ("truncate", "drop"):
+        with pytest.raises(UserError, match=r"all 2 conversations are longer than max_length=128 tokens.*raise "
+                                            r"trainer.max_length"):
+            build_sft(tiny_model_dir, [tmp_path / "long.jsonl"], tmp_path / policy, lora=LORA, trainer=TINY,
+                      overlong=policy)
+    with pytest.raises(UserError, match="overlong: 'cut'"):
+        build_sft(tiny_model_dir, [tmp_path / "sft.jsonl"], tmp_path / "x", lora=LORA, trainer=TINY, overlong="cut")
 
 
 @pytest.fixture(scope="module")

@@ -284,7 +284,8 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
     check_settings(constitution, settings)
     rng = random.Random(seed)
     judge = judge or backend
-    character = {"description": (constitution.description or "").strip(), "facts": list(constitution.facts)}
+    character = {"description": (constitution.description or "").strip(), "facts": list(constitution.facts),
+                 "traits": [t.trait for t in constitution.traits]}
     drops: Counter = Counter()
 
     # 1. document types
@@ -325,6 +326,7 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
         dropped.append({"reason": reason, "type": doc["type"], "idea": doc["idea"], "text": doc.get("text", "")})
 
     doc_requests = [_user(render("sdf_document.j2", description=character["description"], facts=i["facts"],
+                                 traits=character["traits"],
                                  doc_type=i["type"], idea=i["idea"], attributes=i["attributes"],
                                  words=settings.target_words)) for i in ideas]
     docs = []
