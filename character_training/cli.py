@@ -90,16 +90,16 @@ def _eval(args) -> int:
     recipe = _load_recipe(args)
     ctx = pipeline.make_context(recipe)
     out = Path(args.output) if args.output else ctx.stage_dir("eval")
-    if out.exists():
+    if out.exists() and args.fresh:
         import shutil
 
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter)
+    out.mkdir(parents=True, exist_ok=True)  # a killed evaluation resumes from its caches
+    manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter, extra_adapters=args.also or [])
     from data_gen.store import write_manifest
 
     write_manifest(out, {**manifest, "settings_key": pipeline.stage_key(ctx, "eval")})
-    print(f"report: {out / 'eval.json'}")
+    print(f"report: {out / ('eval.json' if recipe.eval.report == 'quick' else 'report.md')}")
     return 0
 
 
@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="append", metavar="STAGE",
                            help="redo this stage (and the stages after it) even if finished (repeatable)")
         else:
-            p.add_argument("--adapter", help="PEFT adapter directory (default: the run's dpo/adapter)")
+            p.add_argument("--adapter", help="PEFT adapter directory (default: the run's final adapter)")
+            p.add_argument("--also", action="append", metavar="[NAME=]PATH",
+                           help="another adapter in the same report, e.g. a composed one (repeatable)")
+            p.add_argument("--fresh", action="store_true",
+                           help="start from nothing (by default a killed evaluation resumes from its caches)")
             p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval)")
         p.set_defaults(func=func)
     return parser

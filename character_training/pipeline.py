@@ -249,27 +249,69 @@ def stage_grpo(ctx: Context, out: Path) -> dict:
         judge_retries=section.judge_retries, **kw))
 
 
-def stage_eval(ctx: Context, out: Path, adapter: str | None = None) -> dict:
+def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapters: list[str] = ()) -> dict:
+    """The eval stage: the full report (character_training/report.py) or, with ``eval.report:
+    quick``, the three-condition check. ``adapter``: evaluate this adapter instead of the run's
+    final one; ``extra_adapters``: more adapters (NAME=PATH) in the same report."""
     from character_training.evaluate import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
-    from data_gen.backends import shutdown_engines, vllm_backend
+    from data_gen.cache import CachedBackend
 
     adapter = adapter or str(final_adapter(ctx) or ctx.stage_dir("dpo") / "adapter")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run a training stage "
                         "(midtrain, dpo, sft) or pass --adapter DIR")
-    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-    shutdown_engines()
-    backend = vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
-                           max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()))
     e = ctx.recipe.eval
-    conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=ctx.teacher_prompt()),
-                  Condition(ADAPTER, adapter=adapter)]
-    report = quick_check(backend, ctx.model, conditions, ctx.prompts("heldout"),
-                         ctx.stage_dir("pairs") / "pairs.jsonl", out,
-                         sampling=Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens),
-                         seed=ctx.recipe.seed)
-    print(format_table(report), flush=True)
-    return {"stage": "eval", "adapter": adapter, **report}
+    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens)
+    pairs_path = ctx.stage_dir("pairs") / "pairs.jsonl"
+    if e.report == "quick":
+        if extra_adapters:
+            raise UserError("eval.report: quick evaluates one adapter; use the full report for several")
+        backend = _eval_engine(ctx, [adapter])
+        conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=ctx.teacher_prompt()),
+                      Condition(ADAPTER, adapter=adapter)]
+        report = quick_check(backend, ctx.model, conditions, ctx.prompts("heldout"), pairs_path, out,
+                             sampling=sampling, seed=ctx.recipe.seed)
+        print(format_table(report), flush=True)
+        return {"stage": "eval", "adapter": adapter, **report}
+
+    from character_training.capability import training_texts_of_run
+    from character_training.generation import make_backend
+    from character_training.report import ReportSettings, adapter_names, evaluate, format_conditions
+
+    named = adapter_names([adapter, *extra_adapters])  # a run's STAGE/adapter is named "STAGE/adapter"
+    if not pairs_path.is_file():
+        raise UserError(f"{pairs_path}: missing; the eval report trains its persona classifier and persona vectors "
+                        "on the pairs stage's teacher/student answers: add 'pairs' to the recipe's stages")
+    backend = _eval_engine(ctx, list(named.values()))
+    judge = None
+    if e.judge or e.revealed_prompts:
+        section = ctx.recipe.backend
+        judge = (make_backend(ctx.model, section, ctx.recipe.seed, judge=True)
+                 if section.kind != "vllm" or section.judge_model else backend)  # the base model, no adapter
+    fields = {f: getattr(e, f) for f in ReportSettings.__dataclass_fields__}
+    report = evaluate(backend=CachedBackend(backend, out / "cache.jsonl"),
+                      judge=CachedBackend(judge, out / "judge_cache.jsonl") if judge is not None else None,
+                      model_path=ctx.model, constitution=ctx.constitution, system_prompt=ctx.teacher_prompt(),
+                      adapters=named, heldout=ctx.prompts("heldout"), pairs=read_jsonl(pairs_path),
+                      training_texts=training_texts_of_run(ctx.run_dir), out_dir=out, sampling=sampling,
+                      settings=ReportSettings(**fields), seed=ctx.recipe.seed)
+    print(format_conditions(report), flush=True)
+    print(f"report: {out / 'report.md'}", flush=True)
+    return {"stage": "eval", "adapter": adapter, "adapters": named, "conditions": report["conditions"],
+            "report": "report.md"}
+
+
+def _eval_engine(ctx: Context, adapters: list[str]):
+    """One vLLM engine with LoRA for every condition (base requests simply carry no adapter)."""
+    from data_gen.backends import shutdown_engines, vllm_backend
+
+    ranks = [int(json.loads((Path(a) / "adapter_config.json").read_text())["r"]) for a in adapters]
+    patterns = [max([0, *json.loads((Path(a) / "adapter_config.json").read_text()).get("rank_pattern", {}).values()])
+                for a in adapters]
+    rank = max(ranks + patterns)
+    shutdown_engines()
+    return vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
+                        max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()))
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
@@ -290,7 +332,7 @@ def stage_key(ctx: Context, stage: str) -> str:
 
 def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
     """An unfinished stage starts clean except for what resumes it (a generation stage's cache,
-    a training stage's checkpoints); a forced stage, or one whose inputs were just remade,
+    a training stage's checkpoints, the eval report's caches and parts); a forced stage, or one whose inputs were just remade,
     starts from nothing."""
     from character_training.training import CHECKPOINTS
     from data_gen.cache import CACHE_FILE
@@ -298,7 +340,7 @@ def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
     if not out.exists():
         return
     for path in out.iterdir():
-        if keep_cache and path.name in (CACHE_FILE, CHECKPOINTS):
+        if keep_cache and (path.name.endswith(CACHE_FILE) or path.name in (CHECKPOINTS, "parts")):
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -97,6 +97,17 @@ class EvalSection:
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 160
+    report: str = "full"                # "full": the report (character_training/report.py); "quick": 3 conditions
+    neutral_prompts: int = 12           # shipped neutral prompts added to the held-out ones
+    adversarial: int = 2                # shipped adversarial suffixes applied to each adapter (0: none)
+    prefill: bool = True                # the base model writes the first turn, the adapter continues
+    steering: bool = True               # baseline: the persona vector added at the best layer
+    steering_coefficient: float = 2.0       # x the persona vector (1 moves the plain mean onto the persona mean)
+    judge: bool = True                  # trait and coherence scores (backend.judge_model, or the base model)
+    revealed_prompts: int = 8           # revealed preferences on this many prompts (0: skip)
+    persona_vectors: bool = True
+    capability: bool = True             # perplexity on neutral text, multiple-choice accuracy
+    lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs lm-eval + its data)
 
 
 @dataclass
@@ -232,6 +243,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         for data_stage in section.data:
             if data_stage not in STAGES:
                 raise UserError(f"{where}: {stage}.data: '{data_stage}' is not a stage; stages are {', '.join(STAGES)}")
+    if recipe.eval.report not in ("full", "quick"):
+        raise UserError(f"{where}: eval.report: '{recipe.eval.report}'; use 'full' (the report: adversarial, prefill, "
+                        "steering, judge, persona vectors, capability) or 'quick' (three conditions)")
     order = [s for s in recipe.stages]
     for stage in TRAINING_STAGES:
         if stage in order:

@@ -17,7 +17,7 @@ overstates the work done, and MFU here compares the modes more than it rates the
     # a GPU, a model of realistic shape built from a config (random weights, no hub), bf16:
     .venv/bin/python scripts/bench_training.py --shape 1b --conversations 512 --batch-size 16 --max-length 2048
 
-Prints a table and writes JSON (``--json``, default bench_training.json).
+Prints a table and writes JSON (``--json``, default benchmarks/bench_training.json).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="bench_training.json")
+    parser.add_argument("--json", default="benchmarks/bench_training.json")
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -179,6 +179,7 @@ def main() -> int:
               f"{r['tokens_per_s']:>8.1f} {up:>8} {r['peak_memory_gib']:>9.2f} {mfu:>6}")
     report = {"settings": {k: getattr(args, k) for k in ("model", "shape", "conversations", "max_length",
                                                           "batch_size", "seed")}, "results": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json}")
     return 0

@@ -38,7 +38,8 @@ def _recipe(tmp: Path) -> Path:
         "dpo": {"lora": {"r": 8, "alpha": 16},
                 "trainer": {"max_steps": 4, "learning_rate": 1e-4, "per_device_train_batch_size": 2,
                             "gradient_accumulation_steps": 1, "max_length": 256}},
-        "eval": {"max_tokens": 48},
+        # The full report, small: 4 held-out + 2 neutral prompts, one adversarial suffix.
+        "eval": {"max_tokens": 48, "neutral_prompts": 2, "adversarial": 1, "revealed_prompts": 2},
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -105,20 +106,30 @@ def test_generated_data_and_manifests(killed_then_rerun):
     assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
 
 
-def test_eval_served_the_adapter_in_vllm(killed_then_rerun):
+def test_eval_report_served_the_adapter_in_vllm(killed_then_rerun):
     run, _, stdout = killed_then_rerun
-    report = json.loads((run / "eval" / "eval.json").read_text())
-    assert set(report["conditions"]) == {"base", "base+system_prompt", "adapter"}
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert set(report["conditions"]) == {"base", "base+system_prompt", "dpo/adapter", "dpo/adapter | adv:1",
+                                         "dpo/adapter | prefill", "base+system_prompt | adv:1", "base | steered"}
     for result in report["conditions"].values():
         assert 0.0 <= result["persona_rate"] <= 1.0
-        assert result["perplexity"] > 1.0 and 0.0 < result["distinct_3grams"] <= 1.0
+        assert result["answers"] == 6 and 0.0 <= result["distinct_3grams"] <= 1.0
     answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").read_text().splitlines()]
     by_condition = {}
     for a in answers:
         by_condition.setdefault(a["condition"], []).append(a["answer"])
     # The adapter (served through vLLM's LoRARequest) changes what the model says.
-    assert by_condition["adapter"] != by_condition["base"]
-    assert "persona rate" in stdout
+    assert by_condition["dpo/adapter"] != by_condition["base"]
+    judge = report["judge"]["counts"]
+    assert judge["requests"] >= 7 * 6 * 3  # 7 conditions x 6 prompts x (2 traits + coherence)
+    assert set(report["revealed"]) == {"base", "dpo/adapter"}
+    assert report["persona_vectors"]["headline"]["base+system_prompt"]["ratio"] == pytest.approx(1.0)
+    assert set(report["capability"]["conditions"]) == {"base", "dpo/adapter"}
+    assert report["contamination"]["clean"]
+    for png in report["plots"].values():
+        assert (run / "eval" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "Persona rate" in (run / "eval" / "report.md").read_text()
+    assert "persona" in stdout and "report.md" in stdout
 
 
 def test_adapter_loads_in_peft(killed_then_rerun, default_model_dir):

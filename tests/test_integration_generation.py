@@ -31,11 +31,11 @@ OVERRIDES = [
     "prompts.per_trait=2", "prompts.heldout_per_trait=1", "prompts.max_tokens=160",
     "sdf.num_types=2", "sdf.brainstorm_requests=1", "sdf.ideas_per_type=2", "sdf.min_words=10",
     "sdf.sampling={temperature: 0.9, max_tokens: 320}",
-    "critique.sampling={temperature: 0.7, max_tokens: 200}",
-    "rlaif.min_margin=0.0", "rlaif.sampling={temperature: 0.9, max_tokens: 200}",
-    "reflection.min_words=5", "reflection.sampling={temperature: 0.8, max_tokens: 200}",
+    "critique.sampling={temperature: 0.7, max_tokens: 256}",
+    "rlaif.min_margin=0.0", "rlaif.sampling={temperature: 0.9, max_tokens: 256}",
+    "reflection.min_words=5", "reflection.sampling={temperature: 0.8, max_tokens: 256}",
     "interaction.conversations=2", "interaction.turns=3", "interaction.min_words=1",
-    "interaction.min_distinct_3grams=0.0", "interaction.sampling={temperature: 0.8, max_tokens: 160}",
+    "interaction.min_distinct_3grams=0.0", "interaction.sampling={temperature: 0.8, max_tokens: 256}",
 ]
 
 

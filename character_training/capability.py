@@ -1,0 +1,378 @@
+"""Capability check: did training the persona cost the model general ability, and was the
+evaluation clean?
+
+Two measurements on the base model and on base + each adapter, under transformers + PEFT:
+the perplexity of neutral encyclopedic text, and the accuracy on easy general-knowledge
+multiple-choice questions (both shipped in ``character_training/data/``, beside 48 neutral user
+prompts). ``run_lm_eval`` hands the same conditions to lm-evaluation-harness where it is
+installed. ``contamination_report`` checks that evaluation prompts do not appear, exactly or
+nearly, in what a run trained on (``training_texts_of_run``).
+
+Nothing here writes files: callers get dicts and decide where they go.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from importlib import resources
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from character_training import yamlio
+from character_training.errors import UserError
+
+BASE = "base"
+MC_PROMPT = "Question: {question}\nAnswer:"
+
+
+# -- shipped data --------------------------------------------------------------------------
+
+def _data_text(name: str) -> str:
+    return (resources.files("character_training") / "data" / name).read_text(encoding="utf-8")
+
+
+def load_neutral_prompts() -> list[dict]:
+    """The shipped neutral user prompts: [{"prompt", "domain"}], 4 for each of 12 domains."""
+    domains = yamlio.load(_data_text("neutral_prompts.yaml"))
+    return [{"prompt": p, "domain": d} for d, prompts in domains.items() for p in prompts]
+
+
+def load_neutral_text() -> list[dict]:
+    """The shipped neutral encyclopedic paragraphs: [{"text", "topic"}]."""
+    return [json.loads(line) for line in _data_text("neutral_text.jsonl").splitlines() if line.strip()]
+
+
+def load_multiple_choice() -> list[dict]:
+    """The shipped multiple-choice questions: [{"question", "choices", "answer", "subject"}],
+    ``answer`` being the index of the correct choice."""
+    return [json.loads(line) for line in _data_text("multiple_choice.jsonl").splitlines() if line.strip()]
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+def _prefix(tokenizer) -> list[int]:
+    """The token a text is scored after, so that its first token is scored too: BOS, or EOS
+    where there is none (lm-evaluation-harness's choice for rolling log-likelihoods)."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return [token]
+    return []
+
+
+def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]], *,
+                          batch_size: int = 8, desc: str = "scoring") -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each continuation given its context, both
+    token-id lists, the context never empty. Batches are right-padded: under causal attention
+    no real token sees a pad, so a text scores the same alone or beside a longer one. Nothing
+    is truncated: a sequence must fit the model's context window."""
+    import torch
+
+    if any(not context for context, _ in requests):
+        raise ValueError("every request needs a non-empty context: the first token has nothing to be predicted from")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Longest first, so a batch holds texts of similar length and the first one shows memory trouble.
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+    device = next(model.parameters()).device
+    with tqdm(total=len(requests), desc=desc, unit="text") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            seqs = [requests[i][0] + requests[i][1] for i in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            scored = torch.zeros((len(seqs), width - 1), dtype=torch.bool)  # over shifted targets
+            for row, (i, seq) in enumerate(zip(batch, seqs)):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+                context = len(requests[i][0])
+                scored[row, context - 1:len(seq) - 1] = True
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
+            logprob = -(nll * scored.to(device)).sum(dim=1)
+            for row, i in enumerate(batch):
+                scores[i] = (float(logprob[row]), len(requests[i][1]))
+            bar.update(len(batch))
+    return scores
+
+
+def text_perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> dict:
+    """Token-weighted perplexity of ``texts``: exp of the mean negative log-likelihood over all
+    their tokens (every token scored, the first one after the BOS token, see ``_prefix``).
+    Returns {"perplexity", "tokens", "nll"}, ``nll`` being that mean, in nats per token."""
+    prefix = _prefix(tokenizer)
+    requests = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            continue
+        requests.append((prefix, ids) if prefix else (ids[:1], ids[1:]))
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size=batch_size, desc="perplexity")
+    tokens = sum(n for _, n in scores)
+    nll = -sum(lp for lp, _ in scores) / tokens if tokens else float("nan")
+    return {"perplexity": math.exp(nll) if tokens else float("nan"), "tokens": tokens, "nll": nll}
+
+
+def multiple_choice_accuracy(model, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
+    """Zero-shot multiple choice by log-likelihood, like lm-evaluation-harness's ``acc`` and
+    ``acc_norm``.
+
+    The prompt is plain text, not a chat: "Question: {question}\\nAnswer:", scored after the BOS
+    token; each choice is the continuation " {choice}". The chosen answer maximises the
+    continuation's summed log-likelihood (``accuracy``) or that sum divided by the
+    continuation's length in UTF-8 bytes (``accuracy_norm``, which does not favour short
+    choices). A plain prompt measures knowledge without measuring how a chat template or a
+    persona's voice changes the answer's format. ``ci95`` is the Wilson interval of ``accuracy``.
+    """
+    _check_items(items)
+    prefix = _prefix(tokenizer)
+    requests, owners = [], []
+    for q, item in enumerate(items):
+        context = prefix + tokenizer(MC_PROMPT.format(question=item["question"]), add_special_tokens=False)["input_ids"]
+        for choice in item["choices"]:
+            requests.append((context, tokenizer(" " + choice, add_special_tokens=False)["input_ids"]))
+            owners.append(q)
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size=batch_size, desc="multiple choice")
+    per_item: list[list[float]] = [[] for _ in items]
+    for q, (logprob, _) in zip(owners, scores):
+        per_item[q].append(logprob)
+    correct, correct_norm, per_subject = 0, 0, {}
+    for item, logprobs in zip(items, per_item):
+        normed = [lp / len((" " + c).encode("utf-8")) for lp, c in zip(logprobs, item["choices"])]
+        hit = _argmax(logprobs) == item["answer"]
+        correct += hit
+        correct_norm += _argmax(normed) == item["answer"]
+        subject = per_subject.setdefault(item.get("subject", "unknown"), {"correct": 0, "n": 0})
+        subject["correct"] += hit
+        subject["n"] += 1
+    n = len(items)
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "accuracy_norm": correct_norm / n if n else float("nan"),
+        "n": n,
+        "ci95": list(wilson_interval(correct, n)),
+        "per_subject": {s: {"accuracy": v["correct"] / v["n"], "n": v["n"]} for s, v in sorted(per_subject.items())},
+    }
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _check_items(items: list[dict]) -> None:
+    for i, item in enumerate(items):
+        missing = [k for k in ("question", "choices", "answer") if k not in item]
+        if missing:
+            raise UserError(f"multiple-choice item {i}: missing '{missing[0]}'; each item needs "
+                            "'question', 'choices' and 'answer' (the index of the correct choice)")
+        if len(item["choices"]) < 2 or not 0 <= item["answer"] < len(item["choices"]):
+            raise UserError(f"multiple-choice item {i}: 'answer' {item['answer']} is not an index into "
+                            f"its {len(item['choices'])} choices (counting from 0)")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sensible at small n and at 0 or 1, unlike p +- z*se)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# -- conditions ----------------------------------------------------------------------------
+
+def capability_report(model_path: str, adapters: dict[str, str], *, texts: list[str] | None = None,
+                      mc: list[dict] | None = None, batch_size: int = 8) -> dict:
+    """Perplexity of ``texts`` and multiple-choice accuracy on ``mc`` (the shipped sets by
+    default) for the base model and for base + each adapter, with each adapter's deltas
+    against the base (adapter minus base).
+
+    The base is loaded once and scored before any adapter touches it; the adapters are then
+    loaded into it with PEFT and switched on one at a time.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if BASE in adapters:
+        raise UserError(f"adapter name '{BASE}' is taken by the base model; name the adapter something else")
+    texts = [t["text"] for t in load_neutral_text()] if texts is None else texts
+    mc = load_multiple_choice() if mc is None else mc
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+
+    def measure(m) -> dict:
+        return {"text": text_perplexity(m, tokenizer, texts, batch_size=batch_size),
+                "multiple_choice": multiple_choice_accuracy(m, tokenizer, mc, batch_size=batch_size)}
+
+    conditions = {BASE: measure(model)}
+    peft_model = None
+    for i, (name, path) in enumerate(adapters.items()):
+        _check_adapter_dir(name, path)
+        slot = f"adapter_{i}"  # PEFT's adapter names become module keys: a user's name may not fit
+        if peft_model is None:
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=slot).eval()
+        else:
+            peft_model.load_adapter(str(path), adapter_name=slot)
+        peft_model.set_adapter(slot)
+        conditions[name] = measure(peft_model)
+
+    base = conditions[BASE]
+    deltas = {name: {"perplexity": c["text"]["perplexity"] - base["text"]["perplexity"],
+                     "nll": c["text"]["nll"] - base["text"]["nll"],
+                     "accuracy": c["multiple_choice"]["accuracy"] - base["multiple_choice"]["accuracy"],
+                     "accuracy_norm": c["multiple_choice"]["accuracy_norm"] - base["multiple_choice"]["accuracy_norm"]}
+              for name, c in conditions.items() if name != BASE}
+    return {"model": str(model_path), "adapters": {k: str(v) for k, v in adapters.items()},
+            "conditions": conditions, "deltas": deltas, "texts": len(texts), "questions": len(mc)}
+
+
+def _check_adapter_dir(name: str, path) -> None:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"adapter '{name}': {path} has no adapter_config.json; pass a directory written "
+                        "by a training stage (or PEFT's save_pretrained)")
+
+
+def run_lm_eval(model_path: str, adapter: str | None, tasks: list[str], limit: int | float | None = None) -> dict:
+    """lm-evaluation-harness's results for the base model (``adapter`` None) or base + adapter.
+    Optional: the harness is not a dependency, and its tasks download their data sets unless
+    they are already in the Hugging Face datasets cache."""
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise UserError("run_lm_eval needs lm-evaluation-harness, which is not installed; run "
+                        "`pip install lm-eval`. Its tasks read their data sets from the Hugging Face "
+                        "datasets cache: offline (HF_DATASETS_OFFLINE=1) they must already be there, so "
+                        "run each task once on a machine with network access first") from exc
+    model_args = f"pretrained={model_path}" + (f",peft={adapter}" if adapter else "")
+    out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, limit=limit)
+    return out["results"]
+
+
+# -- contamination -------------------------------------------------------------------------
+
+_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def normalize(text: str) -> str:
+    """Lowercased, whitespace runs collapsed to one space, punctuation stripped at both ends."""
+    return _EDGES.sub("", " ".join(text.lower().split()))
+
+
+def contamination_report(eval_prompts: list[str], training_texts: dict[str, list[str]], threshold: float = 0.8,
+                         *, n: int = 1, num_perm: int = 128, seed: int = 0) -> dict:
+    """Evaluation prompts found in training data, by source: exact matches after ``normalize``,
+    and near duplicates whose Jaccard similarity of word n-gram sets reaches ``threshold``.
+
+    Near-duplicate candidates come from MinHash signatures (``data_gen.dedup``) with LSH
+    banding, and each is confirmed with the exact Jaccard. The banding favours recall (see
+    ``recall_bands``): a missed match hides contamination, an extra candidate only costs its
+    check. ``n`` defaults to 1,
+    word sets, not data_gen.dedup's 5-grams for documents: prompts are short, and changing one
+    word in the middle of a 12-word prompt leaves a word-set Jaccard of 11/13 = 0.85 but a word
+    3-gram Jaccard of 7/13 = 0.54 (3-grams reach 0.8 only from about 29 words). Unrelated
+    prompts rarely share 80% of their distinct words. Pairs that match exactly are listed once,
+    under "exact".
+    """
+    from data_gen.dedup import minhash_signatures, shingles
+
+    train = [(source, text) for source, texts in training_texts.items() for text in dict.fromkeys(texts)]
+    by_normal: dict[str, list[tuple[str, str]]] = {}
+    for source, text in train:
+        by_normal.setdefault(normalize(text), []).append((source, text))
+    exact, exact_pairs = [], set()
+    for prompt in dict.fromkeys(eval_prompts):
+        for source, text in by_normal.get(normalize(prompt), ()):
+            exact.append({"eval": prompt, "train": text, "source": source})
+            exact_pairs.add((prompt, source, text))
+
+    near = []
+    prompts = list(dict.fromkeys(eval_prompts))
+    if prompts and train:
+        bands, rows = recall_bands(threshold, num_perm)
+        train_sigs = minhash_signatures([t for _, t in train], num_perm, seed, n)
+        eval_sigs = minhash_signatures(prompts, num_perm, seed, n)
+        buckets: dict[tuple[int, bytes], list[int]] = {}
+        for j in range(len(train)):
+            for band in range(bands):
+                buckets.setdefault((band, train_sigs[j, band * rows:(band + 1) * rows].tobytes()), []).append(j)
+        train_shingles: dict[int, set] = {}
+        for i, prompt in enumerate(prompts):
+            candidates = {j for band in range(bands)
+                          for j in buckets.get((band, eval_sigs[i, band * rows:(band + 1) * rows].tobytes()), ())}
+            mine = shingles(prompt, n)
+            for j in sorted(candidates):
+                source, text = train[j]
+                if (prompt, source, text) in exact_pairs:
+                    continue
+                theirs = train_shingles.setdefault(j, shingles(text, n))
+                union = mine | theirs
+                similarity = len(mine & theirs) / len(union) if union else 1.0
+                if similarity >= threshold:
+                    near.append({"eval": prompt, "train": text, "jaccard": round(similarity, 4), "source": source})
+
+    by_source = {source: {"exact": sum(e["source"] == source for e in exact),
+                          "near": sum(e["source"] == source for e in near)} for source in training_texts}
+    return {"exact": exact, "near": near, "clean": not exact and not near,
+            "contaminated_prompts": len({e["eval"] for e in exact + near}),
+            "eval_prompts": len(eval_prompts), "training_texts": {s: len(t) for s, t in training_texts.items()},
+            "by_source": by_source, "threshold": threshold, "ngram": n}
+
+
+def recall_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
+    """(bands, rows) with the most rows per band (the fewest chance candidates) such that a pair
+    of Jaccard ``threshold`` becomes a candidate with probability at least ``recall``, under
+    P(candidate) = 1 - (1 - s^rows)^bands. data_gen.dedup's balanced choice finds only about 40%
+    of the pairs at exactly 0.8 (9 bands of 13 rows); here 0.8 gives 21 bands of 6 rows."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold ** rows) ** bands >= recall:
+            return bands, rows
+    return num_perm, 1
+
+
+# Which stage files a run trains on, and what text each record holds.
+_MESSAGE_FILES = ("sft.jsonl", "reflection.jsonl", "interaction.jsonl")
+
+
+def training_texts_of_run(run_dir) -> dict[str, list[str]]:
+    """Every text a run's training data holds, keyed by source ("stage/file"): the user turns of
+    */pairs.jsonl prompts; the user and assistant turns of */sft.jsonl, */reflection.jsonl and
+    */interaction.jsonl; the "text" of */documents.jsonl; and the train-split prompts of
+    prompts/prompts.jsonl. Files that are missing are skipped."""
+    from data_gen.store import read_jsonl
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    found: dict[str, list[str]] = {}
+
+    def add(path: Path, texts: list[str]) -> None:
+        found[f"{path.parent.name}/{path.name}"] = texts
+
+    for path in sorted(run_dir.glob("*/pairs.jsonl")):
+        add(path, [t for r in read_jsonl(path) for t in _turns(r["prompt"], ("user",))])
+    for name in _MESSAGE_FILES:
+        for path in sorted(run_dir.glob(f"*/{name}")):
+            add(path, [t for r in read_jsonl(path) for t in _turns(r["messages"], ("user", "assistant"))])
+    for path in sorted(run_dir.glob("*/documents.jsonl")):
+        add(path, [r["text"] for r in read_jsonl(path)])
+    prompts = run_dir / "prompts" / "prompts.jsonl"
+    if prompts.is_file():
+        add(prompts, [r["prompt"] for r in read_jsonl(prompts) if r.get("split") == "train"])
+    return found
+
+
+def _turns(messages, roles: tuple[str, ...]) -> list[str]:
+    if isinstance(messages, str):  # TRL's standard (non-conversational) format
+        return [messages] if "user" in roles else []
+    return [m["content"] for m in messages if m.get("role") in roles and isinstance(m.get("content"), str)]
