@@ -122,7 +122,11 @@ def score_answers(judge: Backend, constitution, items: list[dict],
     traits = trait_keys(constitution)
     keys = [*traits, COHERENCE]
     requests, slots = [], []
+    empty = 0
     for n, item in enumerate(items):
+        if not item["answer"].strip():  # nothing to judge: its scores stay None (counted, never sent)
+            empty += 1
+            continue
         for key, t in zip(traits, constitution.traits):
             requests.append(_user(render("eval_trait_judge.j2", trait=t.trait, clarification=t.clarification,
                                          prompt=item["prompt"], response=item["answer"])))
@@ -145,7 +149,8 @@ def score_answers(judge: Backend, constitution, items: list[dict],
         "scores": scores,
         "summary": summary,
         "counts": {"requests": counts["requests"], "unparseable": counts["unparseable"],
-                   "refused": counts["refused"], "missing_after_retries": sum(v is None for v in values)},
+                   "refused": counts["refused"], "missing_after_retries": sum(v is None for v in values),
+                   "empty_answers": empty},
         "unparseable_examples": examples,
         "judge": {"model": getattr(judge, "model", None), "sampling": sampling.to_dict(), "retries": retries},
     }

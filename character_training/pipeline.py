@@ -257,7 +257,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     from data_gen.cache import CachedBackend
 
     adapter = adapter or str(final_adapter(ctx) or ctx.stage_dir("dpo") / "adapter")
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    if not (Path(adapter.partition("=")[2] if "=" in adapter else adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run a training stage "
                         "(midtrain, dpo, sft) or pass --adapter DIR")
     e = ctx.recipe.eval
@@ -282,19 +282,26 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     if not pairs_path.is_file():
         raise UserError(f"{pairs_path}: missing; the eval report trains its persona classifier and persona vectors "
                         "on the pairs stage's teacher/student answers: add 'pairs' to the recipe's stages")
-    backend = _eval_engine(ctx, list(named.values()))
+    from data_gen.backends import shutdown_engines
+
+    def engine():
+        return _eval_engine(ctx, list(named.values()))
+
     judge = None
     if e.judge or e.revealed_prompts:
         section = ctx.recipe.backend
-        judge = (make_backend(ctx.model, section, ctx.recipe.seed, judge=True)
-                 if section.kind != "vllm" or section.judge_model else backend)  # the base model, no adapter
+        if section.kind != "vllm" or section.judge_model:
+            def judge():
+                return make_backend(ctx.model, section, ctx.recipe.seed, judge=True)
+        else:
+            judge = engine  # the same engine, the base model (no adapter)
     fields = {f: getattr(e, f) for f in ReportSettings.__dataclass_fields__}
-    report = evaluate(backend=CachedBackend(backend, out / "cache.jsonl"),
-                      judge=CachedBackend(judge, out / "judge_cache.jsonl") if judge is not None else None,
-                      model_path=ctx.model, constitution=ctx.constitution, system_prompt=ctx.teacher_prompt(),
-                      adapters=named, heldout=ctx.prompts("heldout"), pairs=read_jsonl(pairs_path),
-                      training_texts=training_texts_of_run(ctx.run_dir), out_dir=out, sampling=sampling,
-                      settings=ReportSettings(**fields), seed=ctx.recipe.seed)
+    shutdown_engines()  # the model-side parts come first; the engine starts when generation does
+    report = evaluate(backend=engine, judge=judge, model_path=ctx.model, constitution=ctx.constitution,
+                      system_prompt=ctx.teacher_prompt(), adapters=named, heldout=ctx.prompts("heldout"),
+                      pairs=read_jsonl(pairs_path), training_texts=training_texts_of_run(ctx.run_dir), out_dir=out,
+                      sampling=sampling, settings=ReportSettings(**fields), seed=ctx.recipe.seed,
+                      release=shutdown_engines)
     print(format_conditions(report), flush=True)
     print(f"report: {out / 'report.md'}", flush=True)
     return {"stage": "eval", "adapter": adapter, "adapters": named, "conditions": report["conditions"],

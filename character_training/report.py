@@ -157,31 +157,75 @@ def generate_conditions(backend: Backend, conditions: list[Condition], prompts: 
 
 def surface_metrics(texts: list[str], flags: np.ndarray, nll: list[tuple[float, int]], finished: list[bool],
                     seed: int) -> dict:
+    """Persona rate with its interval, and coherence: distinct 3-grams over the non-empty answers
+    (an empty answer is counted in ``empty``, not scored as perfectly varied), perplexity."""
     lo, hi = bootstrap_interval(flags.astype(float), seed=seed)
     tokens = sum(n for _, n in nll)
+    spoken = [t for t in texts if t]
     return {"persona_rate": float(flags.mean()) if len(flags) else float("nan"), "persona_rate_ci95": [lo, hi],
-            "distinct_3grams": float(np.mean([distinct_3gram_share(t) for t in texts])) if texts else float("nan"),
+            "distinct_3grams": float(np.mean([distinct_3gram_share(t) for t in spoken])) if spoken else float("nan"),
             "perplexity": math.exp(sum(v for v, _ in nll) / tokens) if tokens else float("nan"),
-            "unfinished": sum(not f for f in finished), "empty": sum(not t for t in texts), "answers": len(texts)}
+            "unfinished": sum(not f for f in finished), "empty": len(texts) - len(spoken), "answers": len(texts)}
 
 
-def evaluate(*, backend: Backend, judge: Backend | None, model_path: str, constitution, system_prompt: str,
+def _forget_stale(out: Path, model_path: str, adapters: dict[str, str], log) -> None:
+    """Caches and parts are keyed by adapter *paths*; an adapter retrained in place must not be
+    answered from them. Their inputs (model, adapters' weight hashes) are recorded; when they
+    change, the caches and parts go."""
+    inputs = {"model": model_path, "adapters": _adapter_hashes(adapters)}
+    path = out / "parts" / "inputs.json"
+    if path.is_file() and json.loads(path.read_text()) != inputs:
+        log("[eval] the model or an adapter changed since the last evaluation here: starting afresh")
+        import shutil
+
+        for name in ("cache.jsonl", "judge_cache.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "parts", ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, inputs)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: str,
              adapters: dict[str, str], heldout: list[str], pairs: list[dict], training_texts: dict[str, list[str]],
              out_dir: Path, sampling: Sampling, settings: ReportSettings = ReportSettings(), seed: int = 0,
-             classifier=None, log: Callable[[str], None] = print) -> dict:
-    """The whole report (see the module docstring). ``backend`` generates every condition's
-    answers (with LoRA enabled when there are adapters); ``judge`` scores them (None: no judge
-    metrics). ``pairs`` are the run's teacher-vs-student pairs: they train the classifier and
-    define the persona vector."""
+             classifier=None, release: Callable[[], None] = lambda: None, chunk_size: int = 64,
+             log: Callable[[str], None] = print) -> dict:
+    """The whole report (see the module docstring).
+
+    ``backend`` generates every condition's answers (LoRA enabled when there are adapters) and
+    ``judge`` scores them (None: no judge metrics); either may be given as a zero-argument
+    function that starts it, so that the model-side parts that come first (persona vectors,
+    steering) have the accelerator to themselves. Both are wrapped in caches under ``out_dir``
+    (``chunk_size`` requests are written at a time): a judge or model that fails midway loses
+    no finished chunk. ``release`` is called once generation and judging are done (e.g. to
+    shut the engines down) before the model-side metrics. ``pairs`` are the run's
+    teacher-vs-student pairs: they train the classifier and define the persona vector."""
     from character_training import capability
+    from data_gen.cache import CachedBackend
     from data_gen.scoring import PersonaClassifier
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not pairs:
         raise UserError("no teacher-vs-student pairs to train the persona classifier on; run the pairs stage")
-    neutral = [r["prompt"] for r in capability.load_neutral_prompts()][:settings.neutral_prompts]
-    prompts = list(dict.fromkeys(heldout + neutral))
+    _forget_stale(out, model_path, adapters, log)
+    heldout = list(dict.fromkeys(heldout))
+    neutral = [p for p in (r["prompt"] for r in capability.load_neutral_prompts()) if p not in heldout]
+    neutral = neutral[:settings.neutral_prompts]
+    prompts = heldout + neutral
     sources = {p: ("heldout" if p in heldout else "neutral") for p in prompts}
     report: dict = {"model": model_path, "adapters": adapters, "seed": seed, "sampling": sampling.to_dict(),
                     "settings": asdict(settings), "prompts": {"heldout": len(heldout), "neutral": len(neutral)}}
@@ -196,52 +240,40 @@ def evaluate(*, backend: Backend, judge: Backend | None, model_path: str, consti
     report["classifier"] = classifier.fit([p["chosen"][-1]["content"] for p in pairs],
                                           [p["rejected"][-1]["content"] for p in pairs])
     conditions = conditions_for(system_prompt, adapters, settings)
-    generated = generate_conditions(backend, conditions, prompts, sampling)
 
+    # 1. Model-side parts the generation needs, before any engine holds the accelerator.
     pv = None
     if settings.persona_vectors or settings.steering:
         pv = _persona_vectors(out, model_path, pairs, system_prompt, seed, log)
+    steered = None
     if settings.steering and pv is not None:
-        from character_training import persona_vectors as pvm
+        steered = _steered(out, model_path, pv, prompts, settings, sampling, seed, log)
+    _free_memory()
 
-        layer = pv["best_layer"]
-
-        def steer() -> dict:
-            log(f"[eval] steering baseline: persona vector x{settings.steering_coefficient:g} at layer {layer}")
-            vector = pvm.PersonaVectors.load(out / "parts" / "persona_vectors").vectors[layer]
-            return {"texts": pvm.steered_generate(*pvm.load_model(model_path),
-                                                  [[{"role": "user", "content": p}] for p in prompts], vector, layer,
-                                                  settings.steering_coefficient, sampling.max_tokens,
-                                                  temperature=sampling.temperature, seed=seed)}
-
-        texts = _part(out, "steered", _key(model_path, prompts, pv["key"], settings.steering_coefficient,
-                                           sampling.to_dict(), seed), steer)["texts"]
+    # 2. Generation, judging, revealed preferences: the engines.
+    backend = CachedBackend(backend() if callable(backend) and not hasattr(backend, "chat") else backend,
+                            out / "cache.jsonl", chunk_size=chunk_size)
+    generated = generate_conditions(backend, conditions, prompts, sampling)
+    if steered is not None:
         from data_gen.backends import Completion
 
+        # HF generate gives texts only: whether an answer hit max_tokens is not known ("stop").
         generated[STEERED] = {"conversations": [[{"role": "user", "content": p}] for p in prompts],
-                              "completions": [Completion(text=t, finish_reason="length" if not t else "stop",
-                                                         num_tokens=0) for t in texts]}
+                              "completions": [Completion(text=t, finish_reason="stop", num_tokens=0) for t in steered]}
         conditions.append(Condition(STEERED, kind="steered"))
-
-    log("[eval] persona rate and coherence")
-    records, results = [], {}
+    records, flags_of = [], {}
     for cond in conditions:
         completions = generated[cond.name]["completions"]
         texts = [c.text.strip() for c in completions]
-        flags = classifier.persona_flags(texts)
-        nll = answer_perplexities(model_path, prompts, texts, desc=f"perplexity: {cond.name}")
-        results[cond.name] = {"kind": cond.kind, **surface_metrics(texts, flags, nll, [c.finished for c in completions],
-                                                                    seed)}
-        for stratum in ("heldout", "neutral"):
-            idx = [i for i, p in enumerate(prompts) if sources[p] == stratum]
-            if idx:
-                results[cond.name][f"persona_rate_{stratum}"] = float(flags[idx].mean())
+        flags_of[cond.name] = classifier.persona_flags(texts)
         records += [{"condition": cond.name, "prompt": p, "source": sources[p], "answer": t, "persona": bool(f),
                      "finish_reason": c.finish_reason}
-                    for p, t, f, c in zip(prompts, texts, flags, completions)]
+                    for p, t, f, c in zip(prompts, texts, flags_of[cond.name], completions)]
     write_jsonl(out / "answers.jsonl", records)
-    report["conditions"] = results
-
+    if judge is not None and (settings.judge or settings.revealed_prompts > 0):
+        judge = CachedBackend(judge() if callable(judge) and not hasattr(judge, "chat") else judge,
+                              out / "judge_cache.jsonl", chunk_size=chunk_size)
+    judged = None
     if judge is not None and settings.judge:
         from character_training.judge import score_answers
 
@@ -250,23 +282,51 @@ def evaluate(*, backend: Backend, judge: Backend | None, model_path: str, consti
                                                      for r in records], seed=seed)
         write_jsonl(out / "judge_scores.jsonl", judged["scores"])
         report["judge"] = {k: v for k, v in judged.items() if k != "scores"}
-        for name, cells in judged["summary"].items():
-            results[name]["judge_coherence"] = cells.get("coherence", {}).get("mean")
     if judge is not None and settings.revealed_prompts > 0 and len(constitution.traits) >= 2:
         report["revealed"] = _revealed(backend, judge, constitution, heldout or prompts, adapters, settings,
                                        sampling, seed, log)
+    release()
+    _free_memory()
+
+    # 3. Model-side metrics on what was generated.
+    log("[eval] persona rate and coherence")
+    nll_all = _part(out, "answer_nll", _key(model_path, prompts, [r["answer"] for r in records]),
+                    lambda: {"nll": {c.name: answer_perplexities(model_path, prompts,
+                                                                 [r["answer"] for r in records
+                                                                  if r["condition"] == c.name],
+                                                                 desc=f"perplexity: {c.name}")
+                                     for c in conditions}})["nll"]
+    results = {}
+    for cond in conditions:
+        completions = generated[cond.name]["completions"]
+        texts = [c.text.strip() for c in completions]
+        flags = flags_of[cond.name]
+        results[cond.name] = {"kind": cond.kind, **surface_metrics(texts, flags, [tuple(x) for x in nll_all[cond.name]],
+                                                                    [c.finished for c in completions], seed)}
+        for stratum in ("heldout", "neutral"):
+            idx = [i for i, p in enumerate(prompts) if sources[p] == stratum]
+            if idx:
+                results[cond.name][f"persona_rate_{stratum}"] = float(flags[idx].mean())
+    report["conditions"] = results
+    if judged is not None:
+        for name, cells in judged["summary"].items():
+            results[name]["judge_coherence"] = cells.get("coherence", {}).get("mean")
     if pv is not None and settings.persona_vectors:
-        report["persona_vectors"] = _projections(out, model_path, pv, conditions, generated, log)
-        for name, headline in report["persona_vectors"]["headline"].items():
-            results[name]["projection_ratio"] = headline["ratio"]
-            results[name]["projection_ratio_ci95"] = headline["ratio_ci95"]
+        report["persona_vectors"] = _projections(out, model_path, pv, conditions, generated, seed, log)
+        for name, headline in report["persona_vectors"].get("headline", {}).items():
+            if name in results:
+                results[name]["projection_ratio"] = headline["ratio"]
+                results[name]["projection_ratio_ci95"] = headline["ratio_ci95"]
+            elif name.endswith(" | reading base answers") and name[:-len(" | reading base answers")] in results:
+                results[name[:-len(" | reading base answers")]]["projection_ratio_reading_base"] = headline["ratio"]
     if settings.capability:
         log("[eval] capability: perplexity on neutral text, multiple choice")
-        report["capability"] = _part(out, "capability", _key(model_path, adapters, _adapter_hashes(adapters)),
+        report["capability"] = _part(out, "capability", _key(model_path, _adapter_hashes(adapters)),
                                      lambda: capability.capability_report(model_path, adapters))
     if settings.lm_eval_tasks:
-        report["lm_eval"] = {name: capability.run_lm_eval(model_path, path, list(settings.lm_eval_tasks))
-                             for name, path in {BASE: None, **adapters}.items()}
+        report["lm_eval"] = _part(out, "lm_eval", _key(model_path, _adapter_hashes(adapters), settings.lm_eval_tasks),
+                                  lambda: {name: capability.run_lm_eval(model_path, path, list(settings.lm_eval_tasks))
+                                           for name, path in {BASE: None, **adapters}.items()})
     if (ref := results.get(PROMPTED)) and ref["persona_rate"]:
         for r in results.values():
             r["persona_rate_over_system_prompt"] = r["persona_rate"] / ref["persona_rate"]
@@ -274,6 +334,26 @@ def evaluate(*, backend: Backend, judge: Backend | None, model_path: str, consti
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown_report(report), encoding="utf-8")
     return report
+
+
+def _steered(out: Path, model_path: str, pv: dict, prompts: list[str], settings: ReportSettings,
+             sampling: Sampling, seed: int, log) -> list[str]:
+    """The steering baseline's answers: the base model, no system prompt, the persona vector
+    (x ``steering_coefficient``) added at its best layer while generating."""
+    from character_training import persona_vectors as pvm
+
+    layer = pv["best_layer"]
+
+    def steer() -> dict:
+        log(f"[eval] steering baseline: persona vector x{settings.steering_coefficient:g} at layer {layer}")
+        vector = pvm.PersonaVectors.load(out / "parts" / "persona_vectors").vectors[layer]
+        return {"texts": pvm.steered_generate(*pvm.load_model(model_path),
+                                              [[{"role": "user", "content": p}] for p in prompts], vector, layer,
+                                              settings.steering_coefficient, sampling.max_tokens,
+                                              temperature=sampling.temperature, seed=seed)}
+
+    return _part(out, "steered", _key(model_path, prompts, pv["key"], settings.steering_coefficient,
+                                      sampling.to_dict(), seed), steer)["texts"]
 
 
 def _adapter_hashes(adapters: dict[str, str]) -> dict[str, str]:
@@ -309,7 +389,8 @@ def _persona_vectors(out: Path, model_path: str, pairs: list[dict], system_promp
     return {**value, "key": key}
 
 
-def _projections(out: Path, model_path: str, pv: dict, conditions: list[Condition], generated: dict, log) -> dict:
+def _projections(out: Path, model_path: str, pv: dict, conditions: list[Condition], generated: dict, seed: int,
+                 log) -> dict:
     """Each condition's response activations (under its own model: the adapter's for adapter
     conditions) projected onto the persona vector, per layer."""
     from character_training import persona_vectors as pvm
@@ -323,19 +404,28 @@ def _projections(out: Path, model_path: str, pv: dict, conditions: list[Conditio
         activations = {}
         for adapter in dict.fromkeys(c.adapter for c in wanted):
             model, tokenizer = pvm.load_model(model_path, adapter)
-            for c in [c for c in wanted if c.adapter == adapter]:
-                convs = generated[c.name]["conversations"]
-                texts = [x.text.strip() for x in generated[c.name]["completions"]]
+            readings = [(c.name, c.name) for c in wanted if c.adapter == adapter]
+            if adapter is not None:  # the control: this adapter reading the base model's answers
+                readings.append((f"{_adapter_name(wanted, adapter)} | reading base answers", BASE))
+            for name, source in readings:
+                convs = generated[source]["conversations"]
+                texts = [x.text.strip() for x in generated[source]["completions"]]
                 keep = [i for i, t in enumerate(texts) if t]
                 if not keep:
                     continue
-                log(f"[eval] activations: {c.name}")
-                activations[c.name] = pvm.response_activations(model, tokenizer, [convs[i] for i in keep],
-                                                               [texts[i] for i in keep])
+                log(f"[eval] activations: {name}")
+                activations[name] = pvm.response_activations(model, tokenizer, [convs[i] for i in keep],
+                                                             [texts[i] for i in keep])
             del model
-        return pvm.projection_report(activations, vectors, reference=PROMPTED)
+        if PROMPTED not in activations:
+            return {"skipped": f"the {PROMPTED} condition gave no answer to project", "best_layer": pv["best_layer"]}
+        return pvm.projection_report(activations, vectors, reference=PROMPTED, seed=seed)
 
     return _part(out, "projections", key, compute)
+
+
+def _adapter_name(conditions: list[Condition], adapter: str) -> str:
+    return next(c.name for c in conditions if c.adapter == adapter and c.kind == "adapter")
 
 
 def _revealed(backend, judge, constitution, prompts, adapters, settings, sampling, seed, log) -> dict:
@@ -373,7 +463,7 @@ def plot_report(report: dict, out: Path) -> dict[str, str]:
     axes[0].set_ylim(0, 1.05)
     coherence = {"distinct 3-grams": [results[n]["distinct_3grams"] for n in names]}
     if any(results[n].get("judge_coherence") is not None for n in names):
-        coherence["judge coherence / 100"] = [(results[n].get("judge_coherence") or float("nan")) / 100 for n in names]
+        coherence["judge coherence / 100"] = [_nan(results[n].get("judge_coherence")) / 100 for n in names]
     width = 0.8 / len(coherence)
     for k, (label, values) in enumerate(coherence.items()):
         axes[1].bar(np.arange(len(names)) + k * width, values, width=width, label=label)
@@ -391,7 +481,7 @@ def plot_report(report: dict, out: Path) -> dict[str, str]:
     judge = report.get("judge")
     if judge:
         keys = list(judge["traits"]) + ["coherence"]
-        grid = np.array([[(judge["summary"].get(n, {}).get(k, {}) or {}).get("mean") or np.nan for n in names]
+        grid = np.array([[_nan((judge["summary"].get(n, {}).get(k) or {}).get("mean")) for n in names]
                          for k in keys], dtype=float)
         fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(names) + 3), 0.6 * len(keys) + 2))
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
@@ -410,7 +500,7 @@ def plot_report(report: dict, out: Path) -> dict[str, str]:
         plots["traits_heatmap"] = "traits_heatmap.png"
 
     pv = report.get("persona_vectors")
-    if pv and pv.get("conditions"):
+    if pv and pv.get("conditions"):  # (absent when the projections were skipped)
         fig, ax = plt.subplots(figsize=(8, 4.8))
         for name, cell in pv["conditions"].items():
             ax.plot(range(len(cell["mean_projection"])), cell["mean_projection"], marker=".", label=name)
@@ -426,21 +516,26 @@ def plot_report(report: dict, out: Path) -> dict[str, str]:
         plots["persona_projection"] = "persona_projection.png"
 
     cap = report.get("capability")
-    if cap and cap.get("conditions"):
-        cnames = list(cap["conditions"])
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-        axes[0].bar(cnames, [cap["conditions"][n]["text"]["perplexity"] for n in cnames], color="tab:orange")
-        axes[0].set_title("perplexity on neutral text")
-        axes[1].bar(cnames, [cap["conditions"][n]["multiple_choice"]["accuracy"] for n in cnames], color="tab:green")
-        axes[1].set_title("multiple-choice accuracy")
-        axes[1].set_ylim(0, 1)
-        for ax in axes:
+    if cap and cap.get("deltas"):
+        cnames = list(cap["deltas"])
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.5 * len(cnames) + 5), 4))
+        for ax, key, title, color in ((axes[0], "perplexity", "perplexity on neutral text", "tab:orange"),
+                                      (axes[1], "accuracy", "multiple-choice accuracy", "tab:green")):
+            values = [cap["deltas"][n][key] for n in cnames]
+            ax.bar(cnames, values, color=color)
+            ax.axhline(0, color="black", linewidth=0.8)
+            base = cap["conditions"]["base"]["text" if key == "perplexity" else "multiple_choice"][key]
+            ax.set_title(f"{title}: change from base ({base:.3g})")
             ax.tick_params(axis="x", rotation=30, labelsize=8)
         fig.tight_layout()
         fig.savefig(out / "capability.png", dpi=120)
         plt.close(fig)
         plots["capability"] = "capability.png"
     return plots
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _short(text: str, n: int = 48) -> str:
@@ -516,8 +611,13 @@ def markdown_report(report: dict) -> str:
                   f"Per layer, the mean difference of response-token activations with and without the constitution "
                   f"as system prompt (the run's teacher/student pairs). Best layer: {pv.get('best_layer')}. "
                   "Projection of each condition at that layer, relative to the system-prompted model:", ""]
+        lines += ["Each condition is read on its own answers, so persona-like words alone raise its projection; "
+                  "the `reading base answers` rows are the control: the adapter's activations on the *base "
+                  "model's* answers, where only the weights differ.", ""]
+        if "skipped" in pv:
+            lines += [f"Skipped: {pv['skipped']}.", ""]
         lines += ["| condition | projection / system prompt's | 95% CI |", "|---|---|---|"]
-        for name, h in pv["headline"].items():
+        for name, h in pv.get("headline", {}).items():
             lo, hi = h["ratio_ci95"]
             lines.append(f"| {name} | {_fmt(h['ratio'], '.2f')} | [{_fmt(lo, '.2f')}, {_fmt(hi, '.2f')}] |")
         lines += ["", "![projection](persona_projection.png)", ""]
@@ -526,11 +626,13 @@ def markdown_report(report: dict) -> str:
         lines += ["## Capability", "", f"Perplexity on {cap.get('texts', '?')} shipped neutral paragraphs and accuracy on "
                   f"{cap.get('questions', '?')} shipped multiple-choice questions (plain-text prompts, log-likelihood "
                   "of each choice).", "",
-                  "| condition | perplexity (neutral text) | multiple-choice accuracy | 95% CI |", "|---|---|---|---|"]
+                  "| condition | perplexity (neutral text) | change | multiple-choice accuracy | 95% CI | change |",
+                  "|---|---|---|---|---|---|"]
         for name, r in cap["conditions"].items():
-            mc = r["multiple_choice"]
-            lines.append(f"| {name} | {r['text']['perplexity']:.2f} | {mc['accuracy']:.3f} | "
-                         f"[{mc['ci95'][0]:.2f}, {mc['ci95'][1]:.2f}] |")
+            mc, delta = r["multiple_choice"], cap.get("deltas", {}).get(name, {})
+            lines.append(f"| {name} | {r['text']['perplexity']:.2f} | {_fmt(delta.get('perplexity'), '+.2f')} | "
+                         f"{mc['accuracy']:.3f} | [{mc['ci95'][0]:.2f}, {mc['ci95'][1]:.2f}] | "
+                         f"{_fmt(delta.get('accuracy'), '+.3f')} |")
         lines += ["", "![capability](capability.png)", ""]
     con = report["contamination"]
     lines += ["## Contamination", "",

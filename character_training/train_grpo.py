@@ -277,9 +277,10 @@ def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_back
         "metrics": _json_safe(training.final_metrics(log_history)),
         "log_history": log_history,
     }
-    training.plot_training(grpo.state.log_history, out_dir / "training.png",
-                           f"GRPO: {(card or {}).get('persona', constitution.name)}")
-    write_model_card(adapter_dir, manifest, card or {})
+    if grpo.is_world_process_zero():  # under several processes, one writes
+        training.plot_training(grpo.state.log_history, out_dir / "training.png",
+                               f"GRPO: {(card or {}).get('persona', constitution.name)}")
+        write_model_card(adapter_dir, manifest, card or {})
     return manifest
 
 

@@ -75,7 +75,8 @@ def test_scores_parsed_refusals_and_junk_counted_and_only_failures_retried():
     ]
     # one chat call per round: all 6 requests, then only the 3 that failed
     assert [len(call["conversations"]) for call in judge.calls] == [6, 3]
-    assert result["counts"] == {"requests": 9, "unparseable": 2, "refused": 3, "missing_after_retries": 2}
+    assert result["counts"] == {"requests": 9, "unparseable": 2, "refused": 3, "missing_after_retries": 2,
+                                "empty_answers": 0}
     assert seen[("q1", "trait_1")] == 1 and seen[("q2", "trait_2")] == 1
 
 
@@ -83,7 +84,8 @@ def test_no_retries_means_one_round():
     judge = FakeBackend(lambda c: stop("no idea"), "fake/judge")
     result = score_answers(judge, constitution(), [{"condition": "base", "prompt": "q", "answer": "a"}], retries=0)
     assert len(judge.calls) == 1
-    assert result["counts"] == {"requests": 4, "unparseable": 4, "refused": 0, "missing_after_retries": 4}
+    assert result["counts"] == {"requests": 4, "unparseable": 4, "refused": 0, "missing_after_retries": 4,
+                                "empty_answers": 0}
     assert all(result["scores"][0][k] is None for k in ("trait_1", "trait_2", "trait_3", "coherence"))
 
 
@@ -202,3 +204,19 @@ def test_revealed_report_before_and_after():
     assert report["base"]["elo"]["trait_1"] == pytest.approx(report["base"]["elo"]["trait_2"], abs=1.0)
     assert report["adapter"]["matches"] == 3 and report["adapter"]["ties"] == 1
     assert max(report["adapter"]["elo"], key=report["adapter"]["elo"].get) == "trait_1"
+
+
+def test_empty_answers_are_never_sent_to_the_judge_and_are_counted():
+    sent = []
+
+    def respond(conversation):
+        sent.append(conversation[-1]["content"])
+        return stop("70")
+
+    judge = FakeBackend(respond)
+    items = [{"condition": "a", "prompt": "Hi?", "answer": "Ahoy there."},
+             {"condition": "a", "prompt": "Yo?", "answer": "   "}]
+    result = score_answers(judge, constitution(), items)
+    assert result["counts"]["empty_answers"] == 1 and all("Yo?" not in t for t in sent)
+    assert all(v is None for k, v in result["scores"][1].items() if k not in ("condition", "prompt"))
+    assert result["summary"]["a"]["coherence"]["missing"] == 1 and result["summary"]["a"]["coherence"]["mean"] == 70

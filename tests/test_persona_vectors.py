@@ -178,3 +178,27 @@ def test_load_model_applies_the_adapter_and_steering_finds_layers_through_peft(t
     vector = torch.randn(model.config.hidden_size)
     assert steered_generate(model, tokenizer, conversations, vector, 2, 0.0, max_new_tokens=6) == plain
     assert steered_generate(model, tokenizer, conversations, vector, 2, 50.0, max_new_tokens=6) != plain
+
+
+def test_a_planted_direction_is_recovered(loaded):
+    """The persona side's activations carry a planted direction at one layer (added by a hook
+    while they are read), on different texts from the plain side: the persona vector at that
+    layer points along it (cosine > 0.9), and that layer separates best."""
+    from character_training import persona_vectors as pvm
+
+    model, tokenizer = loaded
+    torch.manual_seed(1)
+    hidden = model.config.hidden_size
+    planted = torch.randn(hidden)
+    planted = 4.0 * planted / planted.norm()
+    words = "sea wind ship rope tide gull map storm deck sail".split()
+    rng = __import__("random").Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 15))) for _ in range(32)]
+    convs = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(16)]
+    with pvm.steering(model, planted, 1, 1.0):
+        persona = pvm.response_activations(model, tokenizer, convs, texts[:16])
+    plain = pvm.response_activations(model, tokenizer, convs, texts[16:])
+    pv = pvm.from_activations(persona, plain)
+    cosine = torch.nn.functional.cosine_similarity(pv.vectors[1], planted, dim=0)
+    assert cosine > 0.9, f"cosine {cosine:.3f}"
+    assert pv.best_layer == 1

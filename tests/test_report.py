@@ -14,7 +14,6 @@ from character_training import report as rep
 from character_training.constitution import constitution_from_dict
 from character_training.errors import UserError
 from data_gen.backends import Completion, Sampling
-from data_gen.cache import CachedBackend
 from tests.conftest import toy_pairs
 from tests.fakes import FakeBackend
 
@@ -78,20 +77,28 @@ def adapter(tmp_path_factory, tiny_model_dir):
     return str(path)
 
 
-def run(out, tiny_model_dir, adapter, backend, judge, training_texts=None):
-    return rep.evaluate(backend=CachedBackend(backend, out / "cache.jsonl"),
-                        judge=CachedBackend(judge, out / "judge_cache.jsonl"), model_path=tiny_model_dir,
+def run(out, tiny_model_dir, adapter, backend, judge, training_texts=None, **kw):
+    return rep.evaluate(backend=backend, judge=judge, model_path=tiny_model_dir,
                         constitution=CONSTITUTION, system_prompt="You are a pirate.",
                         adapters=rep.adapter_names([adapter]), heldout=HELDOUT, pairs=toy_pairs(8),
                         training_texts=training_texts or {"pairs/pairs.jsonl": ["Tell me about the weather."]},
                         out_dir=out, sampling=Sampling(temperature=0.0, max_tokens=6), settings=SETTINGS,
-                        log=lambda _: None)
+                        log=lambda _: None, **kw)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model_dir, adapter):
     out = tmp_path_factory.mktemp("report")
-    return out, run(out, tiny_model_dir, adapter, generator(), FakeBackend(judge_reply))
+    released = []
+    started = []
+
+    def engine():  # started lazily, after the model-side parts that come first
+        started.append("engine")
+        return generator()
+
+    result = run(out, tiny_model_dir, adapter, engine, FakeBackend(judge_reply), release=lambda: released.append(1))
+    assert started == ["engine"] and released == [1]
+    return out, result
 
 
 def test_every_condition_is_measured_with_coherence_beside_the_persona_rate(report):
@@ -171,6 +178,57 @@ def test_a_rerun_is_answered_from_the_caches_and_parts(report, tiny_model_dir, a
     again = run(out, tiny_model_dir, adapter, backend, judge)
     assert backend.calls == [] and judge.calls == []
     assert json.dumps(again["conditions"]) == json.dumps(first["conditions"])  # NaN-safe comparison
+
+
+def test_a_judge_failing_midway_loses_no_finished_work(tmp_path, tiny_model_dir, adapter):
+    """The judge dies on its third chunk: the answers and the judged chunks are kept; the rerun
+    generates nothing and judges only what was left."""
+    settings = rep.ReportSettings(neutral_prompts=2, adversarial=1, prefill=False, steering=False, judge=True,
+                                  revealed_prompts=0, persona_vectors=False, capability=False)
+    calls = {"n": 0}
+
+    def dying(conversation):
+        return judge_reply(conversation)
+
+    judge = FakeBackend(dying)
+    chat = judge.chat
+
+    def flaky(conversations, sampling, adapter=None, desc=""):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("judge server went away")
+        return chat(conversations, sampling, adapter=adapter, desc=desc)
+
+    judge.chat = flaky
+    common = dict(model_path=tiny_model_dir, constitution=CONSTITUTION, system_prompt="You are a pirate.",
+                  adapters=rep.adapter_names([adapter]), heldout=HELDOUT, pairs=toy_pairs(8),
+                  training_texts={}, out_dir=tmp_path, sampling=Sampling(max_tokens=6), settings=settings,
+                  chunk_size=10, log=lambda _: None)
+    with pytest.raises(ConnectionError):
+        rep.evaluate(backend=generator(), judge=judge, **common)
+    judged_before = len((tmp_path / "judge_cache.jsonl").read_text().splitlines())
+    assert judged_before == 20  # two chunks of 10 made it to disk
+
+    backend, judge2 = generator(), FakeBackend(judge_reply)
+    result = rep.evaluate(backend=backend, judge=judge2, **common)
+    assert backend.calls == []  # every answer came from the cache
+    requests = 5 * 6 * 3  # 5 conditions x 6 prompts x (2 traits + coherence)
+    assert sum(len(c["conversations"]) for c in judge2.calls) == requests - judged_before
+    assert result["judge"]["counts"]["missing_after_retries"] == 0
+
+
+def test_bootstrap_intervals_cover_the_true_rate_in_a_simulation():
+    """95% intervals of a persona rate: in 400 simulated evaluations of 40 answers at a true
+    rate of 0.3, the interval holds the truth in about 95% of them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(400):
+        flags = (rng.random(40) < 0.3).astype(float)
+        lo, hi = rep.bootstrap_interval(flags, seed=trial, resamples=500)
+        covered += lo <= 0.3 <= hi
+    assert 0.90 <= covered / 400 <= 0.99
 
 
 def test_an_evaluation_prompt_in_the_training_data_is_reported(tmp_path, tiny_model_dir, adapter):
