@@ -35,7 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODES = {"padded": {"packing": False, "padding_free": False},
-         "padding_free": {"packing": False, "padding_free": True},
+         # TRL does not cut sequences in padding-free mode without packing: max_length must be None
+         # (the conversations here are all under the limit; the stage counts over-long ones).
+         "padding_free": {"packing": False, "padding_free": True, "max_length": None},
          "packed": {"packing": True, "packing_strategy": "bfd"}}
 # Llama shapes built from a config for the GPU run (random weights; the tokenizer is SmolLM2's).
 SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
