@@ -77,10 +77,18 @@ def _run(args) -> int:
     recipe = _load_recipe(args)
     manifests = pipeline.run(recipe, force=args.force or [])
     if "eval" in manifests:
-        from character_training.evaluate import format_table
+        manifest = manifests["eval"]
+        if "classifier" in manifest:  # the quick check
+            from character_training.evaluate import format_table
 
-        print("\n" + format_table(manifests["eval"]))
-        print(f"\nadapter: {manifests['eval']['adapter']}\nreport:  {Path(recipe.run_dir) / 'eval' / 'eval.json'}")
+            print("\n" + format_table(manifest))
+            report = Path(recipe.run_dir) / "eval" / "eval.json"
+        else:
+            from character_training.report import format_conditions
+
+            print("\n" + format_conditions(manifest))
+            report = Path(recipe.run_dir) / "eval" / "report.md"
+        print(f"\nadapter: {manifest['adapter']}\nreport:  {report}")
     return 0
 
 

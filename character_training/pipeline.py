@@ -284,8 +284,12 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
                         "on the pairs stage's teacher/student answers: add 'pairs' to the recipe's stages")
     from data_gen.backends import shutdown_engines
 
-    def engine():
-        return _eval_engine(ctx, list(named.values()))
+    started = {}
+
+    def engine():  # one engine, started once: generation and (without a judge model) judging share it
+        if "engine" not in started:
+            started["engine"] = _eval_engine(ctx, list(named.values()))
+        return started["engine"]
 
     judge = None
     if e.judge or e.revealed_prompts:

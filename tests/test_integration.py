@@ -111,9 +111,12 @@ def test_eval_report_served_the_adapter_in_vllm(killed_then_rerun):
     report = json.loads((run / "eval" / "report.json").read_text())
     assert set(report["conditions"]) == {"base", "base+system_prompt", "dpo/adapter", "dpo/adapter | adv:1",
                                          "dpo/adapter | prefill", "base+system_prompt | adv:1", "base | steered"}
+    prompts = report["prompts"]["heldout"] + report["prompts"]["neutral"]
+    assert report["prompts"]["neutral"] == 2 and prompts >= 3
     for result in report["conditions"].values():
         assert 0.0 <= result["persona_rate"] <= 1.0
-        assert result["answers"] == 6 and 0.0 <= result["distinct_3grams"] <= 1.0
+        assert result["answers"] == prompts
+        assert result["empty"] == prompts or 0.0 <= result["distinct_3grams"] <= 1.0
     answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").read_text().splitlines()]
     by_condition = {}
     for a in answers:
@@ -121,7 +124,8 @@ def test_eval_report_served_the_adapter_in_vllm(killed_then_rerun):
     # The adapter (served through vLLM's LoRARequest) changes what the model says.
     assert by_condition["dpo/adapter"] != by_condition["base"]
     judge = report["judge"]["counts"]
-    assert judge["requests"] >= 7 * 6 * 3  # 7 conditions x 6 prompts x (2 traits + coherence)
+    # every non-empty answer of the 7 conditions judged for 2 traits and coherence (retries on top)
+    assert judge["requests"] >= 3 * sum(r["answers"] - r["empty"] for r in report["conditions"].values())
     assert set(report["revealed"]) == {"base", "dpo/adapter"}
     assert report["persona_vectors"]["headline"]["base+system_prompt"]["ratio"] == pytest.approx(1.0)
     assert set(report["capability"]["conditions"]) == {"base", "dpo/adapter"}
