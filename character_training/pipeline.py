@@ -254,7 +254,6 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     quick``, the three-condition check. ``adapter``: evaluate this adapter instead of the run's
     final one; ``extra_adapters``: more adapters (NAME=PATH) in the same report."""
     from character_training.evaluate import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
-    from data_gen.cache import CachedBackend
 
     adapter = adapter or str(final_adapter(ctx) or ctx.stage_dir("dpo") / "adapter")
     if not (Path(adapter.partition("=")[2] if "=" in adapter else adapter) / "adapter_config.json").is_file():
@@ -316,10 +315,8 @@ def _eval_engine(ctx: Context, adapters: list[str]):
     """One vLLM engine with LoRA for every condition (base requests simply carry no adapter)."""
     from data_gen.backends import shutdown_engines, vllm_backend
 
-    ranks = [int(json.loads((Path(a) / "adapter_config.json").read_text())["r"]) for a in adapters]
-    patterns = [max([0, *json.loads((Path(a) / "adapter_config.json").read_text()).get("rank_pattern", {}).values()])
-                for a in adapters]
-    rank = max(ranks + patterns)
+    configs = [json.loads((Path(a) / "adapter_config.json").read_text()) for a in adapters]
+    rank = max(max(int(c["r"]), *c.get("rank_pattern", {}).values()) for c in configs)
     shutdown_engines()
     return vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
                         max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()))

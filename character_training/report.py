@@ -168,7 +168,7 @@ def surface_metrics(texts: list[str], flags: np.ndarray, nll: list[tuple[float, 
             "unfinished": sum(not f for f in finished), "empty": len(texts) - len(spoken), "answers": len(texts)}
 
 
-def _forget_stale(out: Path, model_path: str, adapters: dict[str, str], log) -> None:
+def _forget_stale(out: Path, model_path: str, adapters: dict[str, str], log) -> dict[str, str]:
     """Caches and parts are keyed by adapter *paths*; an adapter retrained in place must not be
     answered from them. Their inputs (model, adapters' weight hashes) are recorded; when they
     change, the caches and parts go."""
@@ -183,6 +183,7 @@ def _forget_stale(out: Path, model_path: str, adapters: dict[str, str], log) -> 
         shutil.rmtree(out / "parts", ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, inputs)
+    return inputs["adapters"]
 
 
 def _free_memory() -> None:
@@ -221,7 +222,7 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     out.mkdir(parents=True, exist_ok=True)
     if not pairs:
         raise UserError("no teacher-vs-student pairs to train the persona classifier on; run the pairs stage")
-    _forget_stale(out, model_path, adapters, log)
+    hashes = _forget_stale(out, model_path, adapters, log)  # the adapters' weights, hashed once
     heldout = list(dict.fromkeys(heldout))
     neutral = [p for p in (r["prompt"] for r in capability.load_neutral_prompts()) if p not in heldout]
     neutral = neutral[:settings.neutral_prompts]
@@ -251,7 +252,7 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     _free_memory()
 
     # 2. Generation, judging, revealed preferences: the engines.
-    backend = CachedBackend(backend() if callable(backend) and not hasattr(backend, "chat") else backend,
+    backend = CachedBackend(_started(backend),
                             out / "cache.jsonl", chunk_size=chunk_size)
     generated = generate_conditions(backend, conditions, prompts, sampling)
     if steered is not None:
@@ -271,7 +272,7 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
                     for p, t, f, c in zip(prompts, texts, flags_of[cond.name], completions)]
     write_jsonl(out / "answers.jsonl", records)
     if judge is not None and (settings.judge or settings.revealed_prompts > 0):
-        judge = CachedBackend(judge() if callable(judge) and not hasattr(judge, "chat") else judge,
+        judge = CachedBackend(_started(judge),
                               out / "judge_cache.jsonl", chunk_size=chunk_size)
     judged = None
     if judge is not None and settings.judge:
@@ -321,10 +322,10 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
                 results[name[:-len(" | reading base answers")]]["projection_ratio_reading_base"] = headline["ratio"]
     if settings.capability:
         log("[eval] capability: perplexity on neutral text, multiple choice")
-        report["capability"] = _part(out, "capability", _key(model_path, _adapter_hashes(adapters)),
+        report["capability"] = _part(out, "capability", _key(model_path, hashes),
                                      lambda: capability.capability_report(model_path, adapters))
     if settings.lm_eval_tasks:
-        report["lm_eval"] = _part(out, "lm_eval", _key(model_path, _adapter_hashes(adapters), settings.lm_eval_tasks),
+        report["lm_eval"] = _part(out, "lm_eval", _key(model_path, hashes, settings.lm_eval_tasks),
                                   lambda: {name: capability.run_lm_eval(model_path, path, list(settings.lm_eval_tasks))
                                            for name, path in {BASE: None, **adapters}.items()})
     if (ref := results.get(PROMPTED)) and ref["persona_rate"]:
@@ -354,6 +355,11 @@ def _steered(out: Path, model_path: str, pv: dict, prompts: list[str], settings:
 
     return _part(out, "steered", _key(model_path, prompts, pv["key"], settings.steering_coefficient,
                                       sampling.to_dict(), seed), steer)["texts"]
+
+
+def _started(backend):
+    """A backend, or a zero-argument function that starts one."""
+    return backend() if callable(backend) and not hasattr(backend, "chat") else backend
 
 
 def _adapter_hashes(adapters: dict[str, str]) -> dict[str, str]:
