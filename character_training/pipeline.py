@@ -316,10 +316,16 @@ def _eval_engine(ctx: Context, adapters: list[str]):
     from data_gen.backends import shutdown_engines, vllm_backend
 
     configs = [json.loads((Path(a) / "adapter_config.json").read_text()) for a in adapters]
-    rank = max(max(int(c["r"]), *c.get("rank_pattern", {}).values()) for c in configs)
     shutdown_engines()
     return vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
-                        max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()))
+                        max_lora_rank=lora_rank_for_vllm(configs))
+
+
+def lora_rank_for_vllm(configs: list[dict]) -> int:
+    """The smallest power-of-two `max_lora_rank` (at least 8) that serves every adapter, per-module
+    ranks (`rank_pattern`) included."""
+    rank = max((max([int(c["r"]), *map(int, (c.get("rank_pattern") or {}).values())]) for c in configs), default=8)
+    return max(8, 1 << (rank - 1).bit_length())
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {

@@ -107,3 +107,12 @@ def test_generate_needs_principles_before_the_engine_starts(tmp_path, monkeypatc
     monkeypatch.setattr(generation, "make_backend", lambda *a, **k: pytest.fail("an engine was started"))
     assert cli.main(["generate", "rlaif", "--constitution", str(tmp_path / "toy.yaml"), "-o", str(tmp_path / "o")]) == 2
     assert "no principles" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_eval_engine_lora_rank_covers_every_adapter_and_rank_pattern():
+    from character_training.pipeline import lora_rank_for_vllm
+
+    assert lora_rank_for_vllm([{"r": 4}]) == 8
+    assert lora_rank_for_vllm([{"r": 8, "rank_pattern": {}}]) == 8
+    assert lora_rank_for_vllm([{"r": 16}, {"r": 8, "rank_pattern": {"q_proj": 24}}]) == 32
+    assert lora_rank_for_vllm([{"r": 64, "rank_pattern": None}]) == 64
