@@ -323,3 +323,11 @@ def test_an_empty_documents_file_is_a_clear_error(tmp_path, tiny_model_dir):
     (tmp_path / "documents.jsonl").write_text("\n")
     with pytest.raises(UserError, match="empty.*sdf"):
         train_lm(tiny_model_dir, tmp_path / "documents.jsonl", tmp_path / "out")
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "sft.jsonl", conversations(4, "critique"))
+    train_sft(tiny_model_dir, [tmp_path / "sft.jsonl"], tmp_path / "out", lora=LORA,
+              trainer={**TINY, "max_steps": 2, "logging_steps": 1, "report_to": "tensorboard"}, card={})
+    events = list((tmp_path / "out").rglob("events.out.tfevents*"))
+    assert events and any(e.stat().st_size > 0 for e in events)
