@@ -152,3 +152,44 @@ def test_over_long_pairs_are_counted_dropped_and_all_over_long_is_an_error(tmp_p
     write_jsonl(tmp_path / "long.jsonl", [long] * 3)
     with pytest.raises(UserError, match=r"all 3 pairs are longer than max_length=64 tokens"):
         train_dpo(tiny_model_dir, tmp_path / "long.jsonl", tmp_path / "out2", trainer={"max_length": 64})
+
+
+def test_a_training_process_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """The real thing, not a copied checkpoint: `character-training train dpo` is SIGKILLed once a
+    checkpoint is on disk; the same command again resumes there and ends at the same step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(8))
+    out = tmp_path / "out"
+    steps = 40
+    cmd = [sys.executable, "-m", "character_training.cli", "train", "dpo", "--data", str(tmp_path / "pairs.jsonl"),
+           "-o", str(out), "--model", tiny_model_dir, "--set", "lora.r=4", "--set", "lora.alpha=8",
+           *[f"--set=trainer.{k}={v}" for k, v in {
+               "max_steps": steps, "save_steps": 4, "save_total_limit": 2, "learning_rate": 1e-3,
+               "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 64,
+               "logging_steps": 1}.items()]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    killed_at = max(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    assert killed_at < steps
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from"] is not None and int(manifest["resumed_from"].rsplit("-", 1)[1]) >= killed_at
+    assert manifest["counts"]["steps"] == steps
+    # The history restored from the checkpoint plus the resumed steps: every step once, none lost.
+    assert [e["step"] for e in manifest["log_history"] if "loss" in e] == list(range(1, steps + 1))
