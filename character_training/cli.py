@@ -205,7 +205,7 @@ def _train(args) -> int:
         if len(args.data) != 1:
             raise UserError("train dpo: give one --data preference file (prompt/chosen/rejected)")
         manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=args.system_prompt,
-                             overlong=args.overlong, **common)
+                             overlong=args.overlong, loop_negatives=args.loop_negatives, **common)
     elif args.kind == "sft":
         from character_training.train_sft import train_sft
 
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", choices=["continue", "merge"], default="continue",
                    help="continue: train the same LoRA on; merge: fold it into the base and train a new one")
     p.add_argument("--system-prompt", help="training-time system prompt (inoculation-style), absent at evaluation")
+    p.add_argument("--loop-negatives", type=float, default=0.0, metavar="SHARE",
+                   help="dpo: for this share of the pairs, also train the chosen answer against a looping copy "
+                        "of it (keeps a small model from degenerating into repetition)")
     p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
                    help="dpo, sft: examples over trainer.max_length are cut by TRL (truncate) or left out (drop); "
                         "counted in the manifest either way")

@@ -222,7 +222,8 @@ def stage_dpo(ctx: Context, out: Path) -> dict:
         pairs = out / "train_pairs.jsonl"
         write_jsonl(pairs, (r for f in files for r in read_jsonl(f)))
     return _train_stage(ctx, "dpo", out, lambda **kw: train_dpo(
-        ctx.model, pairs, out, system_prompt=ctx.recipe.dpo.system_prompt, overlong=ctx.recipe.dpo.overlong, **kw))
+        ctx.model, pairs, out, system_prompt=ctx.recipe.dpo.system_prompt, overlong=ctx.recipe.dpo.overlong,
+        loop_negatives=ctx.recipe.dpo.loop_negatives, **kw))
 
 
 def stage_sft(ctx: Context, out: Path) -> dict:

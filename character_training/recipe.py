@@ -58,6 +58,7 @@ class DpoSection:
     start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
     system_prompt: str | None = None  # training-time system prompt (inoculation-style), absent at evaluation
     overlong: str = "truncate"  # examples over trainer.max_length: "truncate" (TRL cuts them) or "drop"; counted
+    loop_negatives: float = 0.0  # share of pairs that also get a looping copy of their chosen answer as rejected
 
 
 @dataclass
@@ -240,6 +241,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if getattr(section, "overlong", "truncate") not in ("truncate", "drop"):
             raise UserError(f"{where}: {stage}.overlong: '{section.overlong}'; use 'truncate' (TRL cuts over-long "
                             "examples to trainer.max_length) or 'drop' (leave them out); both are counted")
+        loops = getattr(section, "loop_negatives", 0.0)
+        if isinstance(loops, bool) or not isinstance(loops, (int, float)) or not 0 <= loops <= 1:
+            raise UserError(f"{where}: {stage}.loop_negatives: {loops!r}; give a share between 0 and 1 (0.5: half "
+                            "of the pairs also train against a looping copy of their chosen answer)")
         for data_stage in section.data:
             if data_stage not in STAGES:
                 raise UserError(f"{where}: {stage}.data: '{data_stage}' is not a stage; stages are {', '.join(STAGES)}")

@@ -6,6 +6,7 @@ The trainer fields are TRL's own ``DPOConfig`` fields, so TRL's documentation ap
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,53 @@ def with_system_prompt(dataset, system_prompt: str | None):
                                   [m for m in r["prompt"] if m["role"] != "system"]})
 
 
+def looped(text: str, rng: random.Random) -> str | None:
+    """A degenerate copy of an answer: its opening, then a short span of it repeated to (at least)
+    the answer's length, the loop a small model falls into. None for answers too short to loop."""
+    words = text.split()
+    if len(words) < 8:
+        return None
+    cut = rng.randint(4, max(4, len(words) // 2))
+    span = words[cut - rng.randint(2, 4):cut]
+    out = words[:cut]
+    while len(out) < max(len(words), cut + 3 * len(span)):
+        out += span
+    return " ".join(out)
+
+
+def add_loop_negatives(dataset, share: float, seed: int):
+    """Unlikelihood in DPO form: for ``share`` of the pairs, one more pair with the same prompt and
+    chosen answer against a looping copy of that answer, so that training pushes repetition down
+    instead of sharpening the model into it (what a 135M model does on a few dozen pairs)."""
+    if not share:
+        return dataset, 0
+    if not 0 < share <= 1:
+        raise UserError(f"dpo.loop_negatives: {share} is not a share in (0, 1]; e.g. 0.5 adds a looping "
+                        "negative for half of the pairs, 0 adds none")
+    from datasets import concatenate_datasets
+
+    rng = random.Random(seed)
+    picked = sorted(rng.sample(range(len(dataset)), max(1, round(share * len(dataset)))))
+    texts = {i: looped(dataset[i]["chosen"][-1]["content"], rng) for i in picked}
+    picked = [i for i in picked if texts[i]]
+    if not picked:
+        return dataset, 0
+    extra = dataset.select(picked)
+    extra = extra.map(lambda r, i: {"rejected": [{"role": "assistant", "content": texts[picked[i]]}]},
+                      with_indices=True)
+    return concatenate_datasets([dataset, extra]), len(picked)
+
+
 def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
               trainer: dict | None = None, seed: int = 0, card: dict | None = None,
               init_adapter: str | Path | None = None, start: str = "continue",
-              system_prompt: str | None = None, overlong: str = "truncate") -> dict:
+              system_prompt: str | None = None, overlong: str = "truncate", loop_negatives: float = 0.0) -> dict:
     from trl import DPOTrainer
 
     out_dir = Path(out_dir)
     dataset = with_system_prompt(load_pairs(Path(pairs_path)), system_prompt)
+    pairs_read = len(dataset)
+    dataset, n_loops = add_loop_negatives(dataset, loop_negatives, seed)
     config = training.make_config("dpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     lengths = [max(training.chat_length(tokenizer, r["prompt"] + r["chosen"]),
@@ -104,7 +144,9 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
         **training.stage_manifest("dpo", model_path=model_path, seed=seed, lora=lora,
                                   settings={**DEFAULT_TRAINER, **(trainer or {})}, init_adapter=init_adapter,
                                   start=start, system_prompt=system_prompt, overlong=overlong),
-        "counts": {"pairs": len(dataset), "steps": dpo.state.global_step},
+        "loop_negatives": loop_negatives,
+        "counts": {"pairs": len(dataset), "pairs_read": pairs_read, "loop_negatives": n_loops,
+                   "steps": dpo.state.global_step},
         "lengths": length_counts,
         "resumed_from": resume,
         "train_seconds": round(time.time() - started, 1),

@@ -97,6 +97,7 @@ BAD = [
     ("section_not_a_mapping", "pairs: 3\n", "pairs"),
     ("stages_not_a_list", "stages: prompts\n", "stages"),
     ("unknown_stage", "stages: [prompts, trian]\n", "trian"),
+    ("loop_negatives_over_one", "dpo:\n  loop_negatives: 2\n", "dpo.loop_negatives"),
 ]
 
 

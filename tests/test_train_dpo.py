@@ -193,3 +193,30 @@ def test_a_training_process_killed_with_sigkill_resumes_from_its_checkpoint(tmp_
     assert manifest["counts"]["steps"] == steps
     # The history restored from the checkpoint plus the resumed steps: every step once, none lost.
     assert [e["step"] for e in manifest["log_history"] if "loss" in e] == list(range(1, steps + 1))
+
+
+def test_loop_negatives_pair_the_chosen_answer_with_a_looping_copy_of_it():
+    import random
+
+    from datasets import Dataset
+
+    from character_training.evaluate import distinct_3gram_share
+    from character_training.train_dpo import add_loop_negatives, looped
+
+    assert looped("Too short to loop.", random.Random(0)) is None
+    pairs = [{**p, "chosen": [{"role": "assistant", "content": f"Ahoy, matey! Arr, the {i} be a fine thing on me ship "
+                                                                "when the wind blows from the west. Fair winds!"}]}
+             for i, p in enumerate(toy_pairs(8))]
+    dataset, added = add_loop_negatives(Dataset.from_list(pairs), 0.5, seed=0)
+    assert added == 4 and len(dataset) == 12
+    originals = {r["prompt"][0]["content"]: r for r in pairs}
+    for row in dataset.select(range(8, 12)):
+        chosen = row["chosen"][-1]["content"]
+        loop = row["rejected"][-1]["content"]
+        assert row["chosen"] == originals[row["prompt"][0]["content"]]["chosen"]
+        assert loop.split()[:4] == chosen.split()[:4]          # the same opening ...
+        assert len(loop.split()) >= len(chosen.split())        # ... then a loop as long as the answer
+        assert distinct_3gram_share(loop) < 0.7 < distinct_3gram_share(chosen)
+    assert add_loop_negatives(Dataset.from_list(pairs), 0.0, seed=0)[1] == 0
+    with pytest.raises(UserError, match="loop_negatives"):
+        add_loop_negatives(Dataset.from_list(pairs), 1.5, seed=0)
