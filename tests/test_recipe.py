@@ -64,6 +64,7 @@ def test_demo_recipe_values():
     # parsed as a number (PyYAML's YAML 1.1 alone would leave "5.0e-4"-style values as text)
     assert isinstance(recipe.dpo.trainer["learning_rate"], float) and 0 < recipe.dpo.trainer["learning_rate"] < 1e-2
     assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
+    assert recipe.dpo.loop_negatives == 1.0 and recipe.dpo.trainer["ld_alpha"] == 0.5
 
 
 def test_defaults_fill_missing_sections(tmp_path):
@@ -72,6 +73,7 @@ def test_defaults_fill_missing_sections(tmp_path):
     assert recipe.pairs == PairsSection()
     assert recipe.dpo == DpoSection()
     assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
+    assert recipe.dpo.loop_negatives == 1.0 and recipe.dpo.trainer["ld_alpha"] == 0.5
     assert recipe.model is None and recipe.seed == 0
 
 
