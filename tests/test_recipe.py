@@ -73,7 +73,6 @@ def test_defaults_fill_missing_sections(tmp_path):
     assert recipe.pairs == PairsSection()
     assert recipe.dpo == DpoSection()
     assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
-    assert recipe.dpo.loop_negatives == 1.0 and recipe.dpo.trainer["ld_alpha"] == 0.5
     assert recipe.model is None and recipe.seed == 0
 
 
