@@ -87,7 +87,7 @@ def check_two_process_run(result: subprocess.CompletedProcess, out: Path, one: P
 
     manifest = json.loads((out / "manifest.json").read_text())
     reference = json.loads((one / "manifest.json").read_text())
-    assert manifest["counts"] == reference["counts"] == {"pairs": 8, "steps": 2}
+    assert manifest["counts"] == reference["counts"] == {"pairs": 8, "pairs_read": 8, "loop_negatives": 0, "steps": 2}
     assert manifest["distributed"] == {"distributed_type": kind, "world_size": 2}
     # Both ranks consumed data: two processes x 2 pairs per step cover the 8 pairs in 2 steps
     # (one epoch), one process only half of them.

@@ -30,7 +30,7 @@ def test_adapter_directory_is_a_peft_lora_with_model_card(trained):
     assert (adapter / "adapter_model.safetensors").is_file()
     card = (adapter / "README.md").read_text()
     assert "toy-pirate" in card and "abc123" in card and "learning_rate" in card
-    assert manifest["counts"] == {"pairs": 8, "steps": 3}
+    assert manifest["counts"] == {"pairs": 8, "pairs_read": 8, "loop_negatives": 0, "steps": 3}
     assert "loss" in manifest["metrics"] and "rewards/margins" in manifest["metrics"]
 
 
