@@ -241,8 +241,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if getattr(section, "overlong", "truncate") not in ("truncate", "drop"):
             raise UserError(f"{where}: {stage}.overlong: '{section.overlong}'; use 'truncate' (TRL cuts over-long "
                             "examples to trainer.max_length) or 'drop' (leave them out); both are counted")
-        loops = getattr(section, "loop_negatives", 0.0)
-        if isinstance(loops, bool) or not isinstance(loops, (int, float)) or not 0 <= loops <= 1:
+        loops = getattr(section, "loop_negatives", 0.0)  # a number: typed with every field when parsed
+        if not 0 <= loops <= 1:
             raise UserError(f"{where}: {stage}.loop_negatives: {loops!r}; give a share between 0 and 1 (0.5: half "
                             "of the pairs also train against a looping copy of their chosen answer)")
         for data_stage in section.data:
