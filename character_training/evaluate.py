@@ -8,6 +8,9 @@ plus logistic regression. A classifier alone is fooled by degenerate text (it is
 plain assistant" too), so coherence is reported beside it: the share of distinct word
 3-grams per answer and the perplexity of the answers under the base model.
 
+Each prompt can be answered several times (``samples_per_prompt``): a persona rate from 24
+answers moves by 0.2 between two draws of the same model, which is the size of the effect.
+
 Writes ``answers.jsonl`` (every answer) and ``eval.json`` (every number).
 """
 from __future__ import annotations
@@ -86,7 +89,12 @@ def _base_lm(model_path: str):
 
 def quick_check(backend: Backend, model_path: str, conditions: list[Condition], heldout: list[str],
                 pairs_path: Path, out_dir: Path, *, sampling: Sampling = Sampling(temperature=0.7, max_tokens=160),
-                seed: int = 0, classifier: PersonaClassifier | None = None) -> dict:
+                seed: int = 0, classifier: PersonaClassifier | None = None, samples_per_prompt: int = 1) -> dict:
+    """Each condition answers every held-out prompt ``samples_per_prompt`` times (sampled, so the
+    answers differ); the rate's interval resamples prompts, not answers, so that several answers
+    to one prompt do not pass for independent evidence."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt: {samples_per_prompt}; give 1 or more")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = read_jsonl(Path(pairs_path))
@@ -94,15 +102,17 @@ def quick_check(backend: Backend, model_path: str, conditions: list[Condition], 
     classifier_info = classifier.fit([p["chosen"][-1]["content"] for p in pairs],
                                      [p["rejected"][-1]["content"] for p in pairs])
     records, results = [], {}
+    k = samples_per_prompt
+    asked = [p for p in heldout for _ in range(k)]
     for cond in conditions:
-        completions = backend.chat([cond.conversation(p) for p in heldout], sampling,
+        completions = backend.chat([cond.conversation(p) for p in asked], sampling,
                                    adapter=cond.adapter, desc=f"eval: {cond.name}")
         texts = [c.text.strip() for c in completions]
         flags = classifier.persona_flags(texts)
         distinct = np.array([distinct_3gram_share(t) for t in texts])
-        nll = answer_perplexities(model_path, heldout, texts, desc=f"perplexity: {cond.name}")
+        nll = answer_perplexities(model_path, asked, texts, desc=f"perplexity: {cond.name}")
         tokens = sum(n for _, n in nll)
-        lo, hi = bootstrap_interval(flags, seed=seed)
+        lo, hi = bootstrap_interval(np.asarray(flags, dtype=float).reshape(len(heldout), k).mean(axis=1), seed=seed)
         results[cond.name] = {
             "persona_rate": float(flags.mean()),
             "persona_rate_ci95": [lo, hi],
@@ -113,12 +123,12 @@ def quick_check(backend: Backend, model_path: str, conditions: list[Condition], 
             "answers": len(texts),
             "mean_tokens": float(np.mean([c.num_tokens for c in completions])),
         }
-        records += [{"condition": cond.name, "prompt": p, "answer": t, "persona": bool(f),
+        records += [{"condition": cond.name, "prompt": p, "sample": i % k, "answer": t, "persona": bool(f),
                      "finish_reason": c.finish_reason}
-                    for p, t, f, c in zip(heldout, texts, flags, completions)]
+                    for i, (p, t, f, c) in enumerate(zip(asked, texts, flags, completions))]
     write_jsonl(out_dir / "answers.jsonl", records)
     report = {"conditions": results, "classifier": classifier_info, "heldout_prompts": len(heldout),
-              "sampling": sampling.to_dict(), "seed": seed}
+              "samples_per_prompt": k, "sampling": sampling.to_dict(), "seed": seed}
     if BASE in results and PROMPTED in results and ADAPTER in results:
         report["adapter_over_system_prompt"] = _ratio(results[ADAPTER]["persona_rate"], results[PROMPTED]["persona_rate"])
     write_json(out_dir / "eval.json", report)
@@ -137,6 +147,9 @@ def format_table(report: dict) -> str:
                     f"{r['distinct_3grams']:>10.3f} {r['perplexity']:>10.2f} {r['unfinished']:>6}/{r['answers']}")
     if report.get("adapter_over_system_prompt") is not None:
         rows.append(f"adapter persona rate / system-prompted rate: {report['adapter_over_system_prompt']:.2f}")
+    if report.get("samples_per_prompt", 1) > 1:
+        rows.append(f"{report['heldout_prompts']} held-out prompts x {report['samples_per_prompt']} answers each "
+                    "(the interval resamples prompts)")
     info = report["classifier"]
     if info.get("cv_accuracy") is not None:
         rows.append(f"classifier: {info['train_examples']} teacher/student answers, "

@@ -113,7 +113,8 @@ def stage_pairs(ctx: Context, out: Path) -> dict:
         sampling=Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
                           repetition_penalty=p.repetition_penalty),
         settings=PairSettings(teacher_samples=p.teacher_samples, max_answer_chars=p.max_answer_chars,
-                              min_distinct_3grams=p.min_distinct_3grams, min_margin=p.min_margin),
+                              min_distinct_3grams=p.min_distinct_3grams, min_margin=p.min_margin,
+                              unfinished=p.unfinished),
         seed=ctx.recipe.seed)
     if manifest["counts"]["pairs"] == 0:
         raise UserError(f"pairs: every pair was dropped ({manifest['drops']}); raise pairs.max_tokens "
@@ -270,7 +271,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
         conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=ctx.teacher_prompt()),
                       Condition(ADAPTER, adapter=adapter)]
         report = quick_check(backend, ctx.model, conditions, ctx.prompts("heldout"), pairs_path, out,
-                             sampling=sampling, seed=ctx.recipe.seed)
+                             sampling=sampling, seed=ctx.recipe.seed, samples_per_prompt=e.samples_per_prompt)
         print(format_table(report), flush=True)
         return {"stage": "eval", "adapter": adapter, **report}
 

@@ -39,6 +39,7 @@ class PairsSection:
     max_answer_chars: int = 2000
     min_distinct_3grams: float = 0.75  # answers that loop on themselves are dropped
     answer_hint: str | None = "Keep your answer short: at most three sentences."  # appended to both system prompts
+    unfinished: str = "trim"  # an answer cut off at max_tokens: "trim" it to its last full sentence, or "drop" it
 
 
 @dataclass
@@ -99,6 +100,7 @@ class EvalSection:
     top_p: float = 0.95
     max_tokens: int = 160
     report: str = "full"                # "full": the report (character_training/report.py); "quick": 3 conditions
+    samples_per_prompt: int = 1         # quick check: answers per held-out prompt and condition (sampled)
     neutral_prompts: int = 12           # shipped neutral prompts added to the held-out ones
     adversarial: int = 2                # shipped adversarial suffixes applied to each adapter (0: none)
     prefill: bool = True                # the base model writes the first turn, the adapter continues
@@ -248,6 +250,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         for data_stage in section.data:
             if data_stage not in STAGES:
                 raise UserError(f"{where}: {stage}.data: '{data_stage}' is not a stage; stages are {', '.join(STAGES)}")
+    if recipe.eval.samples_per_prompt < 1:
+        raise UserError(f"{where}: eval.samples_per_prompt: {recipe.eval.samples_per_prompt}; give 1 or more "
+                        "(answers per held-out prompt and condition in the quick check)")
+    if recipe.pairs.unfinished not in ("trim", "drop"):
+        raise UserError(f"{where}: pairs.unfinished: '{recipe.pairs.unfinished}'; use 'trim' (an answer cut off at "
+                        "pairs.max_tokens is cut back to its last full sentence) or 'drop' (leave it out); both are counted")
     if recipe.eval.report not in ("full", "quick"):
         raise UserError(f"{where}: eval.report: '{recipe.eval.report}'; use 'full' (the report: adversarial, prefill, "
                         "steering, judge, persona vectors, capability) or 'quick' (three conditions)")

@@ -48,6 +48,22 @@ def distinct_3gram_share(text: str) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+# A sentence ends at . ! or ? (not a list number's "1."), with any closing quotes or brackets,
+# followed by white space or the end of the text.
+_SENTENCE_END_RE = re.compile(r"(?<!\b\d)(?<!\b\d\d)[.!?]+[\"')\]\u201d\u2019*]*(?=\s|$)")
+
+
+def trim_to_sentence(text: str, min_chars: int = 2) -> str | None:
+    """A cut-off answer back to its last complete sentence, or None when not even its first
+    sentence is complete (or what is left is shorter than ``min_chars``)."""
+    text = text.strip()
+    ends = [m.end() for m in _SENTENCE_END_RE.finditer(text)]
+    if not ends:
+        return None
+    trimmed = text[:ends[-1]].strip()
+    return trimmed if len(trimmed) >= max(1, min_chars) else None
+
+
 def is_refusal(text: str) -> bool:
     return bool(REFUSAL_RE.match(text))
 

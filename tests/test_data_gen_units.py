@@ -11,8 +11,8 @@ import pytest
 
 from data_gen import store
 from data_gen.backends import Completion, Sampling
-from data_gen.filters import distinct_3gram_share
-from data_gen.stages.pairs import PairSettings, answer_problem, generate_pairs
+from data_gen.filters import distinct_3gram_share, trim_to_sentence
+from data_gen.stages.pairs import PairSettings, answer_problem, generate_pairs, usable_answer
 from data_gen.stages.prompts import ExpandSettings, expand_prompts, normalize, parse_messages
 from tests.fakes import FakeBackend
 
@@ -269,6 +269,32 @@ def test_answer_problem(completion, problem):
     assert answer_problem(completion, settings) == problem
 
 
+@pytest.mark.parametrize("text, trimmed", [
+    ("Aye, matey! The sea is wide. And the wind", "Aye, matey! The sea is wide."),
+    ('He said "Arr!" and then', 'He said "Arr!"'),
+    ("Arr, the tide (and the moon.) Then", "Arr, the tide (and the moon.)"),
+    ("It was 1990. Then", "It was 1990."),
+    ("Three steps: 1. Go to", None),     # a list number is not a sentence end
+    ("Not one full sentence", None),
+    ("", None),
+])
+def test_trim_to_sentence(text, trimmed):
+    assert trim_to_sentence(text) == trimmed
+
+
+def test_usable_answer_trims_a_cut_off_answer_only_when_asked():
+    cut_off = cut("Arr, the sea be wide. The wind be fair. And the", 160)
+    assert usable_answer(cut_off, PairSettings()) == (None, "unfinished")
+    trim = PairSettings(unfinished="trim", min_distinct_3grams=0.5)
+    assert usable_answer(cut_off, trim) == ("Arr, the sea be wide. The wind be fair.", "trimmed")
+    assert usable_answer(cut("no sentence ends here at all", 160), trim) == (None, "unfinished")
+    # The trimmed text is judged like any answer: a loop stays a loop.
+    assert usable_answer(cut("arr matey. " * 8 + "arr", 160), trim) == (None, "repetitive")
+    assert usable_answer(stop("A fine answer."), trim) == ("A fine answer.", None)
+    with pytest.raises(ValueError, match="unfinished"):
+        PairSettings(unfinished="keep")
+
+
 # ============================================================================= generate_pairs
 
 TEACHER = "You are Captain Marlow, a pirate."
@@ -366,6 +392,23 @@ def test_generate_pairs_drops_and_counts_bad_answers(tmp_path, monkeypatch):
                for c in student_call["conversations"])
     assert [c[-1]["content"] for c in student_call["conversations"]] == PROMPTS
     assert teacher_call["sampling"] == sampling
+
+
+def test_generate_pairs_trims_cut_off_answers_and_counts_them(tmp_path, monkeypatch):
+    _forbid_classifier(monkeypatch)
+    teacher = dict(TEACHER_ANSWERS, **{P_TEACHER_CUT: [cut("Arr, inflation be rising prices. The doubloons buy less. Then", 160)]})
+    student = dict(STUDENT_ANSWERS)
+    student[P_STUDENT_CUT] = cut("Read Moby Dick because", 160)  # no full sentence: still unfinished
+    settings = PairSettings(teacher_samples=1, min_margin=None, min_distinct_3grams=0.5, max_answer_chars=300,
+                            unfinished="trim")
+    manifest = generate_pairs(PairBackend(teacher, student), PROMPTS, TEACHER, tmp_path,
+                              student_system_prompt=STUDENT, settings=settings)
+    assert manifest["counts"]["teacher_trimmed"] == 1 and manifest["counts"]["student_trimmed"] == 0
+    assert "teacher_unfinished" not in manifest["drops"]["answers"]
+    assert manifest["drops"]["answers"]["student_unfinished"] == 1
+    chosen = {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in store.read_jsonl(tmp_path / "pairs.jsonl")}
+    assert chosen[P_TEACHER_CUT] == "Arr, inflation be rising prices. The doubloons buy less."
+    assert manifest["counts"]["pairs"] == 3 and manifest["settings"]["unfinished"] == "trim"
 
 
 def test_generate_pairs_records_have_no_system_message(tmp_path, monkeypatch):

@@ -76,3 +76,22 @@ def test_quick_check_reports_each_condition(tmp_path, monkeypatch):
     assert len((tmp_path / "eval" / "answers.jsonl").read_text().splitlines()) == 6
     table = format_table(report)
     assert "persona rate" in table and "adapter" in table and "perplexity" in table
+
+
+def test_quick_check_samples_each_prompt_several_times_and_resamples_prompts(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
+    monkeypatch.setattr(evaluate, "answer_perplexities",
+                        lambda model, prompts, answers, desc: [(2.0 * len(a.split()), len(a.split())) for a in answers])
+    backend = FakeBackend()
+    report = quick_check(backend, "fake", [Condition("base"), Condition("adapter", adapter=str(tmp_path))],
+                         ["What is rain?", "What is snow?", "What is hail?"], tmp_path / "pairs.jsonl",
+                         tmp_path / "eval", samples_per_prompt=3)
+    assert report["samples_per_prompt"] == 3 and report["heldout_prompts"] == 3
+    assert report["conditions"]["base"]["answers"] == 9
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 18 and [r["sample"] for r in rows[:4]] == [0, 1, 2, 0]
+    assert [r["prompt"] for r in rows[:9]] == ["What is rain?"] * 3 + ["What is snow?"] * 3 + ["What is hail?"] * 3
+    assert "3 held-out prompts x 3 answers" in format_table(report)
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        quick_check(backend, "fake", [Condition("base")], ["x"], tmp_path / "pairs.jsonl", tmp_path / "e2",
+                    samples_per_prompt=0)

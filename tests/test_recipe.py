@@ -99,6 +99,8 @@ BAD = [
     ("stages_not_a_list", "stages: prompts\n", "stages"),
     ("unknown_stage", "stages: [prompts, trian]\n", "trian"),
     ("loop_negatives_over_one", "dpo:\n  loop_negatives: 2\n", "dpo.loop_negatives"),
+    ("unfinished_not_a_choice", "pairs:\n  unfinished: keep\n", "pairs.unfinished"),
+    ("samples_per_prompt_zero", "eval:\n  samples_per_prompt: 0\n", "eval.samples_per_prompt"),
 ]
 
 

@@ -11,6 +11,11 @@ all usable teacher vs student answers then keeps the most in-character sample, a
 chosen answer is not more in character than its rejected one is dropped. Unfinished (cut off),
 empty, over-long and repetitive (looping) answers are dropped and counted.
 
+With ``unfinished="trim"`` an answer cut off at ``max_tokens`` is cut back to its last complete
+sentence instead of being dropped (counted as ``*_trimmed``). Dropping them keeps only the
+answers that happened to be short, and for a small model in a costume those are the ones
+least in character: on the demo, 90 of 180 teacher answers were cut off at 160 tokens.
+
 Writes ``pairs.jsonl`` in TRL's conversational preference format (``prompt``, ``chosen``,
 ``rejected`` as message lists; loadable with ``datasets.load_dataset("json", ...)``).
 """
@@ -21,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_gen.backends import Backend, Completion, Sampling
-from data_gen.filters import completion_problem
+from data_gen.filters import completion_problem, trim_to_sentence
 from data_gen.store import write_jsonl
 
 
@@ -32,12 +37,36 @@ class PairSettings:
     min_answer_chars: int = 2
     min_distinct_3grams: float = 0.0  # share of distinct word 3-grams below which an answer loops
     min_margin: float | None = 0.0  # classifier persona-probability margin chosen - rejected; None: no check
+    unfinished: str = "drop"        # an answer cut off at max_tokens: "drop" it, or "trim" it to its last sentence
+
+    def __post_init__(self):
+        if self.unfinished not in UNFINISHED:
+            raise ValueError(f"unfinished: {self.unfinished!r} is not one of {', '.join(UNFINISHED)}")
+
+
+UNFINISHED = ("drop", "trim")
 
 
 def answer_problem(c: Completion, settings: PairSettings) -> str | None:
     """Why an answer cannot be used, or None when it can."""
     return completion_problem(c, min_chars=settings.min_answer_chars, max_chars=settings.max_answer_chars,
                               min_distinct_3grams=settings.min_distinct_3grams, refusals=False)
+
+
+def usable_answer(c: Completion, settings: PairSettings) -> tuple[str | None, str | None]:
+    """(the answer's text, None) when it can be used, else (None, why not). With
+    ``unfinished="trim"`` a cut-off answer is judged, and used, as cut back to its last full
+    sentence; its reason is then "trimmed" when usable (counted, not dropped)."""
+    trimmed = False
+    if not c.finished and settings.unfinished == "trim" and c.text.strip():
+        text = trim_to_sentence(c.text, settings.min_answer_chars)
+        if text is None:
+            return None, "unfinished"
+        c, trimmed = Completion(text, "stop", c.num_tokens), True
+    problem = answer_problem(c, settings)
+    if problem:
+        return None, problem
+    return c.text.strip(), "trimmed" if trimmed else None
 
 
 def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out_dir: Path, *,
@@ -53,22 +82,27 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
 
     answer_drops: Counter = Counter()
     pair_drops: Counter = Counter()
+    trimmed: Counter = Counter({"teacher": 0, "student": 0})
     usable_teacher: list[list[str]] = []
     for i in range(len(prompts)):
         kept = []
         for c in teacher[i * k:(i + 1) * k]:
-            problem = answer_problem(c, settings)
-            if problem:
-                answer_drops[f"teacher_{problem}"] += 1
-            else:
-                kept.append(c.text.strip())
+            text, note = usable_answer(c, settings)
+            if note == "trimmed":
+                trimmed["teacher"] += 1
+            elif note:
+                answer_drops[f"teacher_{note}"] += 1
+            if text:
+                kept.append(text)
         usable_teacher.append(kept)
     usable_student = []
     for c in student:
-        problem = answer_problem(c, settings)
-        if problem:
-            answer_drops[f"student_{problem}"] += 1
-        usable_student.append(None if problem else c.text.strip())
+        text, note = usable_answer(c, settings)
+        if note == "trimmed":
+            trimmed["student"] += 1
+        elif note:
+            answer_drops[f"student_{note}"] += 1
+        usable_student.append(text)
 
     selection: dict = {"method": "first usable sample"}
     use_classifier = settings.min_margin is not None or k > 1
@@ -127,6 +161,7 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
                    "dropped_pairs": len(prompts) - len(records),
                    "teacher_answers": len(teacher), "student_answers": len(student),
                    "teacher_tokens": sum(c.num_tokens for c in teacher),
-                   "student_tokens": sum(c.num_tokens for c in student)},
+                   "student_tokens": sum(c.num_tokens for c in student),
+                   "teacher_trimmed": trimmed["teacher"], "student_trimmed": trimmed["student"]},
         "drops": {"answers": dict(answer_drops), "pairs": dict(pair_drops)},
     }
