@@ -50,28 +50,39 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0, resamples: int = 2000)
     return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
 
 
-def answer_perplexities(model_path: str, prompts: list[str], answers: list[str], desc: str) -> list[tuple[float, int]]:
+def answer_perplexities(model_path: str, prompts: list[str], answers: list[str], desc: str,
+                        batch_size: int = 8) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each answer given its user prompt,
-    under the base model without a system prompt."""
+    under the base model without a system prompt. Batched, right-padded and in length order:
+    in a causal model no real token sees the padding after it, so each row scores as it would alone."""
     import torch
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = _base_lm(model_path)
-    out = []
-    for prompt, answer in tqdm(list(zip(prompts, answers)), desc=desc, unit="answer"):
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = []
+    for prompt, answer in zip(prompts, answers):
         head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
-        head_ids = tok(head, add_special_tokens=False)["input_ids"]
-        answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
-        if not answer_ids:
-            out.append((0.0, 0))
-            continue
-        ids = torch.tensor([head_ids + answer_ids])
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(head_ids) - 1:-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids), reduction="sum")
-        out.append((float(nll), len(answer_ids)))
+        rows.append((tok(head, add_special_tokens=False)["input_ids"], tok(answer, add_special_tokens=False)["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted((i for i, (_, a) in enumerate(rows) if a), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    with tqdm(total=len(rows), desc=desc, unit="answer") as bar:
+        bar.update(len(rows) - len(order))  # empty answers: nothing to score
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs = [rows[i][0] + rows[i][1] for i in chunk]
+            width = max(map(len, seqs))
+            ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in seqs])
+            with torch.no_grad():
+                logits = model(ids).logits.float()
+            for row, i in enumerate(chunk):
+                head_ids, answer_ids = rows[i]
+                scored = logits[row, len(head_ids) - 1:len(head_ids) + len(answer_ids) - 1]
+                nll = torch.nn.functional.cross_entropy(scored, torch.tensor(answer_ids), reduction="sum")
+                out[i] = (float(nll), len(answer_ids))
+            bar.update(len(chunk))
     return out
 
 

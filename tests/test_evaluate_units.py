@@ -95,3 +95,27 @@ def test_quick_check_samples_each_prompt_several_times_and_resamples_prompts(tmp
     with pytest.raises(ValueError, match="samples_per_prompt"):
         quick_check(backend, "fake", [Condition("base")], ["x"], tmp_path / "pairs.jsonl", tmp_path / "e2",
                     samples_per_prompt=0)
+
+
+def test_batched_perplexities_match_scoring_each_answer_alone(tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    prompts = ["What is rain?", "Tell me about the sea, please, in some detail.", "Hi", "Why?"]
+    answers = ["Rain is water falling from clouds.", "Arr, the sea be wide and deep and full of fish, matey!",
+               "", "Because."]
+    batched = evaluate.answer_perplexities(tiny_model_dir, prompts, answers, desc="test", batch_size=3)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = evaluate._base_lm(tiny_model_dir)
+    for prompt, answer, (nll, n) in zip(prompts, answers, batched):
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        head_ids = tok(head, add_special_tokens=False)["input_ids"]
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        assert n == len(answer_ids)
+        if not answer_ids:
+            assert nll == 0.0
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([head_ids + answer_ids])).logits[0, len(head_ids) - 1:-1].float()
+        alone = float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids), reduction="sum"))
+        assert nll == pytest.approx(alone, rel=1e-4, abs=1e-4)

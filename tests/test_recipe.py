@@ -65,6 +65,7 @@ def test_demo_recipe_values():
     assert isinstance(recipe.dpo.trainer["learning_rate"], float) and 0 < recipe.dpo.trainer["learning_rate"] < 1e-2
     assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
     assert recipe.dpo.loop_negatives == 1.0 and recipe.dpo.trainer["ld_alpha"] == 0.5
+    assert recipe.pairs.unfinished == "trim" and recipe.eval.samples_per_prompt == 2
 
 
 def test_defaults_fill_missing_sections(tmp_path):
