@@ -8,8 +8,9 @@ plus logistic regression. A classifier alone is fooled by degenerate text (it is
 plain assistant" too), so coherence is reported beside it: the share of distinct word
 3-grams per answer and the perplexity of the answers under the base model.
 
-Each prompt can be answered several times (``samples_per_prompt``): a persona rate from 24
-answers moves by 0.2 between two draws of the same model, which is the size of the effect.
+Each prompt can be answered several times (``samples_per_prompt``): on the demo, the base
+model's rate over 24 answers was 0.21 for one sample per prompt and 0.04 for another, a spread
+as large as the effects being measured.
 
 Writes ``answers.jsonl`` (every answer) and ``eval.json`` (every number).
 """
