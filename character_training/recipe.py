@@ -253,7 +253,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.eval.samples_per_prompt < 1:
         raise UserError(f"{where}: eval.samples_per_prompt: {recipe.eval.samples_per_prompt}; give 1 or more "
                         "(answers per held-out prompt and condition in the quick check)")
-    if recipe.pairs.unfinished not in ("trim", "drop"):
+    from data_gen.stages.pairs import UNFINISHED
+
+    if recipe.pairs.unfinished not in UNFINISHED:
         raise UserError(f"{where}: pairs.unfinished: '{recipe.pairs.unfinished}'; use 'trim' (an answer cut off at "
                         "pairs.max_tokens is cut back to its last full sentence) or 'drop' (leave it out); both are counted")
     if recipe.eval.report not in ("full", "quick"):

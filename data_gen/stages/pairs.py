@@ -83,26 +83,18 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
     answer_drops: Counter = Counter()
     pair_drops: Counter = Counter()
     trimmed: Counter = Counter({"teacher": 0, "student": 0})
-    usable_teacher: list[list[str]] = []
-    for i in range(len(prompts)):
-        kept = []
-        for c in teacher[i * k:(i + 1) * k]:
-            text, note = usable_answer(c, settings)
-            if note == "trimmed":
-                trimmed["teacher"] += 1
-            elif note:
-                answer_drops[f"teacher_{note}"] += 1
-            if text:
-                kept.append(text)
-        usable_teacher.append(kept)
-    usable_student = []
-    for c in student:
+
+    def usable(c: Completion, role: str) -> str | None:  # the answer's text, or None; counted either way
         text, note = usable_answer(c, settings)
         if note == "trimmed":
-            trimmed["student"] += 1
+            trimmed[role] += 1
         elif note:
-            answer_drops[f"student_{note}"] += 1
-        usable_student.append(text)
+            answer_drops[f"{role}_{note}"] += 1
+        return text
+
+    usable_teacher = [[t for c in teacher[i * k:(i + 1) * k] if (t := usable(c, "teacher"))]
+                      for i in range(len(prompts))]
+    usable_student = [usable(c, "student") for c in student]
 
     selection: dict = {"method": "first usable sample"}
     use_classifier = settings.min_margin is not None or k > 1
