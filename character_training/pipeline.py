@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -339,11 +340,22 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
 
 def stage_key(ctx: Context, stage: str) -> str:
     """Hash of what a stage's result depends on: its settings, the model, the constitution and
-    the seed. Inputs from earlier stages are covered by re-running later stages."""
+    the seed. Inputs from earlier stages are covered by the `run_id`s each manifest records
+    (`stale_inputs`): a stage whose inputs were remade runs again."""
     section = getattr(ctx.recipe, stage)
     settings = {"section": section if isinstance(section, dict) else asdict(section), "model": ctx.model,
                 "constitution": ctx.constitution.sha256, "seed": ctx.recipe.seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stale_inputs(manifest: dict, inputs: dict[str, str | None]) -> list[str]:
+    """The earlier stages that were remade after this finished stage ran: each manifest records the
+    `run_id` of every earlier stage it read. A manifest from before this bookkeeping (no `inputs`)
+    counts as current."""
+    recorded = manifest.get("inputs")
+    if recorded is None:
+        return []
+    return [stage for stage, run_id in inputs.items() if recorded.get(stage, run_id) != run_id]
 
 
 def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
@@ -396,21 +408,28 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
     for stage in recipe.stages:
         out = ctx.stage_dir(stage)
         key = stage_key(ctx, stage)
+        inputs = {earlier: manifests[earlier].get("run_id") for earlier in manifests}
         manifest = read_manifest(out)
         if manifest is not None and not rerun_rest and stage not in force:
             if manifest.get("settings_key") != key:
                 raise UserError(f"{out}: this stage finished with other settings than the recipe's (model, "
                                 f"constitution, seed or its '{stage}' section changed); rerun with --force {stage} "
                                 "or use another run_dir")
-            log(f"[{stage}] done already ({out / MANIFEST}); skipping")
-            manifests[stage] = manifest
-            continue
+            remade = stale_inputs(manifest, inputs)
+            if not remade:
+                log(f"[{stage}] done already ({out / MANIFEST}); skipping")
+                manifests[stage] = manifest
+                continue
+            log(f"[{stage}] finished before, but {', '.join(remade)} has been remade since (e.g. a run with "
+                "--force and fewer stages); running it again")
+            rerun_rest = True
         _clean_stage_dir(out, keep_cache=stage not in force and not rerun_rest)
         out.mkdir(parents=True, exist_ok=True)
         log(f"[{stage}] running -> {out}")
         started = time.time()
         manifest = STAGE_FUNCTIONS[stage](ctx, out)
-        manifest.update(settings_key=key, seconds=round(time.time() - started, 1),
+        manifest.update(settings_key=key, run_id=uuid.uuid4().hex[:12], inputs=inputs,
+                        seconds=round(time.time() - started, 1),
                         constitution=ctx.recipe.constitution, constitution_sha256=ctx.constitution.sha256)
         manifests[stage] = write_manifest(out, manifest)
         log(f"[{stage}] finished in {manifest['seconds']:.0f}s")

@@ -63,6 +63,28 @@ def test_finished_stages_are_skipped_and_force_redoes_the_rest(recipe_path, call
     assert calls == ["dpo", "eval"]
 
 
+def test_a_stage_whose_inputs_were_remade_by_a_narrower_run_runs_again(recipe_path, calls):
+    pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    calls.clear()
+    narrow = load_recipe(recipe_path, ["stages=[prompts,pairs,dpo]"])
+    pipeline.run(narrow, force=["dpo"], log=lambda _: None)
+    assert calls == ["dpo"]  # eval's manifest, from the old adapter, is still there
+    calls.clear()
+    logs: list[str] = []
+    pipeline.run(load_recipe(recipe_path), log=logs.append)
+    assert calls == ["eval"]
+    assert any("[eval] finished before, but dpo has been remade" in line for line in logs)
+    calls.clear()
+    pipeline.run(load_recipe(recipe_path), log=lambda _: None)
+    assert calls == []
+
+
+def test_a_manifest_from_before_input_tracking_counts_as_current():
+    assert pipeline.stale_inputs({"stage": "eval"}, {"dpo": "abc"}) == []
+    assert pipeline.stale_inputs({"inputs": {"dpo": "abc"}}, {"dpo": "abc", "sft": "new"}) == []
+    assert pipeline.stale_inputs({"inputs": {"dpo": "abc"}}, {"dpo": "def"}) == ["dpo"]
+
+
 def test_an_unfinished_stage_is_redone_from_clean(recipe_path, calls):
     recipe = load_recipe(recipe_path)
     recipe._fail_pairs = True
