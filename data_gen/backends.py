@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from data_gen.errors import UserError
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -124,8 +126,18 @@ class VLLMBackend:
                                 max_tokens=sampling.max_tokens,
                                 repetition_penalty=sampling.repetition_penalty,
                                 logprobs=sampling.logprobs or None)
-        outputs = self.llm.chat(list(conversations), params, use_tqdm=_progress(desc) if desc else False,
-                                lora_request=self._lora_request(adapter))
+        try:
+            outputs = self.llm.chat(list(conversations), params, use_tqdm=_progress(desc) if desc else False,
+                                    lora_request=self._lora_request(adapter))
+        except Exception as exc:
+            if type(exc).__name__ != "EngineDeadError":
+                raise
+            raise UserError(
+                f"vLLM's engine process for {self.model} died while generating ({desc}); the cause is in its "
+                "log above (on a CPU most often memory: lower VLLM_CPU_KVCACHE_SPACE or the backend's "
+                "max_model_len, or stop other jobs). Answers already generated are kept in the stage's "
+                "generation cache (cache.jsonl) where it has one: run the same command again to go on "
+                "from there") from exc
         return [Completion(text=o.outputs[0].text, finish_reason=o.outputs[0].finish_reason or "length",
                            num_tokens=len(o.outputs[0].token_ids),
                            first_logprobs=_first_logprobs(o.outputs[0]) if sampling.logprobs else None)

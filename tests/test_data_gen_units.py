@@ -543,3 +543,28 @@ def test_jsonl_round_trip_leaves_no_temporary_file(tmp_path):
     assert store.write_jsonl(path, records) == 2
     assert store.read_jsonl(path) == records
     assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"]
+
+
+def test_a_dead_vllm_engine_is_a_clear_error_and_other_errors_pass_through():
+    pytest.importorskip("vllm")
+    from data_gen.backends import Sampling, VLLMBackend
+    from data_gen.errors import UserError
+
+    class EngineDeadError(Exception):  # vLLM's own class, by name (its module moved between versions)
+        pass
+
+    class DeadLLM:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def chat(self, *args, **kwargs):
+            raise self.exc
+
+    backend = object.__new__(VLLMBackend)
+    backend.model, backend.enable_lora, backend._adapter_ids = "tiny", False, {}
+    backend.llm = DeadLLM(EngineDeadError("EngineCore encountered an issue"))
+    with pytest.raises(UserError, match=r"engine process for tiny died while generating \(pairs\).*run the same command again"):
+        backend.chat([[{"role": "user", "content": "hi"}]], Sampling(), desc="pairs")
+    backend.llm = DeadLLM(ValueError("a bug"))
+    with pytest.raises(ValueError, match="a bug"):
+        backend.chat([[{"role": "user", "content": "hi"}]], Sampling(), desc="pairs")
