@@ -420,8 +420,8 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
                 log(f"[{stage}] done already ({out / MANIFEST}); skipping")
                 manifests[stage] = manifest
                 continue
-            log(f"[{stage}] finished before, but {', '.join(remade)} has been remade since (e.g. a run with "
-                "--force and fewer stages); running it again")
+            log(f"[{stage}] finished before, but an earlier stage was remade since ({', '.join(remade)}; e.g. "
+                "by a run with --force and fewer stages); running it again")
             rerun_rest = True
         _clean_stage_dir(out, keep_cache=stage not in force and not rerun_rest)
         out.mkdir(parents=True, exist_ok=True)

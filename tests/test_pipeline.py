@@ -73,7 +73,7 @@ def test_a_stage_whose_inputs_were_remade_by_a_narrower_run_runs_again(recipe_pa
     logs: list[str] = []
     pipeline.run(load_recipe(recipe_path), log=logs.append)
     assert calls == ["eval"]
-    assert any("[eval] finished before, but dpo has been remade" in line for line in logs)
+    assert any("[eval] finished before, but an earlier stage was remade since (dpo;" in line for line in logs)
     calls.clear()
     pipeline.run(load_recipe(recipe_path), log=lambda _: None)
     assert calls == []
