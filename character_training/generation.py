@@ -8,7 +8,7 @@
 
 A recipe section holds the stage's settings (the fields of its ``*Settings`` dataclass in
 ``data_gen.stages``) and a ``sampling`` mapping (``temperature``, ``top_p``, ``max_tokens``,
-``repetition_penalty``); unknown keys are errors. The generation backend is the recipe's
+``repetition_penalty``, ``frequency_penalty``); unknown keys are errors. The generation backend is the recipe's
 ``backend`` section: vLLM in this process (default) or OpenAI-compatible servers.
 """
 from __future__ import annotations

@@ -112,7 +112,7 @@ def stage_pairs(ctx: Context, out: Path) -> dict:
         _generation_backend(ctx, out), ctx.prompts("train"), ctx.teacher_prompt(), out,
         student_system_prompt=ctx.student_prompt(),
         sampling=Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
-                          repetition_penalty=p.repetition_penalty),
+                          repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty),
         settings=PairSettings(teacher_samples=p.teacher_samples, max_answer_chars=p.max_answer_chars,
                               min_distinct_3grams=p.min_distinct_3grams, min_margin=p.min_margin,
                               unfinished=p.unfinished),

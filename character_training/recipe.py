@@ -34,6 +34,7 @@ class PairsSection:
     top_p: float = 0.95
     max_tokens: int = 160
     repetition_penalty: float = 1.0  # vLLM applies it to the prompt too: >1 penalizes the persona's own words
+    frequency_penalty: float = 0.0  # per earlier use of a token in the same answer (not the prompt): against loops
     teacher_samples: int = 2  # the most in-character of these (by the persona classifier) is chosen
     min_margin: float | None = 0.0  # drop pairs whose chosen answer is not more in character (null: keep all)
     max_answer_chars: int = 2000
@@ -258,6 +259,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.pairs.unfinished not in UNFINISHED:
         raise UserError(f"{where}: pairs.unfinished: '{recipe.pairs.unfinished}'; use 'trim' (an answer cut off at "
                         "pairs.max_tokens is cut back to its last full sentence) or 'drop' (leave it out); both are counted")
+    if not -2 <= recipe.pairs.frequency_penalty <= 2:
+        raise UserError(f"{where}: pairs.frequency_penalty: {recipe.pairs.frequency_penalty!r}; give a number between "
+                        "-2 and 2 (vLLM's range; 0: off; the demo's 0.5 keeps the teacher out of loops)")
     if recipe.eval.report not in ("full", "quick"):
         raise UserError(f"{where}: eval.report: '{recipe.eval.report}'; use 'full' (the report: adversarial, prefill, "
                         "steering, judge, persona vectors, capability) or 'quick' (three conditions)")

@@ -25,6 +25,10 @@ class Sampling:
     top_p: float = 0.95
     max_tokens: int = 192
     repetition_penalty: float = 1.0
+    # Lowers a token's logit by this much for each time it already appears in the answer (the
+    # answer's own tokens only, not the prompt's: unlike repetition_penalty, it leaves the words
+    # of a persona's system prompt alone). Counters a small model's loops.
+    frequency_penalty: float = 0.0
     logprobs: int = 0  # >0: return this many top alternatives for the first generated token
 
     def to_dict(self) -> dict:
@@ -125,6 +129,7 @@ class VLLMBackend:
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens,
                                 repetition_penalty=sampling.repetition_penalty,
+                                frequency_penalty=sampling.frequency_penalty,
                                 logprobs=sampling.logprobs or None)
         try:
             outputs = self.llm.chat(list(conversations), params, use_tqdm=_progress(desc) if desc else False,

@@ -144,6 +144,8 @@ class OpenAIBackend:
                    "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
         if sampling.repetition_penalty != 1.0:
             payload["repetition_penalty"] = sampling.repetition_penalty  # a vLLM extension
+        if sampling.frequency_penalty != 0.0:
+            payload["frequency_penalty"] = sampling.frequency_penalty
         if sampling.logprobs > 0:
             payload["logprobs"] = True
             payload["top_logprobs"] = min(sampling.logprobs, _MAX_TOP_LOGPROBS)

@@ -1,6 +1,7 @@
 """The generation cache: a stage killed mid-generation resumes with nothing lost or duplicated."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from character_training.pipeline import _clean_stage_dir
 from data_gen.backends import Completion, Sampling
-from data_gen.cache import CACHE_FILE, CachedBackend
+from data_gen.cache import CACHE_FILE, CachedBackend, request_key
 from data_gen.stages.prompts import ExpandSettings, expand_prompts
 
 SAMPLING = Sampling(temperature=0.7, max_tokens=32)
@@ -100,6 +101,17 @@ def test_adapter_and_model_are_part_of_the_key(tmp_path):
     other = CountingBackend(model="other/model")
     CachedBackend(other, path).chat(convs("a"), SAMPLING)
     assert other.batches == [1]
+
+
+def test_frequency_penalty_is_part_of_the_key_and_keys_made_before_it_existed_hold():
+    conv = convs("a")[0]
+    # the key a request without the field had before frequency_penalty was added to Sampling
+    before = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 32, "repetition_penalty": 1.0, "logprobs": 0}
+    old_key = hashlib.sha256(json.dumps({"model": "m", "adapter": None, "messages": conv, "sampling": before},
+                                        sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    assert request_key("m", None, conv, SAMPLING) == old_key
+    penalized = Sampling(temperature=0.7, max_tokens=32, frequency_penalty=0.5)
+    assert request_key("m", None, conv, penalized) != old_key
 
 
 def test_logprobs_survive_the_round_trip(tmp_path):

@@ -568,3 +568,21 @@ def test_a_dead_vllm_engine_is_a_clear_error_and_other_errors_pass_through():
     backend.llm = DeadLLM(ValueError("a bug"))
     with pytest.raises(ValueError, match="a bug"):
         backend.chat([[{"role": "user", "content": "hi"}]], Sampling(), desc="pairs")
+
+
+def test_vllm_backend_passes_every_sampling_setting_to_vllm():
+    pytest.importorskip("vllm")
+    from data_gen.backends import Sampling, VLLMBackend
+
+    class RecordingLLM:
+        def chat(self, conversations, params, **kwargs):
+            self.params = params
+            return []
+
+    backend = object.__new__(VLLMBackend)
+    backend.model, backend.enable_lora, backend._adapter_ids = "tiny", False, {}
+    backend.llm = RecordingLLM()
+    backend.chat([[{"role": "user", "content": "hi"}]], Sampling(temperature=0.3, top_p=0.9, max_tokens=7,
+                                                                  repetition_penalty=1.1, frequency_penalty=0.5))
+    p = backend.llm.params
+    assert (p.temperature, p.top_p, p.max_tokens, p.repetition_penalty, p.frequency_penalty) == (0.3, 0.9, 7, 1.1, 0.5)

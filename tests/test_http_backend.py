@@ -150,12 +150,14 @@ def test_payload_and_completion_fields(serve):
     [request] = [r for r in server.requests if r["messages"][0]["content"] == "a"]
     assert request["model"] == MODEL and request["messages"] == convs("a")[0]
     assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.3, 0.9, 11)
-    assert "repetition_penalty" not in request and "logprobs" not in request
+    assert not {"repetition_penalty", "frequency_penalty", "logprobs"} & set(request)
     assert done.finish_reason == "stop" and done.finished and done.num_tokens == 3 and done.first_logprobs is None
     assert cut.finish_reason == "length" and not cut.finished and cut.num_tokens == 7
     backend.chat(convs("c"), Sampling(repetition_penalty=1.3))
     assert server.requests[-1]["repetition_penalty"] == 1.3
-    assert backend.chat([], sampling) == [] and len(server.requests) == 3
+    backend.chat(convs("d"), Sampling(frequency_penalty=0.5))
+    assert server.requests[-1]["frequency_penalty"] == 0.5
+    assert backend.chat([], sampling) == [] and len(server.requests) == 4
 
 
 def test_unknown_finish_reason_counts_as_unfinished_and_missing_usage_counts_logprob_tokens(serve):

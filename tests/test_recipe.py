@@ -64,7 +64,8 @@ def test_demo_recipe_values():
     # parsed as a number (PyYAML's YAML 1.1 alone would leave "5.0e-4"-style values as text)
     assert isinstance(recipe.dpo.trainer["learning_rate"], float) and 0 < recipe.dpo.trainer["learning_rate"] < 1e-2
     assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
-    assert recipe.dpo.loop_negatives == 1.0 and recipe.dpo.trainer["ld_alpha"] == 0.5
+    assert recipe.dpo.loop_negatives == 0.5 and recipe.dpo.trainer["ld_alpha"] == 0.5
+    assert recipe.pairs.frequency_penalty == 0.5
     assert recipe.pairs.unfinished == "trim" and recipe.eval.samples_per_prompt == 2
 
 
@@ -100,6 +101,7 @@ BAD = [
     ("stages_not_a_list", "stages: prompts\n", "stages"),
     ("unknown_stage", "stages: [prompts, trian]\n", "trian"),
     ("loop_negatives_over_one", "dpo:\n  loop_negatives: 2\n", "dpo.loop_negatives"),
+    ("frequency_penalty_out_of_range", "pairs:\n  frequency_penalty: 3\n", "pairs.frequency_penalty"),
     ("unfinished_not_a_choice", "pairs:\n  unfinished: keep\n", "pairs.unfinished"),
     ("samples_per_prompt_zero", "eval:\n  samples_per_prompt: 0\n", "eval.samples_per_prompt"),
 ]
