@@ -98,10 +98,16 @@ def stage_prompts(ctx: Context, out: Path) -> dict:
     from data_gen.stages.prompts import ExpandSettings, expand_prompts
 
     p = ctx.recipe.prompts
-    return expand_prompts(
+    manifest = expand_prompts(
         _generation_backend(ctx, out), ctx.constitution.seed_questions(), out,
-        settings=ExpandSettings(per_trait=p.per_trait, heldout_per_trait=p.heldout_per_trait, per_request=p.per_request),
+        settings=ExpandSettings(per_trait=p.per_trait, heldout_per_trait=p.heldout_per_trait, per_request=p.per_request,
+                                max_rounds=p.max_rounds),
         sampling=Sampling(temperature=p.temperature, max_tokens=p.max_tokens), seed=ctx.recipe.seed)
+    for trait, short in manifest["short_traits"].items():
+        print(f"[prompts] warning: trait {trait!r}: {short['generated']} of the {short['needed']} generated prompts "
+              f"it needs after {manifest['rounds']} rounds; it trains and is evaluated on fewer (raise "
+              "prompts.max_rounds, or give it more seed questions)", flush=True)
+    return manifest
 
 
 def stage_pairs(ctx: Context, out: Path) -> dict:

@@ -24,6 +24,7 @@ class PromptsSection:
     per_trait: int = 40
     heldout_per_trait: int = 8
     per_request: int = 10
+    max_rounds: int = 3  # a trait short of prompts after a round is asked again, this many rounds in all
     temperature: float = 1.0
     max_tokens: int = 256
 
@@ -259,6 +260,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.pairs.unfinished not in UNFINISHED:
         raise UserError(f"{where}: pairs.unfinished: '{recipe.pairs.unfinished}'; use 'trim' (an answer cut off at "
                         "pairs.max_tokens is cut back to its last full sentence) or 'drop' (leave it out); both are counted")
+    if recipe.prompts.max_rounds < 1:
+        raise UserError(f"{where}: prompts.max_rounds: {recipe.prompts.max_rounds}; give 1 or more (rounds of "
+                        "requests for a trait still short of prompts)")
     if not -2 <= recipe.pairs.frequency_penalty <= 2:
         raise UserError(f"{where}: pairs.frequency_penalty: {recipe.pairs.frequency_penalty!r}; give a number between "
                         "-2 and 2 (vLLM's range; 0: off; the demo's 0.5 keeps the teacher out of loops)")

@@ -56,6 +56,17 @@ def test_parse_messages_strips_bullets_numbering_and_quotes():
     assert sum(drops.values()) == 0
 
 
+def test_parse_messages_splits_messages_run_together_as_inline_bullets():
+    # seen from the 135M model: a whole list on one line
+    text = "Any ideas? - What's the best dessert for a cat? - How do I share a vegan meal? - Try again!"
+    kept, drops = parse_messages(text, ExpandSettings())
+    assert kept == ["What's the best dessert for a cat?", "How do I share a vegan meal?"]
+    assert drops == Counter({"too_short": 2})
+    # a dash inside a message is not a bullet
+    kept, _ = parse_messages("- How do I plan a two-week trip - on a budget - to Spain?", ExpandSettings())
+    assert kept == ["How do I plan a two-week trip - on a budget - to Spain?"]
+
+
 def test_parse_messages_drops_preambles_short_lines_and_counts_reasons():
     text = "\n".join([
         "Sure, here are 5 new messages:",
@@ -217,7 +228,7 @@ def test_expand_prompts_drops_the_last_line_of_a_cut_off_generation(tmp_path):
     text = ("- What is a good book about whales?\n- How do I repair a leaking kitchen tap?\n"
             "- How do the tides work and why do?")
     backend = FakeBackend(lambda conv: cut(text))
-    settings = ExpandSettings(per_trait=10, heldout_per_trait=0, per_request=10, oversample=1.0)
+    settings = ExpandSettings(per_trait=10, heldout_per_trait=0, per_request=10, oversample=1.0, max_rounds=1)
     manifest = expand_prompts(backend, seeds, tmp_path, settings=settings)
     prompts = [r["prompt"] for r in store.read_jsonl(tmp_path / "prompts.jsonl")]
     assert prompts[:2] == seeds["I am curious."]
@@ -236,6 +247,45 @@ def test_expand_prompts_cut_off_fragment_does_not_cost_a_complete_line(tmp_path)
     expand_prompts(backend, seeds, tmp_path, settings=settings)
     prompts = [r["prompt"] for r in store.read_jsonl(tmp_path / "prompts.jsonl")]
     assert set(prompts[2:]) == {"What is a good book about whales?", "How do I repair a leaking kitchen tap?"}
+
+
+def test_expand_prompts_asks_again_for_a_short_trait_only_and_sizes_by_its_yield(tmp_path):
+    seeds = {"I am curious.": ["Why does ice float?", "How do magnets work?"],
+             "I am kind.": ["I feel sad today.", "How do I comfort a friend?"]}
+    made = defaultdict(int)
+
+    def respond(conversation):  # "curious" gets 4 new questions a request, "kind" one
+        trait = "curious" if "ice float" in conversation[0]["content"] else "kind"
+        per_request = 4 if trait == "curious" else 1
+        lines = []
+        for _ in range(per_request):
+            made[trait] += 1
+            lines.append(f"- What is {trait} question number {made[trait]}?")
+        return stop("\n".join(lines))
+
+    backend = FakeBackend(respond)
+    settings = ExpandSettings(per_trait=6, heldout_per_trait=2, per_request=4, oversample=1.0, max_rounds=3)
+    manifest = expand_prompts(backend, seeds, tmp_path, settings=settings)
+    # round 1: (6 + 2) / 4 = 2 requests each; curious has 8 >= its 6 needed, kind 2
+    # round 2: kind only, 4 missing at 1 a request -> ceil(1.2 * 4) = 5, capped at the first round's 2
+    # round 3: kind only, 2 missing -> 2 requests; then kind has 6: full
+    assert [len(c["conversations"]) for c in backend.calls] == [4, 2, 2]
+    assert all("ice float" not in conv[0]["content"] for c in backend.calls[1:] for conv in c["conversations"])
+    assert "round 2" in backend.calls[1]["desc"]
+    assert manifest["rounds"] == 3 and manifest["requests"] == 8 and manifest["short_traits"] == {}
+    assert manifest["counts"]["per_trait"]["I am kind."] == {"train": 6, "heldout": 2}
+    assert manifest["counts"]["per_trait"]["I am curious."] == {"train": 6, "heldout": 2}
+    expansions = store.read_jsonl(tmp_path / "expansions.jsonl")
+    assert len(expansions) == 8 and sum(e["trait"] == "I am kind." for e in expansions) == 6
+
+
+def test_expand_prompts_stops_after_max_rounds_and_records_the_short_traits(tmp_path):
+    seeds = {"I am curious.": ["Why does ice float?", "How do magnets work?"]}
+    backend = FakeBackend(lambda conv: stop("Sure, here they are:\n- Hi"))
+    settings = ExpandSettings(per_trait=6, heldout_per_trait=2, per_request=4, oversample=1.0, max_rounds=2)
+    manifest = expand_prompts(backend, seeds, tmp_path, settings=settings)
+    assert len(backend.calls) == 2 and manifest["rounds"] == 2
+    assert manifest["short_traits"] == {"I am curious.": {"generated": 0, "needed": 6}}
 
 
 def test_expand_prompts_with_too_few_generations_keeps_seeds(tmp_path):

@@ -138,3 +138,20 @@ def test_the_eval_engine_lora_rank_covers_every_adapter_and_rank_pattern():
     assert lora_rank_for_vllm([{"r": 8, "rank_pattern": {}}]) == 8
     assert lora_rank_for_vllm([{"r": 16}, {"r": 8, "rank_pattern": {"q_proj": 24}}]) == 32
     assert lora_rank_for_vllm([{"r": 64, "rank_pattern": None}]) == 64
+
+
+def test_prompts_stage_passes_max_rounds_and_warns_about_a_trait_left_short(recipe_path, tmp_path, monkeypatch, capsys):
+    from data_gen.backends import Completion
+    from tests.fakes import FakeBackend
+
+    backend = FakeBackend(lambda conv: Completion("- Hi", "stop", 2))  # nothing usable
+    monkeypatch.setattr(pipeline, "_generation_backend", lambda ctx, out: backend)
+    recipe = load_recipe(recipe_path)
+    recipe.prompts.max_rounds = 2
+    ctx = pipeline.make_context(recipe)
+    out = tmp_path / "run" / "prompts"
+    manifest = pipeline.stage_prompts(ctx, out)
+    assert len(backend.calls) == 2 and manifest["rounds"] == 2
+    warning = capsys.readouterr().out
+    assert "[prompts] warning: trait 'I am a toy.'" in warning and "after 2 rounds" in warning
+    assert "prompts.max_rounds" in warning

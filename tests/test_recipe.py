@@ -58,7 +58,7 @@ def test_shipped_recipe_loads(path):
 def test_demo_recipe_values():
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     assert recipe.constitution == str(CONSTITUTION.resolve())
-    assert recipe.prompts.per_trait == 30 and recipe.prompts.heldout_per_trait == 6
+    assert recipe.prompts.per_trait == 24 and recipe.prompts.heldout_per_trait == 6
     assert recipe.pairs.teacher_samples == 2 and recipe.pairs.min_margin == 0.0
     assert recipe.dpo.lora.r == 16 and recipe.dpo.lora.target_modules == "all-linear"
     # parsed as a number (PyYAML's YAML 1.1 alone would leave "5.0e-4"-style values as text)
@@ -101,6 +101,7 @@ BAD = [
     ("stages_not_a_list", "stages: prompts\n", "stages"),
     ("unknown_stage", "stages: [prompts, trian]\n", "trian"),
     ("loop_negatives_over_one", "dpo:\n  loop_negatives: 2\n", "dpo.loop_negatives"),
+    ("max_rounds_zero", "prompts:\n  max_rounds: 0\n", "prompts.max_rounds"),
     ("frequency_penalty_out_of_range", "pairs:\n  frequency_penalty: 3\n", "pairs.frequency_penalty"),
     ("unfinished_not_a_choice", "pairs:\n  unfinished: keep\n", "pairs.unfinished"),
     ("samples_per_prompt_zero", "eval:\n  samples_per_prompt: 0\n", "eval.samples_per_prompt"),

@@ -6,6 +6,7 @@ Writes ``prompts.jsonl``: one ``{"prompt", "trait", "split", "source"}`` record 
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -17,6 +18,8 @@ from data_gen.store import write_jsonl
 from data_gen.templating import render
 
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.):]|\(\d+\)|[A-Za-z][.)])\s*")
+# Several messages run together on one line as inline bullets: "What is X? - How do I Y? - ..."
+_INLINE_BULLET = re.compile(r"(?<=[?.!])\s+-\s+")
 _PREAMBLE = re.compile(r"^(sure|here|certainly|of course|okay|ok)\b", re.IGNORECASE)
 # A user message is a question, or a request that opens with a verb of asking.
 _REQUEST = re.compile(r"^(please\s+)?(what|how|why|when|where|who|which|can|could|should|would|is|are|do|does|"
@@ -32,6 +35,7 @@ class ExpandSettings:
     per_request: int = 10        # new messages asked for in one request
     examples_per_request: int = 4
     oversample: float = 3.0      # requests are sized for this many times the needed prompts
+    max_rounds: int = 3          # a trait still short of prompts after a round is asked again, this many rounds at most
     min_chars: int = 12
     max_chars: int = 200
     min_words: int = 4
@@ -53,7 +57,7 @@ def _unquote(line: str) -> str:
 def parse_messages(text: str, settings: ExpandSettings) -> tuple[list[str], Counter]:
     """User messages from one generation, one per line; returns (messages, drop reasons)."""
     kept, drops = [], Counter()
-    for raw in text.splitlines():
+    for raw in (part for line in text.splitlines() for part in _INLINE_BULLET.split(line)):
         if not raw.strip():
             continue
         line = _unquote(_BULLET.sub("", raw).replace("**", "").strip())
@@ -80,34 +84,57 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
                    settings: ExpandSettings = ExpandSettings(), sampling: Sampling = Sampling(temperature=1.0, max_tokens=256),
                    seed: int = 0) -> dict:
     rng = random.Random(seed)
-    generated_needed = settings.per_trait + settings.heldout_per_trait
-    requests, owners = [], []
-    for trait, seeds in seed_questions.items():
-        n_requests = max(1, round(generated_needed * settings.oversample / settings.per_request))
-        for _ in range(n_requests):
-            examples = rng.sample(seeds, min(settings.examples_per_request, len(seeds)))
-            content = render("expand_prompts.j2", examples=examples, n=settings.per_request).strip()
-            requests.append([{"role": "user", "content": content}])
-            owners.append(trait)
-    completions = backend.chat(requests, sampling, desc="expanding prompts")
-
+    # Generated prompts each trait needs: its held-out ones and the training ones its seeds leave.
+    needed = {t: settings.heldout_per_trait + max(0, settings.per_trait - len(seeds))
+              for t, seeds in seed_questions.items()}
     drops: Counter = Counter()
     seen = {normalize(q) for seeds in seed_questions.values() for q in seeds}
     candidates: dict[str, list[str]] = {t: [] for t in seed_questions}
-    for trait, completion in zip(owners, completions):
-        text = completion.text
-        if completion.finish_reason != "stop" and "\n" in text.strip():
-            text = text.strip().rsplit("\n", 1)[0]  # the last line of a cut-off generation is cut too
-            drops["cut_off_line"] += 1
-        messages, reasons = parse_messages(text, settings)
-        drops.update(reasons)
-        for message in messages:
-            key = normalize(message)
-            if key in seen:
-                drops["duplicate"] += 1
-                continue
-            seen.add(key)
-            candidates[trait].append(message)
+    owners: list[str] = []
+    completions: list = []
+    asked: Counter = Counter()  # requests per trait so far
+    first_round = max(1, round((settings.per_trait + settings.heldout_per_trait) * settings.oversample
+                               / settings.per_request))
+    rounds = 0
+    for attempt in range(max(1, settings.max_rounds)):
+        if attempt == 0:  # the first round is sized as it always was (so its cached answers stay valid)
+            wanted = {t: settings.per_trait + settings.heldout_per_trait for t in seed_questions}
+        else:
+            wanted = {t: needed[t] - len(candidates[t]) for t in seed_questions if len(candidates[t]) < needed[t]}
+            if not wanted:
+                break
+        requests, round_owners = [], []
+        for trait, missing in wanted.items():
+            seeds = seed_questions[trait]
+            n = max(1, round(missing * settings.oversample / settings.per_request))
+            if attempt > 0:  # sized by the yield this trait's requests had so far, at most the first round's count
+                per_request = max(len(candidates[trait]) / asked[trait], 0.5)
+                n = min(first_round, max(1, math.ceil(1.2 * missing / per_request)))
+            asked[trait] += n
+            for _ in range(n):
+                examples = rng.sample(seeds, min(settings.examples_per_request, len(seeds)))
+                content = render("expand_prompts.j2", examples=examples, n=settings.per_request).strip()
+                requests.append([{"role": "user", "content": content}])
+                round_owners.append(trait)
+        desc = "expanding prompts" if attempt == 0 else f"expanding prompts (round {attempt + 1}: {len(wanted)} traits short)"
+        round_completions = backend.chat(requests, sampling, desc=desc)
+        rounds += 1
+        owners += round_owners
+        completions += round_completions
+        for trait, completion in zip(round_owners, round_completions):
+            text = completion.text
+            if completion.finish_reason != "stop" and "\n" in text.strip():
+                text = text.strip().rsplit("\n", 1)[0]  # the last line of a cut-off generation is cut too
+                drops["cut_off_line"] += 1
+            messages, reasons = parse_messages(text, settings)
+            drops.update(reasons)
+            for message in messages:
+                key = normalize(message)
+                if key in seen:
+                    drops["duplicate"] += 1
+                    continue
+                seen.add(key)
+                candidates[trait].append(message)
 
     records, per_trait_counts = [], {}
     for trait, seeds in seed_questions.items():
@@ -133,7 +160,10 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
         "seed": seed,
         "sampling": sampling.to_dict(),
         "settings": settings.__dict__,
-        "requests": len(requests),
+        "requests": len(completions),
+        "rounds": rounds,
+        "short_traits": {t: {"generated": len(candidates[t]), "needed": needed[t]}
+                         for t in seed_questions if len(candidates[t]) < needed[t]},
         "counts": {
             "train": sum(c["train"] for c in per_trait_counts.values()),
             "heldout": sum(c["heldout"] for c in per_trait_counts.values()),
