@@ -103,10 +103,11 @@ def stage_prompts(ctx: Context, out: Path) -> dict:
         settings=ExpandSettings(per_trait=p.per_trait, heldout_per_trait=p.heldout_per_trait, per_request=p.per_request,
                                 max_rounds=p.max_rounds),
         sampling=Sampling(temperature=p.temperature, max_tokens=p.max_tokens), seed=ctx.recipe.seed)
-    for trait, short in manifest["short_traits"].items():
-        print(f"[prompts] warning: trait {trait!r}: {short['generated']} of the {short['needed']} generated prompts "
-              f"it needs after {manifest['rounds']} rounds; it trains and is evaluated on fewer (raise "
-              "prompts.max_rounds, or give it more seed questions)", flush=True)
+    for trait in manifest["short_traits"]:
+        got = manifest["counts"]["per_trait"][trait]
+        print(f"[prompts] warning: trait {trait!r}: {got['train']} training and {got['heldout']} held-out prompts "
+              f"(asked for {p.per_trait} and {p.heldout_per_trait}) after {manifest['rounds']} rounds of requests; "
+              "raise prompts.max_rounds, or give the trait more seed questions", flush=True)
     return manifest
 
 

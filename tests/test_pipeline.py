@@ -153,5 +153,6 @@ def test_prompts_stage_passes_max_rounds_and_warns_about_a_trait_left_short(reci
     manifest = pipeline.stage_prompts(ctx, out)
     assert len(backend.calls) == 2 and manifest["rounds"] == 2
     warning = capsys.readouterr().out
-    assert "[prompts] warning: trait 'I am a toy.'" in warning and "after 2 rounds" in warning
+    assert "[prompts] warning: trait 'I am a toy.': 1 training and 0 held-out prompts" in warning
+    assert f"(asked for {recipe.prompts.per_trait} and {recipe.prompts.heldout_per_trait}) after 2 rounds" in warning
     assert "prompts.max_rounds" in warning
