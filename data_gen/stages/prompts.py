@@ -1,5 +1,7 @@
 """Prompt expansion: from each trait's seed questions the model writes more varied user
 messages. Lines are parsed, cleaned, de-duplicated, and a held-out split is taken per trait.
+A small model's lists parse poorly and unevenly, so a trait still short of prompts after a
+round of requests is asked again (``max_rounds``), each round sized by that trait's yield so far.
 
 Writes ``prompts.jsonl``: one ``{"prompt", "trait", "split", "source"}`` record per prompt,
 ``split`` being ``train`` or ``heldout`` and ``source`` being ``seed`` or ``generated``.
