@@ -82,6 +82,25 @@ def parse_messages(text: str, settings: ExpandSettings) -> tuple[list[str], Coun
     return kept, drops
 
 
+def _new_messages(completion, settings: ExpandSettings, seen: set[str], drops: Counter) -> list[str]:
+    """The messages of one generation not seen before (``seen`` and ``drops`` are updated)."""
+    text = completion.text
+    if completion.finish_reason != "stop" and "\n" in text.strip():
+        text = text.strip().rsplit("\n", 1)[0]  # the last line of a cut-off generation is cut too
+        drops["cut_off_line"] += 1
+    messages, reasons = parse_messages(text, settings)
+    drops.update(reasons)
+    new = []
+    for message in messages:
+        key = normalize(message)
+        if key in seen:
+            drops["duplicate"] += 1
+            continue
+        seen.add(key)
+        new.append(message)
+    return new
+
+
 def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_dir: Path, *,
                    settings: ExpandSettings = ExpandSettings(), sampling: Sampling = Sampling(temperature=1.0, max_tokens=256),
                    seed: int = 0) -> dict:
@@ -99,44 +118,30 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
                                / settings.per_request))
     rounds = 0
     for attempt in range(max(1, settings.max_rounds)):
-        if attempt == 0:  # the first round is sized as it always was (so its cached answers stay valid)
-            wanted = {t: settings.per_trait + settings.heldout_per_trait for t in seed_questions}
-        else:
-            wanted = {t: needed[t] - len(candidates[t]) for t in seed_questions if len(candidates[t]) < needed[t]}
-            if not wanted:
-                break
+        short = {t: needed[t] - len(candidates[t]) for t in seed_questions if len(candidates[t]) < needed[t]}
+        if attempt == 0:  # every trait, sized as it always was (so cached answers of earlier runs stay valid)
+            n_requests = {t: first_round for t in seed_questions}
+        elif not short:
+            break
+        else:  # sized by the yield this trait's requests had so far, at most the first round's count
+            yields = {t: max(len(candidates[t]) / asked[t], 0.5) for t in short}  # usable prompts a request
+            n_requests = {t: min(first_round, max(1, math.ceil(1.2 * missing / yields[t]))) for t, missing in short.items()}
         requests, round_owners = [], []
-        for trait, missing in wanted.items():
-            seeds = seed_questions[trait]
-            n = max(1, round(missing * settings.oversample / settings.per_request))
-            if attempt > 0:  # sized by the yield this trait's requests had so far, at most the first round's count
-                per_request = max(len(candidates[trait]) / asked[trait], 0.5)
-                n = min(first_round, max(1, math.ceil(1.2 * missing / per_request)))
+        for trait, n in n_requests.items():
             asked[trait] += n
             for _ in range(n):
+                seeds = seed_questions[trait]
                 examples = rng.sample(seeds, min(settings.examples_per_request, len(seeds)))
                 content = render("expand_prompts.j2", examples=examples, n=settings.per_request).strip()
                 requests.append([{"role": "user", "content": content}])
                 round_owners.append(trait)
-        desc = "expanding prompts" if attempt == 0 else f"expanding prompts (round {attempt + 1}: {len(wanted)} traits short)"
+        desc = "expanding prompts" if attempt == 0 else f"expanding prompts (round {attempt + 1}: {len(short)} traits short)"
         round_completions = backend.chat(requests, sampling, desc=desc)
         rounds += 1
         owners += round_owners
         completions += round_completions
         for trait, completion in zip(round_owners, round_completions):
-            text = completion.text
-            if completion.finish_reason != "stop" and "\n" in text.strip():
-                text = text.strip().rsplit("\n", 1)[0]  # the last line of a cut-off generation is cut too
-                drops["cut_off_line"] += 1
-            messages, reasons = parse_messages(text, settings)
-            drops.update(reasons)
-            for message in messages:
-                key = normalize(message)
-                if key in seen:
-                    drops["duplicate"] += 1
-                    continue
-                seen.add(key)
-                candidates[trait].append(message)
+            candidates[trait] += _new_messages(completion, settings, seen, drops)
 
     records, per_trait_counts = [], {}
     for trait, seeds in seed_questions.items():
