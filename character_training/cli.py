@@ -18,7 +18,7 @@ from character_training.errors import UserError
 
 
 def _constitution_validate(args) -> int:
-    from character_training.constitution import load_constitution
+    from character_training.config.constitution import load_constitution
 
     failed = 0
     for path in args.paths:
@@ -42,7 +42,7 @@ def _write_new(path: Path, text: str, force: bool) -> None:
 
 
 def _constitution_new(args) -> int:
-    from character_training.constitution import template
+    from character_training.config.constitution import template
 
     out = Path(args.output or f"{args.name}.yaml")
     _write_new(out, template(args.name), args.force)
@@ -51,7 +51,7 @@ def _constitution_new(args) -> int:
 
 
 def _constitution_import(args) -> int:
-    from character_training.constitution import dump_constitution, import_open_character_training
+    from character_training.config.constitution import dump_constitution, import_open_character_training
 
     c = import_open_character_training(args.file, name=args.name, description=args.description)
     out = Path(args.output)
@@ -61,7 +61,7 @@ def _constitution_import(args) -> int:
 
 
 def _load_recipe(args):
-    from character_training.recipe import load_recipe
+    from character_training.config.recipe import load_recipe
 
     overrides = list(args.set or [])
     if getattr(args, "model", None):
@@ -72,19 +72,19 @@ def _load_recipe(args):
 
 
 def _run(args) -> int:
-    from character_training import pipeline
+    from character_training.run import pipeline
 
     recipe = _load_recipe(args)
     manifests = pipeline.run(recipe, force=args.force or [])
     if "eval" in manifests:
         manifest = manifests["eval"]
         if "classifier" in manifest:  # the quick check
-            from character_training.evaluate import format_table
+            from character_training.evaluation.quick import format_table
 
             print("\n" + format_table(manifest))
             report = Path(recipe.run_dir) / "eval" / "eval.json"
         else:
-            from character_training.report import format_conditions
+            from character_training.evaluation.report import format_conditions
 
             print("\n" + format_conditions(manifest))
             report = Path(recipe.run_dir) / "eval" / "report.md"
@@ -93,7 +93,7 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    from character_training import pipeline
+    from character_training.run import pipeline
 
     recipe = _load_recipe(args)
     ctx = pipeline.make_context(recipe)
@@ -112,11 +112,11 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    from character_training.constitution import load_constitution
-    from character_training.generation import (GEN_STAGES, BackendSection, check_section, make_backend,
+    from character_training.config.constitution import load_constitution
+    from character_training.run.generation import (GEN_STAGES, BackendSection, check_section, make_backend,
                                                read_prompt_file, run_generation_stage)
-    from character_training.models import resolve_model
-    from character_training.recipe import apply_overrides
+    from character_training.config.models import resolve_model
+    from character_training.config.recipe import apply_overrides
     from data_gen.backends import shutdown_engines
     from data_gen.cache import CACHE_FILE
     from data_gen.store import read_manifest, write_manifest
@@ -169,9 +169,10 @@ def _generate(args) -> int:
 def _train(args) -> int:
     """One training stage on its own; runs as is on one process, or under torchrun / accelerate
     launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
-    from character_training import distributed, training
-    from character_training.models import resolve_model
-    from character_training.recipe import apply_overrides
+    from character_training.train import distributed
+    from character_training.train import common as training
+    from character_training.config.models import resolve_model
+    from character_training.config.recipe import apply_overrides
     from data_gen.store import read_manifest, write_manifest
 
     out = Path(args.output)
@@ -200,28 +201,28 @@ def _train(args) -> int:
 
         shutil.rmtree(out)
     if args.kind == "dpo":
-        from character_training.train_dpo import train_dpo
+        from character_training.train.dpo import train_dpo
 
         if len(args.data) != 1:
             raise UserError("train dpo: give one --data preference file (prompt/chosen/rejected)")
         manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=args.system_prompt,
                              overlong=args.overlong, loop_negatives=args.loop_negatives, **common)
     elif args.kind == "sft":
-        from character_training.train_sft import train_sft
+        from character_training.train.sft import train_sft
 
         manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=args.system_prompt,
                              overlong=args.overlong, **common)
     elif args.kind == "lm":
-        from character_training.train_sft import train_lm
+        from character_training.train.sft import train_lm
 
         if len(args.data) != 1:
             raise UserError("train lm: give one --data documents file (a 'text' field per line)")
         manifest = train_lm(model, Path(args.data[0]), out, marker=args.marker,
                             chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=args.chat_ratio, **common)
     elif args.kind == "grpo":
-        from character_training.constitution import load_constitution
-        from character_training.generation import BackendSection, make_backend
-        from character_training.train_grpo import train_grpo
+        from character_training.config.constitution import load_constitution
+        from character_training.run.generation import BackendSection, make_backend
+        from character_training.train.grpo import train_grpo
 
         if len(args.data) != 1:
             raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_constitution_import)
 
-    from character_training.generation import GEN_STAGES
+    from character_training.run.generation import GEN_STAGES
 
     p = sub.add_parser("train", help="one training stage on its own (torchrun / accelerate launch for several processes)")
     p.add_argument("kind", choices=["dpo", "sft", "lm", "grpo"],
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="generate again even if finished")
     p.set_defaults(func=_generate)
 
-    from character_training.adapters_cli import add_adapter_commands
+    from character_training.adapters.cli import add_adapter_commands
 
     add_adapter_commands(sub)
 
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from character_training import distributed
+    from character_training.train import distributed
 
     try:
         return args.func(args)

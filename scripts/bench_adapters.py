@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from character_training import adapters as alg  # noqa: E402
+from character_training.adapters.algebra import algebra as alg  # noqa: E402
 
 WEIGHTS = [1.0, 0.5, -0.3]
 # Unequal alphas; the third uses rsLoRA (scaling alpha / sqrt(r)).

@@ -25,8 +25,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from character_training.constitution import load_constitution  # noqa: E402
-from character_training.models import resolve_model  # noqa: E402
+from character_training.config.constitution import load_constitution  # noqa: E402
+from character_training.config.models import resolve_model  # noqa: E402
 from data_gen.backends import Completion, Sampling, VLLMBackend  # noqa: E402
 from data_gen.cache import CachedBackend  # noqa: E402
 from data_gen.stages.introspection import REFLECTION_PROMPTS, ReflectionSettings, run_reflection  # noqa: E402
@@ -61,7 +61,7 @@ class Recorder:
 def long_constitution(base):
     """The shipped constitution with its traits restated many times over: a system prompt of
     roughly 1,500 tokens, as a detailed real constitution would be."""
-    from character_training.constitution import Trait
+    from character_training.config.constitution import Trait
 
     traits = tuple(Trait(trait=f"{t.trait} (In every situation, variation {i}.)", questions=t.questions,
                          clarification=(t.clarification or "") + " " + base.description.strip())

@@ -1,7 +1,7 @@
 """Training benchmark: SFT with packing and padding-free batching against plain padded batches.
 
 The same model, the same variable-length conversations and the same LoRA, trained for one epoch
-by our SFT stage (``character_training.train_sft.build_sft``, TRL's SFTTrainer) in three ways:
+by our SFT stage (``character_training.train.sft.build_sft``, TRL's SFTTrainer) in three ways:
   padded        plain batches, each padded to its longest conversation
   padding_free  the batch's conversations concatenated, no padding (TRL ``padding_free``)
   packed        conversations packed into rows of ``max_length`` tokens (TRL ``packing``, bfd)
@@ -82,8 +82,8 @@ def build_shape(shape: str, tokenizer_dir: str, work: Path) -> str:
 def worker(args) -> dict:
     import torch
 
-    from character_training.train_sft import build_sft
-    from character_training.training import LoraSettings
+    from character_training.train.sft import build_sft
+    from character_training.train.common import LoraSettings
 
     gpu = torch.cuda.is_available()
     trainer = {"per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
@@ -148,7 +148,7 @@ def main() -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    from character_training.models import resolve_model
+    from character_training.config.models import resolve_model
     from data_gen.store import write_jsonl
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
-    from character_training.models import resolve_model
+    from character_training.config.models import resolve_model
 
     return resolve_model(None)
 

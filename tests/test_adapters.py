@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from character_training import adapters as alg
-from character_training.adapters_cli import parse_term
+from character_training.adapters.algebra import algebra as alg
+from character_training.adapters.cli import parse_term
 from character_training.errors import UserError
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

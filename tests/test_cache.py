@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from character_training.pipeline import _clean_stage_dir
+from character_training.run.pipeline import _clean_stage_dir
 from data_gen.backends import Completion, Sampling
 from data_gen.cache import CACHE_FILE, CachedBackend, request_key
 from data_gen.stages.prompts import ExpandSettings, expand_prompts
@@ -168,7 +168,7 @@ def test_an_unfinished_stage_keeps_its_cache_and_a_forced_one_drops_it(tmp_path)
 def test_a_multi_step_stage_killed_between_steps_resumes_without_regenerating(tmp_path):
     """Self-critique has three dependent steps; killed after the first, the rerun answers step
     one from the cache and builds steps two and three on the same answers."""
-    from character_training.constitution import load_constitution
+    from character_training.config.constitution import load_constitution
     from data_gen.stages.critique import run_critique
 
     constitution = load_constitution(Path(__file__).resolve().parent.parent / "constitutions" / "captain-marlow.yaml")

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from character_training import capability as cap
-from character_training.adapters import one_thread
+from character_training.evaluation import capability as cap
+from character_training.adapters.algebra import one_thread
 from character_training.errors import UserError
 from data_gen.store import write_jsonl
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from character_training.cli import main
-from character_training.constitution import (
+from character_training.config.constitution import (
     Constitution,
     ConstitutionError,
     load_constitution,

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from character_training.constitution import constitution_from_dict
+from character_training.config.constitution import constitution_from_dict
 from data_gen.backends import Completion, Sampling
 from data_gen.errors import UserError
 from data_gen.stages.critique import CritiqueSettings, clean_critique, clean_revision, run_critique

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from character_training.constitution import constitution_from_dict
+from character_training.config.constitution import constitution_from_dict
 from data_gen.backends import Completion, Sampling
 from data_gen.errors import UserError
 from data_gen.stages.introspection import (

@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from character_training.constitution import constitution_from_dict
+from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
-from character_training.judge import (elo_ratings, judge_revealed, revealed_report, revealed_requests,
+from character_training.evaluation.judge import (elo_ratings, judge_revealed, revealed_report, revealed_requests,
                                       score_answers, trait_keys)
 from data_gen.backends import Completion
 from tests.fakes import FakeBackend

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from character_training.adapters import one_thread
-from character_training.evaluate import PROMPTED
-from character_training.persona_vectors import (
+from character_training.adapters.algebra import one_thread
+from character_training.evaluation.quick import PROMPTED
+from character_training.evaluation.persona_vectors import (
     PersonaVectors, compute_persona_vectors, decoder_layers, from_activations, generate, load_model, project,
     projection_report, response_activations, steered_generate, steering)
 
@@ -184,7 +184,7 @@ def test_a_planted_direction_is_recovered(loaded):
     """The persona side's activations carry a planted direction at one layer (added by a hook
     while they are read), on different texts from the plain side: the persona vector at that
     layer points along it (cosine > 0.9), and that layer separates best."""
-    from character_training import persona_vectors as pvm
+    from character_training.evaluation import persona_vectors as pvm
 
     model, tokenizer = loaded
     torch.manual_seed(1)

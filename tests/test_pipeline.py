@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from character_training import pipeline
+from character_training.run import pipeline
 from character_training.errors import UserError
-from character_training.recipe import load_recipe
+from character_training.config.recipe import load_recipe
 
 CONSTITUTION = {"name": "toy", "description": "A toy.",
                 "traits": [{"trait": "I am a toy.", "questions": ["What are you made of?"]}]}
@@ -123,7 +123,8 @@ def test_a_stage_that_needs_principles_stops_the_run_before_any_stage(recipe_pat
 
 
 def test_generate_needs_principles_before_the_engine_starts(tmp_path, monkeypatch, capsys):
-    from character_training import cli, generation
+    from character_training import cli
+    from character_training.run import generation
 
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(CONSTITUTION))
     monkeypatch.setattr(generation, "make_backend", lambda *a, **k: pytest.fail("an engine was started"))
@@ -132,7 +133,7 @@ def test_generate_needs_principles_before_the_engine_starts(tmp_path, monkeypatc
 
 
 def test_the_eval_engine_lora_rank_covers_every_adapter_and_rank_pattern():
-    from character_training.pipeline import lora_rank_for_vllm
+    from character_training.run.pipeline import lora_rank_for_vllm
 
     assert lora_rank_for_vllm([{"r": 4}]) == 8
     assert lora_rank_for_vllm([{"r": 8, "rank_pattern": {}}]) == 8

@@ -8,7 +8,7 @@ import pytest
 
 from character_training.cli import main
 from character_training.errors import UserError
-from character_training.recipe import (
+from character_training.config.recipe import (
     DpoSection,
     PairsSection,
     PromptsSection,

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from character_training import report as rep
-from character_training.constitution import constitution_from_dict
+from character_training.evaluation import report as rep
+from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
 from data_gen.backends import Completion, Sampling
 from tests.conftest import toy_pairs
@@ -168,7 +168,8 @@ def test_a_rerun_is_answered_from_the_caches_and_parts(report, tiny_model_dir, a
     def refuse(*_args, **_kwargs):
         raise AssertionError("recomputed")
 
-    from character_training import capability, persona_vectors
+    from character_training.evaluation import capability
+    from character_training.evaluation import persona_vectors
 
     monkeypatch.setattr(capability, "capability_report", refuse)
     monkeypatch.setattr(persona_vectors, "compute_persona_vectors", refuse)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from character_training.constitution import load_constitution
+from character_training.config.constitution import load_constitution
 from data_gen.backends import Completion
 from data_gen.dedup import estimated_jaccard, jaccard, minhash_signatures, near_duplicates, shingles
 from data_gen.errors import UserError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from character_training.errors import UserError
-from character_training.train_dpo import LoraSettings, check_trainer_fields, train_dpo
+from character_training.train.dpo import LoraSettings, check_trainer_fields, train_dpo
 from data_gen.store import write_jsonl
 from tests.conftest import toy_pairs
 
@@ -122,7 +122,7 @@ def test_cli_train_merge_start_writes_one_lora_on_the_original_base(trained, tmp
     """`train dpo --init-adapter PREV --start merge`: a new LoRA trains on the base with PREV merged
     in; the stage's adapter/ is one LoRA on the original base whose delta is PREV's plus the new one's."""
     from character_training import cli
-    from character_training.adapters import load_adapter
+    from character_training.adapters.algebra import load_adapter
 
     previous, _ = trained
     write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4))
@@ -200,8 +200,8 @@ def test_loop_negatives_pair_the_chosen_answer_with_a_looping_copy_of_it():
 
     from datasets import Dataset
 
-    from character_training.evaluate import distinct_3gram_share
-    from character_training.train_dpo import add_loop_negatives, looped
+    from character_training.evaluation.quick import distinct_3gram_share
+    from character_training.train.dpo import add_loop_negatives, looped
 
     assert looped("Too short to loop.", random.Random(0)) is None
     pairs = [{**p, "chosen": [{"role": "assistant", "content": f"Ahoy, matey! Arr, the {i} be a fine thing on me ship "

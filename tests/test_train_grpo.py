@@ -11,9 +11,9 @@ import zlib
 import pytest
 import torch
 
-from character_training.constitution import constitution_from_dict
+from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
-from character_training.train_grpo import (DEFAULT_TRAINER, JudgeReward, LoraSettings, check_trainer_fields,
+from character_training.train.grpo import (DEFAULT_TRAINER, JudgeReward, LoraSettings, check_trainer_fields,
                                            completion_text, load_prompts, parse_score, prompt_text, train_grpo)
 from data_gen.backends import Completion
 from data_gen.store import write_jsonl
@@ -278,7 +278,8 @@ def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_mo
     built from those options (faked here: no server), the stage trains and writes its manifest."""
     import yaml
 
-    from character_training import cli, generation
+    from character_training import cli
+    from character_training.run import generation
 
     tmp, _, _ = trained
     asked = {}

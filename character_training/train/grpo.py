@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from character_training import training
+from character_training.train import common as training
 from character_training.errors import UserError
-from character_training.training import LoraSettings
+from character_training.train.common import LoraSettings
 from data_gen.backends import Backend, Sampling
 from data_gen.templating import render
 

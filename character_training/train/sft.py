@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from character_training import training
+from character_training.train import common as training
 from character_training.errors import UserError
-from character_training.training import LoraSettings
+from character_training.train.common import LoraSettings
 
 DEFAULT_SFT: dict[str, Any] = {
     "learning_rate": 2e-4,
@@ -43,7 +43,7 @@ DEFAULT_LM: dict[str, Any] = {**{k: v for k, v in DEFAULT_SFT.items() if k != "a
                               "max_length": 1024, "packing_strategy": "bfd_split"}
 
 # SmolLM2's ChatML template with {% generation %} markers (TRL ships none for it).
-TRAINING_TEMPLATES = [Path(__file__).parent / "templates" / "chatml_training.jinja"]
+TRAINING_TEMPLATES = [Path(__file__).parents[1] / "templates" / "chatml_training.jinja"]
 ROLES = {"system", "user", "assistant"}
 
 

@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluate import bootstrap_interval
-from character_training.train_grpo import parse_score
+from character_training.evaluation.quick import bootstrap_interval
+from character_training.train.grpo import parse_score
 from data_gen.backends import Backend, Completion, Sampling
 from data_gen.filters import is_refusal
 from data_gen.stages.rlaif import verdict

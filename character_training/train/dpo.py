@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from character_training import training
+from character_training.train import common as training
 from character_training.errors import UserError
-from character_training.training import LoraSettings  # noqa: F401 (re-exported: the stage's LoRA settings)
+from character_training.train.common import LoraSettings  # noqa: F401 (re-exported: the stage's LoRA settings)
 
 # Defaults measured on the demo (135M model, ~70 pairs, 18 steps; see README): TRL's SFT term on
 # the chosen answers beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL term), which

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from character_training import yamlio
+from character_training.config import yamlio
 from character_training.errors import UserError, did_you_mean
-from character_training.generation import GEN_STAGES, BackendSection, check_section
+from character_training.run.generation import GEN_STAGES, BackendSection, check_section
 
 
 @dataclass
@@ -234,7 +234,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     # Paths in a recipe are relative to the recipe file, so a recipe runs from any directory.
     base = path.resolve().parent
     recipe.constitution = str((base / recipe.constitution).resolve()) if not Path(recipe.constitution).is_absolute() else recipe.constitution
-    from character_training.training import check_trainer_fields
+    from character_training.train.common import check_trainer_fields
 
     for stage, kind in TRAINING_STAGES.items():
         section = getattr(recipe, stage)

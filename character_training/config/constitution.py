@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from character_training import yamlio
+from character_training.config import yamlio
 from character_training.errors import UserError, did_you_mean
-from character_training.prompts import render
+from character_training.config.prompts import render
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 TOP_KEYS = {

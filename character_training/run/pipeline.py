@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from character_training.constitution import Constitution, load_constitution
+from character_training.config.constitution import Constitution, load_constitution
 from character_training.errors import UserError
-from character_training.recipe import STAGES, Recipe
+from character_training.config.recipe import STAGES, Recipe
 from data_gen.backends import Sampling
 from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_jsonl, write_manifest
 
@@ -65,7 +65,7 @@ def _with_hint(system_prompt: str, hint: str | None) -> str:
 def _generation_backend(ctx: Context, out: Path):
     """The recipe's backend behind the stage's generation cache (``out/cache.jsonl``): a stage
     killed mid-generation and run again reuses every answer already made."""
-    from character_training.generation import make_backend
+    from character_training.run.generation import make_backend
     from data_gen.cache import CACHE_FILE, CachedBackend
 
     return CachedBackend(make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed), out / CACHE_FILE)
@@ -73,7 +73,7 @@ def _generation_backend(ctx: Context, out: Path):
 
 def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
     def run_stage(ctx: Context, out: Path) -> dict:
-        from character_training.generation import GEN_STAGES, make_backend, run_generation_stage
+        from character_training.run.generation import GEN_STAGES, make_backend, run_generation_stage
 
         spec = GEN_STAGES[stage]
         section = dict(getattr(ctx.recipe, stage))
@@ -155,14 +155,14 @@ def _data_files(ctx: Context, stage: str, files: dict[str, str]) -> list[Path]:
 
 def previous_adapter(ctx: Context, stage: str) -> Path | None:
     """The adapter of the nearest earlier training stage of the recipe: where this one starts."""
-    from character_training.recipe import TRAINING_STAGES
+    from character_training.config.recipe import TRAINING_STAGES
 
     earlier = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(stage)] if s in TRAINING_STAGES]
     return ctx.stage_dir(earlier[-1]) / "adapter" if earlier else None
 
 
 def final_adapter(ctx: Context) -> Path | None:
-    from character_training.recipe import TRAINING_STAGES
+    from character_training.config.recipe import TRAINING_STAGES
 
     trained = [s for s in ctx.recipe.stages if s in TRAINING_STAGES]
     return ctx.stage_dir(trained[-1]) / "adapter" if trained else None
@@ -188,7 +188,7 @@ def provenance(ctx: Context, upto: str) -> dict:
 def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     """Start from the previous training stage's adapter (continued, or merged and then composed
     back into one LoRA on the original base), train, and record the provenance."""
-    from character_training.training import LoraSettings, append_provenance, fold_merged
+    from character_training.train.common import LoraSettings, append_provenance, fold_merged
     from data_gen.backends import shutdown_engines
 
     if stage != "grpo":  # GRPO's judge may be this process's engine
@@ -207,7 +207,7 @@ def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
 
 
 def stage_midtrain(ctx: Context, out: Path) -> dict:
-    from character_training.train_sft import train_lm
+    from character_training.train.sft import train_lm
 
     section = ctx.recipe.midtrain
     documents = _data_files(ctx, "midtrain", DOCUMENT_FILES)
@@ -222,7 +222,7 @@ def stage_midtrain(ctx: Context, out: Path) -> dict:
 
 
 def stage_dpo(ctx: Context, out: Path) -> dict:
-    from character_training.train_dpo import train_dpo
+    from character_training.train.dpo import train_dpo
 
     files = _data_files(ctx, "dpo", PAIR_FILES)
     if len(files) == 1:
@@ -236,7 +236,7 @@ def stage_dpo(ctx: Context, out: Path) -> dict:
 
 
 def stage_sft(ctx: Context, out: Path) -> dict:
-    from character_training.train_sft import train_sft
+    from character_training.train.sft import train_sft
 
     files = _data_files(ctx, "sft", CHAT_FILES)
     return _train_stage(ctx, "sft", out, lambda **kw: train_sft(
@@ -245,8 +245,8 @@ def stage_sft(ctx: Context, out: Path) -> dict:
 
 def stage_grpo(ctx: Context, out: Path) -> dict:
     """Online RLAIF: GRPO whose reward is a judge scoring each completion against the constitution."""
-    from character_training.generation import make_backend
-    from character_training.train_grpo import train_grpo
+    from character_training.run.generation import make_backend
+    from character_training.train.grpo import train_grpo
     from data_gen.backends import Sampling as JudgeSampling
 
     section = ctx.recipe.grpo
@@ -263,7 +263,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     """The eval stage: the full report (character_training/report.py) or, with ``eval.report:
     quick``, the three-condition check. ``adapter``: evaluate this adapter instead of the run's
     final one; ``extra_adapters``: more adapters (NAME=PATH) in the same report."""
-    from character_training.evaluate import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
+    from character_training.evaluation.quick import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
 
     adapter = adapter or str(final_adapter(ctx) or ctx.stage_dir("dpo") / "adapter")
     if not (Path(adapter.partition("=")[2] if "=" in adapter else adapter) / "adapter_config.json").is_file():
@@ -283,9 +283,9 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
         print(format_table(report), flush=True)
         return {"stage": "eval", "adapter": adapter, **report}
 
-    from character_training.capability import training_texts_of_run
-    from character_training.generation import make_backend
-    from character_training.report import ReportSettings, adapter_names, evaluate, format_conditions
+    from character_training.evaluation.capability import training_texts_of_run
+    from character_training.run.generation import make_backend
+    from character_training.evaluation.report import ReportSettings, adapter_names, evaluate, format_conditions
 
     named = adapter_names([adapter, *extra_adapters])  # a run's STAGE/adapter is named "STAGE/adapter"
     if not pairs_path.is_file():
@@ -369,7 +369,7 @@ def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
     """An unfinished stage starts clean except for what resumes it (a generation stage's cache,
     a training stage's checkpoints, the eval report's caches and parts); a forced stage, or one whose inputs were just remade,
     starts from nothing."""
-    from character_training.training import CHECKPOINTS
+    from character_training.train.common import CHECKPOINTS
     from data_gen.cache import CACHE_FILE
 
     if not out.exists():
@@ -381,7 +381,7 @@ def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
 
 
 def make_context(recipe: Recipe) -> Context:
-    from character_training.models import resolve_model
+    from character_training.config.models import resolve_model
 
     constitution = load_constitution(recipe.constitution)
     return Context(recipe=recipe, constitution=constitution, model=resolve_model(recipe.model),
@@ -391,7 +391,7 @@ def make_context(recipe: Recipe) -> Context:
 def _check_principles(ctx: Context) -> None:
     """A stage that judges against principles, with a constitution that has none, stops the run
     before its first stage generates anything (not hours later, when that stage is reached)."""
-    from character_training.generation import GEN_STAGES
+    from character_training.run.generation import GEN_STAGES
     from data_gen.stages.critique import require_principles
 
     for stage in ctx.recipe.stages:

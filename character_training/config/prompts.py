@@ -5,7 +5,7 @@ from pathlib import Path
 
 from data_gen.templating import render_from
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = Path(__file__).parents[1] / "templates"
 
 
 def render(template: str, /, **values) -> str:

@@ -6,7 +6,7 @@
     character-training adapters inspect A [B ...] [--png FILE] [--json FILE]
 
 Only adapter files are read, never the base model; every output is a PEFT adapter directory
-(see ``character_training.adapters``). ``add_adapter_commands(sub)`` registers the commands on
+(see ``character_training.adapters.algebra``). ``add_adapter_commands(sub)`` registers the commands on
 the main parser's subparsers; each returns an exit code and raises UserError for user errors.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _rank_note(report: dict) -> str:
 
 
 def _compose(args) -> int:
-    from character_training.adapters import compose
+    from character_training.adapters.algebra import compose
 
     terms = [parse_term(t) for t in args.terms]
     report = compose(terms, args.output, rank=args.rank, overwrite=args.force)
@@ -60,7 +60,7 @@ def _compose(args) -> int:
 
 
 def _orthogonalize(args) -> int:
-    from character_training.adapters import orthogonalize
+    from character_training.adapters.algebra import orthogonalize
 
     report = orthogonalize(args.adapter, args.against, args.output, side=args.side, overwrite=args.force)
     print(f"wrote {args.output}: {report['modules']} modules; removed {report['removed_fraction']:.2%} of the "
@@ -72,7 +72,7 @@ def _orthogonalize(args) -> int:
 
 
 def _scale(args) -> int:
-    from character_training.adapters import scale
+    from character_training.adapters.algebra import scale
 
     modules = args.modules.split(",") if args.modules else None
     report = scale(args.adapter, args.weight, args.output, layers=args.layers, modules=modules, overwrite=args.force)
@@ -83,7 +83,7 @@ def _scale(args) -> int:
 def _inspect(args) -> int:
     import json
 
-    from character_training.adapters import format_inspect, inspect
+    from character_training.adapters.algebra import format_inspect, inspect
 
     report = inspect(args.adapters, png=args.png)
     print(format_inspect(report))

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluate import answer_perplexities, bootstrap_interval
+from character_training.evaluation.quick import answer_perplexities, bootstrap_interval
 from data_gen.backends import Backend, Sampling
 from data_gen.filters import distinct_3gram_share
 from data_gen.store import write_json, write_jsonl
@@ -214,7 +214,7 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     no finished chunk. ``release`` is called once generation and judging are done (e.g. to
     shut the engines down) before the model-side metrics. ``pairs`` are the run's
     teacher-vs-student pairs: they train the classifier and define the persona vector."""
-    from character_training import capability
+    from character_training.evaluation import capability
     from data_gen.cache import CachedBackend
     from data_gen.scoring import PersonaClassifier
 
@@ -276,7 +276,7 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
                               out / "judge_cache.jsonl", chunk_size=chunk_size)
     judged = None
     if judge is not None and settings.judge:
-        from character_training.judge import score_answers
+        from character_training.evaluation.judge import score_answers
 
         log("[eval] judge: trait and coherence scores")
         judged = score_answers(judge, constitution, [{k: r[k] for k in ("condition", "prompt", "answer")}
@@ -341,7 +341,7 @@ def _steered(out: Path, model_path: str, pv: dict, prompts: list[str], settings:
              sampling: Sampling, seed: int, log) -> list[str]:
     """The steering baseline's answers: the base model, no system prompt, the persona vector
     (x ``steering_coefficient``) added at its best layer while generating."""
-    from character_training import persona_vectors as pvm
+    from character_training.evaluation import persona_vectors as pvm
 
     layer = pv["best_layer"]
 
@@ -370,7 +370,7 @@ def _adapter_hashes(adapters: dict[str, str]) -> dict[str, str]:
 def _persona_vectors(out: Path, model_path: str, pairs: list[dict], system_prompt: str, seed: int, log) -> dict:
     """Persona vectors from the run's pairs: the teacher's answers with the constitution as system
     prompt against the student's answers without one, on the same (training) prompts."""
-    from character_training import persona_vectors as pvm
+    from character_training.evaluation import persona_vectors as pvm
 
     def user(pair):
         return next(m["content"] for m in pair["prompt"] if m["role"] == "user")
@@ -399,7 +399,7 @@ def _projections(out: Path, model_path: str, pv: dict, conditions: list[Conditio
                  log) -> dict:
     """Each condition's response activations (under its own model: the adapter's for adapter
     conditions) projected onto the persona vector, per layer."""
-    from character_training import persona_vectors as pvm
+    from character_training.evaluation import persona_vectors as pvm
 
     vectors = pvm.PersonaVectors.load(out / "parts" / "persona_vectors")
     wanted = [c for c in conditions if c.kind != "steered"]
@@ -435,7 +435,7 @@ def _adapter_name(conditions: list[Condition], adapter: str) -> str:
 
 
 def _revealed(backend, judge, constitution, prompts, adapters, settings, sampling, seed, log) -> dict:
-    from character_training.judge import judge_revealed, revealed_report, revealed_requests
+    from character_training.evaluation.judge import judge_revealed, revealed_report, revealed_requests
 
     log("[eval] revealed preferences")
     requests = revealed_requests(constitution, prompts[:settings.revealed_prompts], pairs_per_prompt=2, seed=seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from character_training import yamlio
+from character_training.config import yamlio
 from character_training.errors import UserError
 
 BASE = "base"

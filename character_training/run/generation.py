@@ -122,7 +122,7 @@ def make_backend(model: str, section: BackendSection, seed: int, *, enable_lora:
         from data_gen.backends import vllm_backend
 
         if judge and section.judge_model:
-            from character_training.models import resolve_model
+            from character_training.config.models import resolve_model
 
             target = resolve_model(section.judge_model)
         kwargs = dict(seed=seed, kv_cache_gib=2)

@@ -222,7 +222,7 @@ def fold_merged(previous_adapter: str | Path, out: Path) -> dict:
     """After a ``start: merge`` stage: ``out/adapter`` was trained on the base with
     ``previous_adapter`` merged in. Keep it as ``out/adapter-delta`` and write ``out/adapter``, one
     LoRA on the original base whose delta is the sum of both (exact: factors concatenated)."""
-    from character_training.adapters import compose_onto
+    from character_training.adapters.algebra import compose_onto
 
     delta = out / "adapter-delta"
     (out / "adapter").rename(delta)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from character_training.evaluate import PROMPTED, bootstrap_interval
+from character_training.evaluation.quick import PROMPTED, bootstrap_interval
 
 TENSORS_FILE = "persona_vectors.safetensors"
 META_FILE = "persona_vectors.json"
@@ -39,7 +39,7 @@ def load_model(model_path: str, adapter: str | Path | None = None):
     with the PEFT adapter applied when given."""
     from transformers import AutoModelForCausalLM
 
-    from character_training.training import check_adapter, load_tokenizer
+    from character_training.train.common import check_adapter, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -1,0 +1,35 @@
+"""The eval stage's settings: the recipe's ``eval`` section, read by the quick check and the report."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from character_training.errors import UserError
+
+REPORTS = ("full", "quick")
+
+
+@dataclass
+class EvalSettings:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 160
+    report: str = "full"                # "full": the report (evaluation/report.py); "quick": 3 conditions
+    samples_per_prompt: int = 1         # answers per held-out prompt and condition (sampled)
+    neutral_prompts: int = 12           # shipped neutral prompts added to the held-out ones (0: none)
+    adversarial: int = 2                # shipped adversarial suffixes applied to each adapter (0: none)
+    prefill: bool = True                # the base model writes the first turn, the adapter continues
+    steering: bool = True               # baseline: the persona vector added at the best layer
+    steering_coefficient: float = 2.0   # x the persona vector (1 moves the plain mean onto the persona mean)
+    judge: bool = True                  # trait and coherence scores (backend.judge_model, or the base model)
+    revealed_prompts: int = 8           # revealed preferences on this many prompts (0: skip)
+    persona_vectors: bool = True
+    capability: bool = True             # perplexity on neutral text, multiple-choice accuracy
+    lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs lm-eval + its data)
+
+    def __post_init__(self):
+        if self.samples_per_prompt < 1:
+            raise UserError(f"samples_per_prompt: {self.samples_per_prompt}; give 1 or more "
+                            "(answers per held-out prompt and condition)")
+        if self.report not in REPORTS:
+            raise UserError(f"report: '{self.report}'; use 'full' (the report: adversarial, prefill, "
+                            "steering, judge, persona vectors, capability) or 'quick' (three conditions)")
