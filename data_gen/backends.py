@@ -187,6 +187,45 @@ def _progress(desc: str):
     return bar
 
 
+class Engines:
+    """The vLLM engines of a run (or of one command): built on first use, one per model and
+    settings, and released together when the holder is done or fails.
+
+        with Engines() as engines:
+            backend = engines.vllm(model, seed=0)   # the same object on every call with these arguments
+            ...
+            engines.release()                       # before training needs the memory and cores
+
+    The generation stages of a run share an engine rather than each building its own: vLLM
+    seeds the engine, not the request, so one engine's sample stream runs on from one stage to
+    the next (a run's samples depend on it), and a CPU engine costs about 30 s to start.
+    """
+
+    def __init__(self):
+        self._engines: dict[tuple, VLLMBackend] = {}
+
+    def vllm(self, model: str, **kwargs) -> VLLMBackend:
+        key = (model, tuple(sorted(kwargs.items())))
+        if key not in self._engines:
+            self._engines[key] = VLLMBackend(model, **kwargs)
+        return self._engines[key]
+
+    def release(self) -> None:
+        """Stop every engine now (their engine processes exit), freeing memory and cores."""
+        import gc
+
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.close()
+        gc.collect()
+
+    def __enter__(self) -> "Engines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 _ENGINES: dict[tuple, VLLMBackend] = {}
 
 

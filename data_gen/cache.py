@@ -27,10 +27,7 @@ CACHE_FILE = "cache.jsonl"
 
 
 def request_key(model: str, adapter: str | None, conversation: Conversation, sampling: Sampling) -> str:
-    settings = sampling.to_dict()
-    if not settings["frequency_penalty"]:  # added later: requests cached before it keep their keys
-        del settings["frequency_penalty"]
-    payload = {"model": model, "adapter": adapter, "messages": conversation, "sampling": settings}
+    payload = {"model": model, "adapter": adapter, "messages": conversation, "sampling": sampling.to_dict()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

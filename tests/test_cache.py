@@ -1,13 +1,13 @@
 """The generation cache: a stage killed mid-generation resumes with nothing lost or duplicated."""
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from character_training.run.pipeline import _clean_stage_dir
+from character_training.run.layout import clear_stage_dir
 from data_gen.backends import Completion, Sampling
 from data_gen.cache import CACHE_FILE, CachedBackend, request_key
 from data_gen.stages.prompts import ExpandSettings, expand_prompts
@@ -103,15 +103,11 @@ def test_adapter_and_model_are_part_of_the_key(tmp_path):
     assert other.batches == [1]
 
 
-def test_frequency_penalty_is_part_of_the_key_and_keys_made_before_it_existed_hold():
+def test_every_sampling_setting_is_part_of_the_key():
     conv = convs("a")[0]
-    # the key a request without the field had before frequency_penalty was added to Sampling
-    before = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 32, "repetition_penalty": 1.0, "logprobs": 0}
-    old_key = hashlib.sha256(json.dumps({"model": "m", "adapter": None, "messages": conv, "sampling": before},
-                                        sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    assert request_key("m", None, conv, SAMPLING) == old_key
-    penalized = Sampling(temperature=0.7, max_tokens=32, frequency_penalty=0.5)
-    assert request_key("m", None, conv, penalized) != old_key
+    key = request_key("m", None, conv, SAMPLING)
+    for change in ({"frequency_penalty": 0.5}, {"repetition_penalty": 1.1}, {"top_p": 0.9}, {"logprobs": 2}):
+        assert request_key("m", None, conv, dataclasses.replace(SAMPLING, **change)) != key, change
 
 
 def test_logprobs_survive_the_round_trip(tmp_path):
@@ -159,9 +155,9 @@ def test_an_unfinished_stage_keeps_its_cache_and_a_forced_one_drops_it(tmp_path)
     (out / CACHE_FILE).write_text("{}\n")
     (out / "pairs.jsonl").write_text("half")
     (out / "sub").mkdir()
-    _clean_stage_dir(out, keep_cache=True)
+    clear_stage_dir(out, keep_resume=True)
     assert sorted(p.name for p in out.iterdir()) == [CACHE_FILE]
-    _clean_stage_dir(out, keep_cache=False)
+    clear_stage_dir(out, keep_resume=False)
     assert list(out.iterdir()) == []
 
 
