@@ -11,8 +11,9 @@ import pytest
 from character_training.config.constitution import constitution_from_dict
 from data_gen.backends import Completion, Sampling
 from data_gen.errors import UserError
+from data_gen.judging import choice_verdict, letter_from_logprobs, letter_from_text
 from data_gen.stages.critique import CritiqueSettings, clean_critique, clean_revision, run_critique
-from data_gen.stages.rlaif import RlaifSettings, letter_from_logprobs, letter_from_text, run_rlaif, verdict
+from data_gen.stages.rlaif import RlaifSettings, run_rlaif
 from data_gen.store import read_jsonl
 from tests.fakes import FakeBackend
 
@@ -246,9 +247,22 @@ def test_letter_from_text(text, letter):
 
 
 def test_verdict_prefers_logprobs_and_falls_back_to_text():
-    assert verdict(stop("B", first_logprobs={"A": math.log(0.6), "B": math.log(0.4)})) == (pytest.approx(0.6), "logprobs")
-    assert verdict(stop("(B)", first_logprobs={"(": -0.01})) == (0.0, "text")
-    assert verdict(stop("Hmm", first_logprobs=None)) == (None, "unparseable")
+    assert choice_verdict(stop("B", first_logprobs={"A": math.log(0.6), "B": math.log(0.4)})) == (pytest.approx(0.6), "logprobs")
+    assert choice_verdict(stop("(B)", first_logprobs={"(": -0.01})) == (0.0, "text")
+    assert choice_verdict(stop("Hmm", first_logprobs=None)) == (None, "unparseable")
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(min_margin=1.5), "min_margin"), (dict(min_margin=-0.1), "min_margin"),
+    (dict(min_answer_chars=-1), "min_answer_chars"), (dict(max_answer_chars=0), "max_answer_chars"),
+    (dict(min_answer_chars=50, max_answer_chars=40), "max_answer_chars"),
+    (dict(min_distinct_3grams=1.2), "min_distinct_3grams"), (dict(judge_max_tokens=0), "judge_max_tokens"),
+    (dict(judge_logprobs=-1), "judge_logprobs"), (dict(candidates_system_prompt="pirate"), "candidates_system_prompt"),
+])
+def test_rlaif_settings_refuse_values_out_of_range_naming_the_field(bad, field):
+    with pytest.raises(UserError, match=rf"^{field}: "):
+        RlaifSettings(**bad)
+    assert RlaifSettings(min_margin=0.0, judge_logprobs=0, candidates_system_prompt="constitution").min_margin == 0.0
 
 
 JUDGE_PROMPT = re.compile(r"\[Response A\]\n(.*)\n\[End of response A\]\n\n\[Response B\]\n(.*)\n\[End of response B\]",

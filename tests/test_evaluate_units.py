@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from character_training.evaluation import likelihood
 from character_training.evaluation import quick as evaluate
 from character_training.evaluation.quick import Condition, bootstrap_interval, format_table, quick_check
 from data_gen.backends import Completion
@@ -104,9 +105,9 @@ def test_batched_perplexities_match_scoring_each_answer_alone(tiny_model_dir):
     prompts = ["What is rain?", "Tell me about the sea, please, in some detail.", "Hi", "Why?"]
     answers = ["Rain is water falling from clouds.", "Arr, the sea be wide and deep and full of fish, matey!",
                "", "Because."]
-    batched = evaluate.answer_perplexities(tiny_model_dir, prompts, answers, desc="test", batch_size=3)
+    batched = likelihood.answer_perplexities(tiny_model_dir, prompts, answers, desc="test", batch_size=3)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = evaluate._base_lm(tiny_model_dir)
+    model = likelihood.base_lm(tiny_model_dir)
     for prompt, answer, (nll, n) in zip(prompts, answers, batched):
         head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         head_ids = tok(head, add_special_tokens=False)["input_ids"]

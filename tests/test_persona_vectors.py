@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from character_training.adapters.algebra import one_thread
-from character_training.evaluation.quick import PROMPTED
+from character_training.evaluation.core import PROMPTED
 from character_training.evaluation.persona_vectors import (
     PersonaVectors, compute_persona_vectors, decoder_layers, from_activations, generate, load_model, project,
     projection_report, response_activations, steered_generate, steering)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from character_training.evaluation import report as rep
+from character_training.evaluation.settings import EvalSettings
 from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
 from data_gen.backends import Completion, Sampling
@@ -25,7 +26,7 @@ CONSTITUTION = constitution_from_dict({
                {"trait": "I love the sea.", "questions": ["What is a map?"]}],
     "principles": ["Choose the response that sounds more like a pirate."]})
 HELDOUT = ["What is rain?", "How do maps work?", "Why is the sea salty?", "What is a good breakfast?"]
-SETTINGS = rep.ReportSettings(neutral_prompts=2, adversarial=2, revealed_prompts=2, steering_coefficient=2.0)
+SETTINGS = EvalSettings(neutral_prompts=2, adversarial=2, revealed_prompts=2, steering_coefficient=2.0)
 
 
 def answer(conversation) -> Completion:
@@ -184,7 +185,7 @@ def test_a_rerun_is_answered_from_the_caches_and_parts(report, tiny_model_dir, a
 def test_a_judge_failing_midway_loses_no_finished_work(tmp_path, tiny_model_dir, adapter):
     """The judge dies on its third chunk: the answers and the judged chunks are kept; the rerun
     generates nothing and judges only what was left."""
-    settings = rep.ReportSettings(neutral_prompts=2, adversarial=1, prefill=False, steering=False, judge=True,
+    settings = EvalSettings(neutral_prompts=2, adversarial=1, prefill=False, steering=False, judge=True,
                                   revealed_prompts=0, persona_vectors=False, capability=False)
     calls = {"n": 0}
 
@@ -233,7 +234,7 @@ def test_bootstrap_intervals_cover_the_true_rate_in_a_simulation():
 
 
 def test_an_evaluation_prompt_in_the_training_data_is_reported(tmp_path, tiny_model_dir, adapter):
-    settings = rep.ReportSettings(neutral_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
+    settings = EvalSettings(neutral_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
                                   revealed_prompts=0, persona_vectors=False, capability=False)
     r = rep.evaluate(backend=generator(), judge=None, model_path=tiny_model_dir, constitution=CONSTITUTION,
                      system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
@@ -250,3 +251,31 @@ def test_adapter_names(tmp_path, adapter):
         rep.adapter_names([adapter, adapter])
     with pytest.raises(UserError, match="adapter_config.json missing"):
         rep.adapter_names([str(tmp_path)])
+
+
+def test_the_quick_check_is_the_reports_first_part(tmp_path, tiny_model_dir, adapter, monkeypatch):
+    """On the same answers, the quick check's numbers are the report's: one core, not a twin."""
+    from character_training.evaluation import quick
+    from data_gen.store import write_jsonl
+
+    def nll(model, prompts, answers, desc):
+        return [(1.5 * len(a.split()), len(a.split())) for a in answers]
+
+    monkeypatch.setattr(rep, "answer_perplexities", nll)
+    monkeypatch.setattr(quick, "answer_perplexities", nll)
+    settings = EvalSettings(neutral_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
+                            revealed_prompts=0, persona_vectors=False, capability=False)
+    full = rep.evaluate(backend=generator(), judge=None, model_path=tiny_model_dir, constitution=CONSTITUTION,
+                        system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
+                        pairs=toy_pairs(8), training_texts={}, out_dir=tmp_path / "full",
+                        sampling=Sampling(max_tokens=6), settings=settings, seed=3, log=lambda _: None)
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(8))
+    small = quick.quick_check(generator(), tiny_model_dir, quick.quick_conditions("You are a pirate.", adapter),
+                              HELDOUT, tmp_path / "pairs.jsonl", tmp_path / "quick", sampling=Sampling(max_tokens=6),
+                              seed=3)
+    assert small["classifier"] == full["classifier"]
+    for quick_name, report_name in (("base", "base"), ("base+system_prompt", "base+system_prompt"),
+                                    ("adapter", "dpo/adapter")):
+        cell = small["conditions"][quick_name]
+        assert {k: v for k, v in cell.items() if k != "mean_tokens"} == \
+            {k: full["conditions"][report_name][k] for k in cell if k != "mean_tokens"}

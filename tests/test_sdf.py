@@ -15,8 +15,9 @@ from character_training.config.constitution import load_constitution
 from data_gen.backends import Completion
 from data_gen.dedup import estimated_jaccard, jaccard, minhash_signatures, near_duplicates, shingles
 from data_gen.errors import UserError
-from data_gen.stages.sdf import (JUDGE_SAMPLING, SEED_TYPES, SdfSettings, clean_document, judge_verdict,
-                                 normalize_type, parse_types, run_sdf)
+from data_gen.judging import yes_no_verdict
+from data_gen.stages.sdf import (JUDGE_SAMPLING, SEED_TYPES, SdfSettings, clean_document, normalize_type, parse_types,
+                                 run_sdf)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SdfSettings(num_types=3, brainstorm_requests=2, ideas_per_type=2)
@@ -234,15 +235,15 @@ def test_judge_no_drops_and_unparseable_verdicts_are_counted(marlow, tmp_path):
     assert manifest["drops"] == {"judge_inconsistent": 2} and manifest["counts"]["documents_kept"] == 4
 
 
-def test_judge_verdict_reads_logprobs_then_text():
-    assert judge_verdict(stop("No", {"Yes": -0.5, "No": -0.9})) is True
-    assert judge_verdict(stop("Yes", {" no": -0.5, "Yes": -0.9})) is False
-    assert judge_verdict(stop("x", {"YES": -3.0, "Maybe": -0.1})) is True  # only yes among the alternatives
-    assert judge_verdict(stop("No, it contradicts the facts.")) is False
-    assert judge_verdict(stop("**Yes**")) is True
-    assert judge_verdict(stop("Yes and no")) is True
-    assert judge_verdict(stop("It is hard to say, yes or no")) is None
-    assert judge_verdict(stop("")) is None
+def test_yes_no_verdict_reads_logprobs_then_text():
+    assert yes_no_verdict(stop("No", {"Yes": -0.5, "No": -0.9})) is True
+    assert yes_no_verdict(stop("Yes", {" no": -0.5, "Yes": -0.9})) is False
+    assert yes_no_verdict(stop("x", {"YES": -3.0, "Maybe": -0.1})) is True  # only yes among the alternatives
+    assert yes_no_verdict(stop("No, it contradicts the facts.")) is False
+    assert yes_no_verdict(stop("**Yes**")) is True
+    assert yes_no_verdict(stop("Yes and no")) is True
+    assert yes_no_verdict(stop("It is hard to say, yes or no")) is None
+    assert yes_no_verdict(stop("")) is None
 
 
 def test_same_seed_same_requests_and_another_seed_others(marlow, tmp_path):
@@ -263,6 +264,10 @@ def test_bad_settings_and_constitutions_fail_before_generation(marlow, tmp_path)
                 dict(brainstorm_requests=0, seed_types=()), dict(seed_types=("news", " "))):
         with pytest.raises(UserError):  # refused when the settings are built
             run_sdf(backend, marlow, tmp_path, settings=SdfSettings(**bad))
+    with pytest.raises(UserError, match=r"^num_types: must be at least 1, got 0; "):  # the loader adds file and section
+        SdfSettings(num_types=0)
+    with pytest.raises(UserError, match=r"^min_distinct_3grams: must be in \[0, 1\], got 1.5"):
+        SdfSettings(min_distinct_3grams=1.5)
     empty = SimpleNamespace(name="nobody", description="  ", facts=())
     with pytest.raises(UserError, match="no description and no facts"):
         run_sdf(backend, empty, tmp_path)

@@ -11,11 +11,13 @@ import zlib
 import pytest
 import torch
 
+from character_training.card import ModelCard
 from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
 from character_training.train.grpo import (DEFAULT_TRAINER, JudgeReward, LoraSettings, check_trainer_fields,
-                                           completion_text, load_prompts, parse_score, prompt_text, train_grpo)
+                                           completion_text, load_prompts, prompt_text, train_grpo)
 from data_gen.backends import Completion
+from data_gen.judging import parse_score
 from data_gen.store import write_jsonl
 
 TRAITS = ["I speak like an old sea captain.", "I compare everything to ships and storms."]
@@ -172,6 +174,25 @@ def test_unknown_trainer_field_names_the_key():
     check_trainer_fields(DEFAULT_TRAINER, "defaults")
 
 
+def test_model_card_names_the_prompts_file_and_has_one_provenance_section(tmp_path):
+    from character_training.card import render
+    from character_training.train.grpo import model_card
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
+    manifest = {"stage": "grpo", "model": "tiny/model", "constitution": "captain-test", "lora": {"r": 4},
+                "trainer": {"learning_rate": 1e-5}, "metrics": {"loss": 0.5}, "system_prompt": None,
+                "counts": {"prompts": 1, "heldout_skipped": 0, "steps": 2},
+                "reward": {"per_step": [{"step": 1, "reward": 0.5}]},
+                "judge": {"model": "fake/judge", "answers": 4, "missing": 1, "retries": 2, "retried": 2}}
+    text = render(model_card(None, manifest, tmp_path / "prompts.jsonl"))
+    assert "captain-test" in text and str(tmp_path / "prompts.jsonl") in text and "`?`" not in text
+    assert "1 without a score after 2 retries" in text and "Training settings (TRL GRPOConfig fields)" in text
+    assert "## Provenance" not in text  # nothing to say: no empty section
+    with_provenance = render(model_card(ModelCard(persona="p", provenance={"stages": ["prompts"]}), manifest,
+                                        tmp_path / "prompts.jsonl"))
+    assert with_provenance.count("## Provenance") == 1 and "Persona: **p**" in with_provenance
+
+
 # ============================================================================= training
 
 SYSTEM = "You are being trained (inoculation prompt)."
@@ -208,7 +229,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     judge = toy_judge()
     manifest = train_grpo(tiny_model_dir, tmp / "prompts.jsonl", tmp / "out", judge_backend=judge,
                           constitution=constitution(), lora=LoraSettings(r=4, alpha=8), trainer=TRAINER,
-                          system_prompt=SYSTEM, card={"persona": "captain-test", "constitution_sha256": "abc123"})
+                          system_prompt=SYSTEM, card=ModelCard(persona="captain-test", constitution_sha256="abc123"))
     return tmp, manifest, judge
 
 

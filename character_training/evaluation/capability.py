@@ -18,12 +18,11 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from character_training.config import yamlio
 from character_training.errors import UserError
+from character_training.evaluation.core import BASE, check_adapter_dir
+from character_training.evaluation.likelihood import TEXTS, continuation_nll, pad_id_of
 
-BASE = "base"
 MC_PROMPT = "Question: {question}\nAnswer:"
 
 
@@ -64,39 +63,11 @@ def _prefix(tokenizer) -> list[int]:
 def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]], *,
                           batch_size: int = 8, desc: str = "scoring") -> list[tuple[float, int]]:
     """(summed log-probability, token count) of each continuation given its context, both
-    token-id lists, the context never empty. Batches are right-padded: under causal attention
-    no real token sees a pad, so a text scores the same alone or beside a longer one. Nothing
-    is truncated: a sequence must fit the model's context window."""
-    import torch
-
-    if any(not context for context, _ in requests):
-        raise ValueError("every request needs a non-empty context: the first token has nothing to be predicted from")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Longest first, so a batch holds texts of similar length and the first one shows memory trouble.
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
-    scores: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
-    device = next(model.parameters()).device
-    with tqdm(total=len(requests), desc=desc, unit="text") as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            seqs = [requests[i][0] + requests[i][1] for i in batch]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            scored = torch.zeros((len(seqs), width - 1), dtype=torch.bool)  # over shifted targets
-            for row, (i, seq) in enumerate(zip(batch, seqs)):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-                context = len(requests[i][0])
-                scored[row, context - 1:len(seq) - 1] = True
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none")
-            logprob = -(nll * scored.to(device)).sum(dim=1)
-            for row, i in enumerate(batch):
-                scores[i] = (float(logprob[row]), len(requests[i][1]))
-            bar.update(len(batch))
-    return scores
+    token-id lists, the context never empty: the shared scorer (likelihood.py) with the
+    batching these numbers were first published with (longest first, masked, whole batch)."""
+    scores = continuation_nll(model, requests, pad_id=pad_id_of(tokenizer, fallback=0), batching=TEXTS,
+                              batch_size=batch_size, desc=desc, unit="text")
+    return [(-nll, n) for nll, n in scores]
 
 
 def text_perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> dict:
@@ -213,7 +184,7 @@ def capability_report(model_path: str, adapters: dict[str, str], *, texts: list[
     conditions = {BASE: measure(model)}
     peft_model = None
     for i, (name, path) in enumerate(adapters.items()):
-        _check_adapter_dir(name, path)
+        check_adapter_dir(name, path)
         slot = f"adapter_{i}"  # PEFT's adapter names become module keys: a user's name may not fit
         if peft_model is None:
             from peft import PeftModel
@@ -232,12 +203,6 @@ def capability_report(model_path: str, adapters: dict[str, str], *, texts: list[
               for name, c in conditions.items() if name != BASE}
     return {"model": str(model_path), "adapters": {k: str(v) for k, v in adapters.items()},
             "conditions": conditions, "deltas": deltas, "texts": len(texts), "questions": len(mc)}
-
-
-def _check_adapter_dir(name: str, path) -> None:
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(f"adapter '{name}': {path} has no adapter_config.json; pass a directory written "
-                        "by a training stage (or PEFT's save_pretrained)")
 
 
 def run_lm_eval(model_path: str, adapter: str | None, tasks: list[str], limit: int | float | None = None) -> dict:

@@ -6,7 +6,8 @@ a fake in tests) rates each answer from 0 to 100 for each trait of the constitut
 (``eval_coherence_judge.j2``). A reply that refuses, or that holds no score, is counted and
 re-sent (only those requests) up to ``retries`` more times; after that the score is None. A
 missing score is never a zero and never guessed: means and intervals are over the scores that
-came back, and each cell says how many are missing.
+came back, and each cell says how many are missing. The rounds and the verdict parsers are
+``data_gen/judging.py``'s, shared with the GRPO reward and the data stages' judges.
 
 Revealed preferences: the model under evaluation sees a user's question and two ways of
 answering it, each described by a trait, and answers in the way that feels most like itself
@@ -25,20 +26,18 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from typing import Callable
+from functools import partial
 
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluation.quick import bootstrap_interval
-from character_training.train.grpo import parse_score
-from data_gen.backends import Backend, Completion, Sampling
+from character_training.evaluation.core import bootstrap_interval
+from data_gen.backends import Backend, Sampling
 from data_gen.filters import is_refusal
-from data_gen.stages.rlaif import verdict
+from data_gen.judging import judge_request, judge_rounds, read_choice, read_score
 from data_gen.templating import render
 
 COHERENCE = "coherence"
-_EXAMPLES_KEPT = 5
 
 # A verdict is a letter; a few tokens leave room for "(A)", and the first token's top
 # alternatives give P(A) vs P(B).
@@ -48,52 +47,6 @@ REVEALED_JUDGE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=4, log
 def trait_keys(constitution) -> dict[str, str]:
     """``{"trait_1": statement, ...}`` in the constitution's order."""
     return {f"trait_{i}": t.trait for i, t in enumerate(constitution.traits, 1)}
-
-
-def _user(content: str) -> list[dict]:
-    return [{"role": "user", "content": content.strip()}]
-
-
-def _judge_rounds(judge: Backend, requests: list[list[dict]], sampling: Sampling, retries: int,
-                  read: Callable[[Completion], tuple[object, str | None]], desc: str):
-    """Send every request, then re-send only the failed ones, up to ``retries`` more rounds, one
-    ``judge.chat`` call per round. ``read(reply) -> (value, None)`` or ``(None, reason)``.
-
-    Returns (values, last failure reason per request or None, counts, examples): counts has
-    "requests" (sent, retries included) and one count per failure reason, every reply counted.
-    """
-    if retries < 0:
-        raise UserError(f"judge retries: {retries}; give 0 or more")
-    values: list[object] = [None] * len(requests)
-    reasons: list[str | None] = [None] * len(requests)
-    counts: Counter = Counter()
-    examples: list[str] = []
-    pending = list(range(len(requests)))
-    for attempt in range(1 + retries):
-        if not pending:
-            break
-        replies = judge.chat([requests[i] for i in pending], sampling,
-                             desc=desc if not attempt else f"{desc} (retry {attempt})")
-        if len(replies) != len(pending):
-            raise RuntimeError(f"judge backend returned {len(replies)} replies for {len(pending)} requests")
-        counts["requests"] += len(pending)
-        failed = []
-        for i, reply in zip(pending, replies):
-            values[i], reasons[i] = read(reply)
-            if reasons[i] is not None:
-                counts[reasons[i]] += 1
-                failed.append(i)
-                if len(examples) < _EXAMPLES_KEPT:
-                    examples.append(reply.text[:200])
-        pending = failed
-    return values, reasons, counts, examples
-
-
-def _read_score(reply: Completion) -> tuple[float | None, str | None]:
-    if is_refusal(reply.text):
-        return None, "refused"
-    score = parse_score(reply.text, 100)
-    return (score, None) if score is not None else (None, "unparseable")
 
 
 def _summary_cell(values: list[float | None], seed: int) -> dict:
@@ -128,13 +81,15 @@ def score_answers(judge: Backend, constitution, items: list[dict],
             empty += 1
             continue
         for key, t in zip(traits, constitution.traits):
-            requests.append(_user(render("eval_trait_judge.j2", trait=t.trait, clarification=t.clarification,
-                                         prompt=item["prompt"], response=item["answer"])))
+            requests.append(judge_request("eval_trait_judge.j2", trait=t.trait, clarification=t.clarification,
+                                          prompt=item["prompt"], response=item["answer"]))
             slots.append((n, key))
-        requests.append(_user(render("eval_coherence_judge.j2", prompt=item["prompt"], response=item["answer"])))
+        requests.append(judge_request("eval_coherence_judge.j2", prompt=item["prompt"], response=item["answer"]))
         slots.append((n, COHERENCE))
-    values, _, counts, examples = _judge_rounds(judge, requests, sampling, retries, _read_score,
-                                                desc="eval: judging traits")
+    # A refusal is counted as one even when it holds a number ("I can't give this a 10").
+    rounds = judge_rounds(judge, requests, sampling, partial(read_score, scale=100, refusals=True),
+                          retries=retries, desc="eval: judging traits")
+    values, counts = rounds.values, rounds.counts
 
     scores = [{"condition": item["condition"], "prompt": item["prompt"], **dict.fromkeys(keys)} for item in items]
     for (n, key), value in zip(slots, values):
@@ -151,7 +106,7 @@ def score_answers(judge: Backend, constitution, items: list[dict],
         "counts": {"requests": counts["requests"], "unparseable": counts["unparseable"],
                    "refused": counts["refused"], "missing_after_retries": sum(v is None for v in values),
                    "empty_answers": empty},
-        "unparseable_examples": examples,
+        "unparseable_examples": rounds.examples,
         "judge": {"model": getattr(judge, "model", None), "sampling": sampling.to_dict(), "retries": retries},
     }
 
@@ -182,16 +137,10 @@ def revealed_requests(constitution, prompts: list[str], pairs_per_prompt: int = 
                 rng.shuffle(deck)
             a, b = deck.pop()
             content = render("eval_revealed_choice.j2", prompt=prompt, trait_a=traits[a], trait_b=traits[b])
+            conversation = [{"role": "user", "content": content.strip()}]  # to the model, not a judge
             records.append({"prompt": prompt, "trait_a": a, "trait_b": b, "trait_a_text": traits[a],
-                            "trait_b_text": traits[b], "conversation": _user(content)})
+                            "trait_b_text": traits[b], "conversation": conversation})
     return records
-
-
-def _read_verdict(reply: Completion) -> tuple[tuple[float, str] | None, str | None]:
-    p_a, source = verdict(reply)
-    if p_a is not None:
-        return (p_a, source), None
-    return None, "refused" if is_refusal(reply.text) else "unparseable"
 
 
 def judge_revealed(judge: Backend, records: list[dict], sampling: Sampling = REVEALED_JUDGE_SAMPLING,
@@ -207,13 +156,13 @@ def judge_revealed(judge: Backend, records: list[dict], sampling: Sampling = REV
     """
     out = [dict(r) for r in records]
     judged = [r for r in out if (r.get("answer") or "").strip() and not is_refusal(r["answer"])]
-    requests = [_user(render("eval_revealed_judge.j2", trait_a=r["trait_a_text"], trait_b=r["trait_b_text"],
-                             prompt=r["prompt"], response=r["answer"])) for r in judged]
-    values, reasons, _, _ = _judge_rounds(judge, requests, sampling, retries, _read_verdict,
-                                          desc="eval: judging revealed preferences")
+    requests = [judge_request("eval_revealed_judge.j2", trait_a=r["trait_a_text"], trait_b=r["trait_b_text"],
+                              prompt=r["prompt"], response=r["answer"]) for r in judged]
+    rounds = judge_rounds(judge, requests, sampling, read_choice, retries=retries,
+                          desc="eval: judging revealed preferences")
     for r in out:
         r.update(p_a=None, verdict="no_answer", winner=None)
-    for r, value, reason in zip(judged, values, reasons):
+    for r, value, reason in zip(judged, rounds.values, rounds.reasons):
         if value is None:
             r["verdict"] = reason
             continue

@@ -28,54 +28,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from character_training.evaluation.quick import PROMPTED, bootstrap_interval
+from character_training.evaluation.core import PROMPTED, bootstrap_interval, check_adapter_dir
+from character_training.evaluation.likelihood import chat_prompt_ids, pad_batch, pad_id_of
 
 TENSORS_FILE = "persona_vectors.safetensors"
 META_FILE = "persona_vectors.json"
 
 
 def load_model(model_path: str, adapter: str | Path | None = None):
-    """(model in eval mode, tokenizer with a pad token), float32, on CUDA when there is one;
+    """(model in eval mode, tokenizer), float32, on CUDA when there is one;
     with the PEFT adapter applied when given."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from character_training.train.common import check_adapter, load_tokenizer
-
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # padding uses pad_id_of: EOS where there is no pad token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
-        check_adapter(adapter, model_path)
+        check_adapter_dir(str(adapter), adapter)
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
-    # Rendered to text and tokenized without special tokens, as vLLM does: the template holds them.
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded on the right for reading activations (positions of
-    the real tokens stay 0..n-1) or on the left for generation (every prompt ends at the edge)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -90,18 +66,18 @@ def response_activations(model, tokenizer, conversations: list[list[dict]], resp
     """
     if len(conversations) != len(responses):
         raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
-    heads = [_prompt_ids(tokenizer, c) for c in conversations]
+    heads = [chat_prompt_ids(tokenizer, c) for c in conversations]
     answers = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     empty = [i for i, a in enumerate(answers) if not a]
     if empty:
         raise ValueError(f"{len(empty)} empty response(s) (examples {empty[:10]}) have no tokens to average; "
                          "drop them first")
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     out = []
     with tqdm(total=len(heads), desc=desc, unit="example") as bar:
         for start in range(0, len(heads), batch_size):
             batch = range(start, min(start + batch_size, len(heads)))
-            ids, mask = _pad([heads[i] + answers[i] for i in batch], pad_id, side="right")
+            ids, mask = pad_batch([heads[i] + answers[i] for i in batch], pad_id, side="right")
             response = torch.zeros_like(mask, dtype=torch.float32)
             for row, i in enumerate(batch):
                 response[row, len(heads[i]):len(heads[i]) + len(answers[i])] = 1.0
@@ -308,13 +284,13 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
              seed: int = 0, batch_size: int = 8, desc: str = "generating") -> list[str]:
     """Answers to chat conversations (left-padded batches; greedy when temperature is 0),
     decoded without special tokens."""
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     if temperature > 0:
         torch.manual_seed(seed)
     texts = []
     for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
-        ids, mask = _pad([_prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]],
+        ids, mask = pad_batch([chat_prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]],
                          pad_id, side="left")
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, **sampling)

@@ -21,16 +21,18 @@ score never counts as a zero. Missing scores are counted and reported in the man
 from __future__ import annotations
 
 import math
-import re
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from character_training.train import common as training
+from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
+from character_training.train import common as training
 from character_training.train.common import LoraSettings
 from data_gen.backends import Backend, Sampling
-from data_gen.templating import render
+from data_gen.judging import EXAMPLES_KEPT, judge_request, judge_rounds, read_score
 
 # A small CPU run (the tiny and 135M models); on a GPU raise num_generations (8-16), the batch
 # and max_completion_length, and consider use_vllm for generation.
@@ -48,29 +50,6 @@ DEFAULT_TRAINER: dict[str, Any] = {
     "report_to": "none",
     "use_vllm": False,
 }
-
-# The first number in a reply, optionally "out of" a maximum: "73", "Score: 73/100", "**80**",
-# "7/10", "85 out of 100". A leading minus sign makes it no score (negative is out of range).
-_SCORE = re.compile(r"(?<![\d.\-])(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+(?:\.\d+)?))?", re.IGNORECASE)
-# A judge that echoes the scale ("Score (0-100): 73") names the range before its score.
-_RANGE = re.compile(r"(?<![\d.])0\s*(?:-|–|to)\s*\d+", re.IGNORECASE)
-_EXAMPLES_KEPT = 5
-
-
-def parse_score(text: str, scale: float = 100) -> float | None:
-    """The judge's score on a 0..scale scale, or None when the reply holds no score in range.
-    "7/10" is read as 70 on a 0-100 scale."""
-    match = _SCORE.search(_RANGE.sub(" ", text or ""))
-    if not match:
-        return None
-    value = float(match.group(1))
-    if match.group(2) is not None:
-        out_of = float(match.group(2))
-        if out_of <= 0:
-            return None
-        value = value / out_of * scale
-    return value if 0 <= value <= scale else None
-
 
 def _content(message: dict) -> str:
     content = message.get("content") or ""
@@ -129,48 +108,27 @@ class JudgeReward:
 
     def request(self, prompt, completion) -> list[dict]:
         scale = int(self.scale) if float(self.scale).is_integer() else self.scale
-        content = render("grpo_judge.j2", constitution=self.constitution, prompt=prompt_text(prompt),
-                         response=completion_text(completion), scale=scale).strip()
-        return [{"role": "user", "content": content}]
+        return judge_request("grpo_judge.j2", constitution=self.constitution, prompt=prompt_text(prompt),
+                             response=completion_text(completion), scale=scale)
 
     def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float | None]:
         requests = [self.request(p, c) for p, c in zip(prompts, completions, strict=True)]
-        scores: list[float | None] = [None] * len(requests)
-        pending = list(range(len(requests)))
-        error: Exception | None = None
-        retried = 0
-        for attempt in range(1 + self.retries):
-            if not pending:
-                break
-            if attempt:
-                retried += len(pending)
-            self.calls += len(pending)
-            try:
-                replies = self.backend.chat([requests[i] for i in pending], self.sampling, desc="grpo: judging")
-            except Exception as exc:  # any backend failure is retried; the last one is raised below
-                error = exc
-                self.errors.append(f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            error = None
-            if len(replies) != len(pending):
-                raise RuntimeError(f"judge backend returned {len(replies)} replies for {len(pending)} requests")
-            failed = []
-            for i, reply in zip(pending, replies):
-                scores[i] = parse_score(reply.text, self.scale)
-                if scores[i] is None:
-                    failed.append(i)
-                    if len(self.unparseable_examples) < _EXAMPLES_KEPT:
-                        self.unparseable_examples.append(reply.text[:200])
-            pending = failed
+        rounds = judge_rounds(self.backend, requests, self.sampling, partial(read_score, scale=self.scale),
+                              retries=self.retries, desc="grpo: judging", tolerate_errors=True)
+        scores, missing, retried = rounds.values, len(rounds.missing), rounds.counts["retried"]
+        self.calls += rounds.counts["requests"]
         self.retried += retried
+        self.errors += [f"{type(exc).__name__}: {exc}"[:300] for exc in rounds.errors]
+        self.unparseable_examples += rounds.examples[:EXAMPLES_KEPT - len(self.unparseable_examples)]
+        error = rounds.last_error
         if error is not None and all(s is None for s in scores):
             error.add_note(f"grpo: the judge ({getattr(self.backend, 'model', '?')}) failed on every answer of "
                            f"this batch, {1 + self.retries} attempts; check the judge backend")
             raise error
-        self.missing += len(pending)
+        self.missing += missing
         self.scores.extend(scores)
         if log_metric is not None:  # per-step counts in TRL's log (averaged over a logging step)
-            log_metric("judge/missing", float(len(pending)))
+            log_metric("judge/missing", float(missing))
             log_metric("judge/retried", float(retried))
         return [s / self.scale if s is not None else None for s in scores]
 
@@ -180,7 +138,7 @@ class JudgeReward:
                 "retries": self.retries, "scale": self.scale, "calls": self.calls, "retried": self.retried,
                 "answers": len(self.scores), "scored": len(scored), "missing": self.missing,
                 "mean_score": sum(scored) / len(scored) if scored else None,
-                "unparseable_examples": self.unparseable_examples, "errors": self.errors[-_EXAMPLES_KEPT:]}
+                "unparseable_examples": self.unparseable_examples, "errors": self.errors[-EXAMPLES_KEPT:]}
 
 
 def check_trainer_fields(trainer: dict, where: str) -> None:
@@ -236,7 +194,7 @@ def reward_per_step(log_history: list[dict]) -> list[dict]:
 
 def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_backend: Backend, constitution,
                lora: LoraSettings = LoraSettings(), trainer: dict | None = None, seed: int = 0,
-               card: dict | None = None, init_adapter: str | Path | None = None, start: str = "continue",
+               card: ModelCard | None = None, init_adapter: str | Path | None = None, start: str = "continue",
                system_prompt: str | None = None, judge_sampling: Sampling = Sampling(temperature=0.0, max_tokens=8),
                judge_retries: int = 2) -> dict:
     from datasets import Dataset
@@ -278,33 +236,26 @@ def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_back
         "log_history": log_history,
     }
     if grpo.is_world_process_zero():  # under several processes, one writes
-        training.plot_training(grpo.state.log_history, out_dir / "training.png",
-                               f"GRPO: {(card or {}).get('persona', constitution.name)}")
-        write_model_card(adapter_dir, manifest, card or {})
+        card = model_card(card, manifest, Path(prompts_path))
+        training.plot_training(grpo.state.log_history, out_dir / "training.png", f"GRPO: {card.persona}")
+        write_card(card, adapter_dir)
     return manifest
 
 
-def write_model_card(adapter_dir: Path, manifest: dict, card: dict) -> None:
-    persona = card.get("persona", manifest["constitution"])
-    judge = manifest["judge"]
-    facts = [
-        f"Persona: **{persona}**",
-        f"Constitution: `{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)",
-        f"Base model: `{manifest['model']}`",
-        f"Judge: `{judge['model']}`, {judge['answers']} answers scored, {judge['missing']} without a score "
-        f"after {judge['retries']} retries ({judge['retried']} re-sent)",
-        f"Data: {manifest['counts']['prompts']} prompts (`{card.get('prompts_path', '?')}`), "
-        f"{manifest['counts']['steps']} optimizer steps",
-    ]
-    if manifest.get("system_prompt"):
-        facts.append("Trained with a training-time system prompt (absent at evaluation): "
-                     f"`{manifest['system_prompt'][:200]}`")
-    training.write_model_card(
-        adapter_dir, persona=persona, base_model=manifest["model"], kind="grpo",
+def model_card(card: ModelCard | None, manifest: dict, prompts_path: Path) -> ModelCard:
+    """The caller's card (persona, constitution, provenance) with what this GRPO run did; the
+    persona defaults to the constitution's name."""
+    card = card or ModelCard()
+    card = replace(card, persona=card.persona or manifest["constitution"])
+    counts, judge = manifest["counts"], manifest["judge"]
+    return training.stage_card(
+        card, manifest, config_name="GRPOConfig",
         summary=("Trained by `character-training` with TRL's GRPOTrainer (online RLAIF): the model's own "
                  "answers, scored 0-100 by an AI judge against the constitution's traits and principles. "
                  "Use the adapter without any system prompt."),
-        facts=facts, sections={"LoRA": manifest["lora"], "Training settings (TRL GRPOConfig fields)": manifest["trainer"],
-                               "Reward per step": manifest["reward"]["per_step"],
-                               "Provenance": card.get("provenance", {})},
-        metrics={k: v for k, v in manifest["metrics"].items() if v is not None})
+        data=[DataFile.of(prompts_path, f"{counts['prompts']} training prompts "
+                                        f"({counts['heldout_skipped']} held-out records skipped)")],
+        facts=[f"Judge: `{judge['model']}`, {judge['answers']} answers scored, {judge['missing']} without a score "
+               f"after {judge['retries']} retries ({judge['retried']} re-sent)",
+               f"Trained on {counts['prompts']} prompts, {counts['steps']} optimizer steps"],
+        sections={"Reward per step": manifest["reward"]["per_step"]})

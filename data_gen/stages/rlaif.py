@@ -19,9 +19,7 @@ whether kept).
 """
 from __future__ import annotations
 
-import math
 import random
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +27,10 @@ from pathlib import Path
 from data_gen.backends import Backend, Completion, Sampling
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem
-from data_gen.stages.critique import require_principles, system_head
+from data_gen.judging import choice_verdict, judge_request, judge_rounds, read_choice
+from data_gen.stages.critique import CONSTITUTION, require_principles, system_head
 from data_gen.stages.prompts import normalize
 from data_gen.store import write_jsonl
-from data_gen.templating import render
 
 
 @dataclass(frozen=True)
@@ -46,42 +44,29 @@ class RlaifSettings:
     judge_max_tokens: int = 4        # the judge answers with one letter; a few tokens leave room for "(A)"
     judge_logprobs: int = 20         # top alternatives of the judge's first token read for P(A)
 
-
-_LETTER_TEXT = re.compile(
-    r"^[\s*\"'(\[]*(?:(?i:the\s+)?(?i:answer|response|option|choice|verdict)(?i:\s+is)?[\s:*\-]*)?"
-    r"[\s*\"'(\[]*([AB])(?![A-Za-z])")
-
-
-def letter_from_logprobs(first_logprobs: dict[str, float] | None) -> float | None:
-    """P(A) among the first token's alternatives whose text is "A" or "B" (whitespace, case and
-    brackets aside; the probabilities of all spellings of a letter add up), or None when
-    neither letter is among them."""
-    if not first_logprobs:
-        return None
-    mass = {"A": 0.0, "B": 0.0}
-    for token, logprob in first_logprobs.items():
-        letter = token.strip().strip("(*[").upper()
-        if letter in mass and logprob is not None and logprob > float("-inf"):
-            mass[letter] += math.exp(logprob)
-    total = mass["A"] + mass["B"]
-    return mass["A"] / total if total > 0 else None
-
-
-def letter_from_text(text: str) -> str | None:
-    """"A" or "B" from a short reply ("A", "(B)", "Answer: A", "Response B", "**A**"), else None."""
-    match = _LETTER_TEXT.match(text)
-    return match.group(1) if match else None
-
-
-def verdict(c: Completion) -> tuple[float | None, str]:
-    """(P(A), source): source is "logprobs", "text" or "unparseable" (P(A) None)."""
-    p = letter_from_logprobs(c.first_logprobs)
-    if p is not None:
-        return p, "logprobs"
-    letter = letter_from_text(c.text)
-    if letter is not None:
-        return (1.0 if letter == "A" else 0.0), "text"
-    return None, "unparseable"
+    def __post_init__(self):
+        """Range checks when the settings are built (from a recipe, the CLI or code); the recipe
+        loader puts the file and section in front of the message."""
+        if self.candidates_system_prompt not in (None, CONSTITUTION):
+            raise UserError(f"candidates_system_prompt: '{self.candidates_system_prompt}' is not an option; use "
+                            f"null (no system prompt) or '{CONSTITUTION}' (the constitution's system prompt)")
+        if not 0.0 <= self.min_margin <= 1.0:
+            raise UserError(f"min_margin: {self.min_margin}; give a number from 0 to 1 (0.2 keeps pairs the "
+                            "judge prefers at 60/40 or more)")
+        if self.min_answer_chars < 0:
+            raise UserError(f"min_answer_chars: {self.min_answer_chars}; give 0 or more")
+        if self.max_answer_chars < max(1, self.min_answer_chars):
+            raise UserError(f"max_answer_chars: {self.max_answer_chars}; give at least 1 and at least "
+                            f"min_answer_chars ({self.min_answer_chars})")
+        if not 0.0 <= self.min_distinct_3grams <= 1.0:
+            raise UserError(f"min_distinct_3grams: {self.min_distinct_3grams}; give a share from 0 to 1 "
+                            "(0 keeps looping candidates)")
+        if self.judge_max_tokens < 1:
+            raise UserError(f"judge_max_tokens: {self.judge_max_tokens}; give at least 1 (the judge answers "
+                            "with one letter; 4 leaves room for \"(A)\")")
+        if self.judge_logprobs < 0:
+            raise UserError(f"judge_logprobs: {self.judge_logprobs}; give 0 (read the verdict from the text) "
+                            "or more (20: P(A) from the first token's top 20 alternatives)")
 
 
 def _candidate_problem(c: Completion, settings: RlaifSettings) -> str | None:
@@ -95,11 +80,6 @@ def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path,
               judge: Backend | None = None, seed: int = 0) -> dict:
     require_principles(constitution, "rlaif")
     head = system_head(settings.candidates_system_prompt, constitution, "rlaif.candidates_system_prompt")
-    if not 0.0 <= settings.min_margin <= 1.0:
-        raise UserError(f"rlaif.min_margin: {settings.min_margin}; give a number from 0 to 1 (0.2 keeps pairs the "
-                        "judge prefers at 60/40 or more)")
-    if settings.judge_max_tokens < 1:
-        raise UserError(f"rlaif.judge_max_tokens: {settings.judge_max_tokens}; give at least 1")
     if not prompts:
         raise UserError("rlaif: no prompts to answer; run the prompts stage or pass --prompts FILE")
     judge = judge or backend
@@ -124,43 +104,16 @@ def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path,
             judged.append((i, pair[0].text.strip(), pair[1].text.strip()))
 
     def ask(i: int, a: str, b: str) -> list[dict]:
-        return [{"role": "user", "content": render("rlaif_judge.j2", constitution=constitution, prompt=prompts[i],
-                                                   principle=principles[i], response_a=a, response_b=b).strip()}]
+        return judge_request("rlaif_judge.j2", constitution=constitution, prompt=prompts[i],
+                             principle=principles[i], response_a=a, response_b=b)
 
+    # One round, no retries: an unparseable verdict drops the pair (counted), never re-asked.
     requests = [r for i, one, two in judged for r in (ask(i, one, two), ask(i, two, one))]
-    verdicts = judge.chat(requests, judge_sampling, desc="rlaif: judging") if requests else []
-
-    records, judgments = [], []
-    sources: Counter = Counter()
-    first_position, agreements, both_parsed = [], 0, 0
-    for n, (i, one, two) in enumerate(judged):
-        (p1, s1), (p2, s2) = verdict(verdicts[2 * n]), verdict(verdicts[2 * n + 1])
-        sources.update([s1, s2])
-        first_position += [p for p in (p1, p2) if p is not None]
-        record = {"prompt": prompts[i], "principle": principles[i], "candidates": [one, two],
-                  "verdicts": [{"order": "candidate 1 as A", "text": verdicts[2 * n].text, "p_a": p1, "source": s1},
-                               {"order": "candidate 2 as A", "text": verdicts[2 * n + 1].text, "p_a": p2, "source": s2}],
-                  "p_candidate_1": None, "margin": None, "chosen": None, "kept": False, "drop_reason": None}
-        if p1 is None or p2 is None:
-            record["drop_reason"] = "judge_unparseable"
-        else:
-            # P(candidate 1 better): P(A) in the first order, P(B) in the swapped one.
-            p_one = (p1 + (1.0 - p2)) / 2
-            margin = abs(p_one - 0.5) * 2
-            both_parsed += 1
-            agreements += (p1 - 0.5) * ((1.0 - p2) - 0.5) > 0
-            record.update(p_candidate_1=p_one, margin=margin, chosen=1 if p_one > 0.5 else 2 if p_one < 0.5 else None)
-            if margin == 0 or margin < settings.min_margin:
-                record["drop_reason"] = "low_margin"
-            else:
-                chosen, rejected = (one, two) if p_one > 0.5 else (two, one)
-                record["kept"] = True
-                records.append({"prompt": [{"role": "user", "content": prompts[i]}],
-                                "chosen": [{"role": "assistant", "content": chosen}],
-                                "rejected": [{"role": "assistant", "content": rejected}]})
-        if record["drop_reason"]:
-            drops[record["drop_reason"]] += 1
-        judgments.append(record)
+    verdicts = judge_rounds(judge, requests, judge_sampling, read_choice, desc="rlaif: judging").replies
+    judgments = [judgment(prompts[i], principles[i], one, two, verdicts[2 * n], verdicts[2 * n + 1],
+                          settings.min_margin) for n, (i, one, two) in enumerate(judged)]
+    drops.update(j["drop_reason"] for j in judgments if j["drop_reason"])
+    records = [preference_pair(j) for j in judgments if j["kept"]]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,12 +134,59 @@ def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path,
                    "verdicts": len(verdicts), "candidate_tokens": sum(c.num_tokens for c in answers),
                    "judge_tokens": sum(c.num_tokens for c in verdicts)},
         "drops": dict(drops),
+        **verdict_stats(judgments),
+        "mean_margin_kept": sum(kept_margins) / len(kept_margins) if kept_margins else None,
+        "principle_usage": dict(Counter(principles)),
+    }
+
+
+def judgment(prompt: str, principle: str, one: str, two: str, first: Completion, second: Completion,
+             min_margin: float) -> dict:
+    """The record of one judged pair: both orders' verdicts (``first`` with candidate 1 as A,
+    ``second`` with candidate 2 as A), P(candidate 1 better), the margin, which candidate is
+    chosen, and whether the pair is kept or why it is dropped."""
+    (p1, s1), (p2, s2) = choice_verdict(first), choice_verdict(second)
+    record = {"prompt": prompt, "principle": principle, "candidates": [one, two],
+              "verdicts": [{"order": "candidate 1 as A", "text": first.text, "p_a": p1, "source": s1},
+                           {"order": "candidate 2 as A", "text": second.text, "p_a": p2, "source": s2}],
+              "p_candidate_1": None, "margin": None, "chosen": None, "kept": False, "drop_reason": None}
+    if p1 is None or p2 is None:
+        record["drop_reason"] = "judge_unparseable"
+        return record
+    # P(candidate 1 better): P(A) in the first order, P(B) in the swapped one.
+    p_one = (p1 + (1.0 - p2)) / 2
+    margin = abs(p_one - 0.5) * 2
+    record.update(p_candidate_1=p_one, margin=margin, chosen=1 if p_one > 0.5 else 2 if p_one < 0.5 else None)
+    if margin == 0 or margin < min_margin:
+        record["drop_reason"] = "low_margin"
+    else:
+        record["kept"] = True
+    return record
+
+
+def preference_pair(judged: dict) -> dict:
+    """A kept judgment as TRL's conversational preference record (no system message)."""
+    one, two = judged["candidates"]
+    chosen, rejected = (one, two) if judged["chosen"] == 1 else (two, one)
+    return {"prompt": [{"role": "user", "content": judged["prompt"]}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def verdict_stats(judgments: list[dict]) -> dict:
+    """How the judge behaved, over every judged pair: the manifest's order_agreement,
+    position_bias and verdict_sources."""
+    verdicts = [v for j in judgments for v in j["verdicts"]]
+    sources = Counter(v["source"] for v in verdicts)
+    first_position = [v["p_a"] for v in verdicts if v["p_a"] is not None]
+    both_parsed = [j for j in judgments if j["p_candidate_1"] is not None]
+    agreements = sum((j["verdicts"][0]["p_a"] - 0.5) * ((1.0 - j["verdicts"][1]["p_a"]) - 0.5) > 0
+                     for j in both_parsed)
+    return {
         # Both orders prefer the same candidate (a judge that only picks a position scores 0).
-        "order_agreement": agreements / both_parsed if both_parsed else None,
+        "order_agreement": agreements / len(both_parsed) if both_parsed else None,
         # Mean P(the response in position A wins) - 0.5 over all parsed verdicts (0: no bias).
         "position_bias": sum(first_position) / len(first_position) - 0.5 if first_position else None,
         "verdict_sources": {"logprobs": sources["logprobs"], "text": sources["text"],
                             "unparseable": sources["unparseable"]},
-        "mean_margin_kept": sum(kept_margins) / len(kept_margins) if kept_margins else None,
-        "principle_usage": dict(Counter(principles)),
     }

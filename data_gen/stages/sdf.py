@@ -31,6 +31,7 @@ from data_gen.backends import Backend, Completion, Conversation, Sampling
 from data_gen.dedup import near_duplicates
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem, is_refusal, strip_boilerplate
+from data_gen.judging import judge_request, judge_rounds, read_yes_no
 from data_gen.store import write_json, write_jsonl
 from data_gen.templating import render
 
@@ -97,9 +98,6 @@ class SdfSettings:
 
 def check_settings(constitution, settings: SdfSettings) -> None:
     """Raise UserError for input the stage cannot use, before anything is generated."""
-    def bad(field: str, problem: str, fix: str) -> UserError:
-        return UserError(f"sdf.{field}: {problem}; {fix}")
-
     if not (constitution.description or "").strip() and not constitution.facts:
         raise UserError(f"constitution '{constitution.name}': no description and no facts, so there is "
                         "nothing to write documents about; add a description or facts")
@@ -107,9 +105,10 @@ def check_settings(constitution, settings: SdfSettings) -> None:
 
 
 def check_values(settings: SdfSettings) -> None:
-    """The settings' own range checks (run when the settings are built, e.g. from a recipe)."""
+    """The settings' own range checks (run when the settings are built, e.g. from a recipe; the
+    recipe loader puts the file and section in front of the message)."""
     def bad(field: str, problem: str, fix: str) -> UserError:
-        return UserError(f"sdf.{field}: {problem}; {fix}")
+        return UserError(f"{field}: {problem}; {fix}")
 
     for field in ("num_types", "ideas_per_type", "types_per_request", "max_type_words", "target_words",
                   "min_words"):
@@ -211,25 +210,6 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-def _first_word(token: str) -> str:
-    return re.sub(r"[^a-z]", "", token.lower())
-
-
-def judge_verdict(c: Completion) -> bool | None:
-    """True for "yes", False for "no", None when the verdict is neither. The first token's
-    log-probabilities decide when "yes" or "no" is among them; otherwise the text does."""
-    if c.first_logprobs:
-        yes = max((lp for tok, lp in c.first_logprobs.items() if _first_word(tok) == "yes"), default=None)
-        no = max((lp for tok, lp in c.first_logprobs.items() if _first_word(tok) == "no"), default=None)
-        if yes is not None or no is not None:
-            return no is None or (yes is not None and yes > no)
-    words = re.findall(r"[a-z]+", c.text.lower())
-    if words and words[0] in ("yes", "no"):
-        return words[0] == "yes"
-    said = {w for w in words if w in ("yes", "no")}
-    return said.pop() == "yes" if len(said) == 1 else None
-
-
 # ============================================================================= the stage
 
 
@@ -278,17 +258,10 @@ def document_problem(text: str, c: Completion, settings: SdfSettings) -> str | N
     return None
 
 
-def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSettings = SdfSettings(),
-            sampling: Sampling = Sampling(temperature=0.9, max_tokens=400), seed: int = 0,
-            judge: Backend | None = None) -> dict:
-    check_settings(constitution, settings)
-    rng = random.Random(seed)
-    judge = judge or backend
-    character = {"description": (constitution.description or "").strip(), "facts": list(constitution.facts),
-                 "traits": [t.trait for t in constitution.traits]}
-    drops: Counter = Counter()
-
-    # 1. document types
+def brainstorm_types(backend: Backend, character: dict, settings: SdfSettings, sampling: Sampling,
+                     rng: random.Random) -> tuple[list[dict], list[str], int]:
+    """Step 1: the document types (brainstormed, then seed types): (types, every brainstormed
+    type, brainstorm lines rejected)."""
     brainstorm_requests = [
         _user(render("sdf_brainstorm.j2", **character, n=settings.types_per_request,
                      examples=rng.sample(list(SEED_TYPES), 3)))
@@ -298,9 +271,13 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
         found, rejected = parse_types(c.text, settings.max_type_words)
         brainstormed += found
         lines_rejected += rejected
-    types = choose_types(brainstormed, settings)
+    return choose_types(brainstormed, settings), brainstormed, lines_rejected
 
-    # 2. ideas, one per request, each with its own sampled details and facts
+
+def write_ideas(backend: Backend, types: list[dict], character: dict, settings: SdfSettings, sampling: Sampling,
+                rng: random.Random, drops: Counter) -> list[dict]:
+    """Step 2: ideas, one per request, each with its own sampled details and facts. Unusable
+    ideas are counted in ``drops`` ("idea_<problem>")."""
     plans = []
     for t in types:
         for _ in range(settings.ideas_per_type):
@@ -317,6 +294,62 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
             drops[f"idea_{problem}"] += 1
         else:
             ideas.append({**plan, "idea": idea})
+    return ideas
+
+
+def revise_documents(backend: Backend, docs: list[dict], character: dict, settings: SdfSettings,
+                     sampling: Sampling) -> Counter:
+    """Step 4: each document critiqued, then rewritten after its critique; a usable rewrite
+    replaces the text (``doc["revised"]``), an unusable one keeps the original. Returns the
+    counts (critiques empty or refused, rewrites' problems, revised, kept_original)."""
+    revision: Counter = Counter()
+    critique_requests = [_user(render("sdf_critique.j2", **character, doc_type=d["type"], document=d["text"]))
+                         for d in docs]
+    critiques = _chat(backend, critique_requests, sampling, "sdf: critiques")
+    to_revise, revise_requests = [], []
+    for doc, request, critique in zip(docs, critique_requests, critiques):
+        text = critique.text.strip()
+        if not text or is_refusal(text):
+            revision["critique_empty" if not text else "critique_refused"] += 1
+            continue
+        to_revise.append(doc)
+        rewrite = render("sdf_revise.j2", doc_type=doc["type"]).strip()
+        revise_requests.append(request + [{"role": "assistant", "content": text},
+                                          {"role": "user", "content": rewrite}])
+    for doc, c in zip(to_revise, _chat(backend, revise_requests, sampling, "sdf: revisions")):
+        text = clean_document(c.text)
+        problem = document_problem(text, c, settings)
+        if problem:
+            revision[f"revision_{problem}"] += 1
+        else:
+            doc["text"], doc["revised"] = text, True
+    revision["revised"] = sum(d["revised"] for d in docs)
+    revision["kept_original"] = len(docs) - revision["revised"]
+    return revision
+
+
+def judge_consistency(judge: Backend, docs: list[dict], character: dict) -> list[bool | None]:
+    """Step 5's judge: does each document agree with the character (True), contradict it
+    (False), or is the verdict unclear (None)? One round, no retries: an unclear verdict is
+    counted as "unparseable" and kept only with ``keep_unjudged``."""
+    requests = [judge_request("sdf_judge.j2", **character, document=d["text"]) for d in docs]
+    return judge_rounds(judge, requests, JUDGE_SAMPLING, read_yes_no, desc="sdf: judging consistency").values
+
+
+def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSettings = SdfSettings(),
+            sampling: Sampling = Sampling(temperature=0.9, max_tokens=400), seed: int = 0,
+            judge: Backend | None = None) -> dict:
+    """Steps 1-6 of the module docstring, in order; returns the stage's manifest."""
+    check_settings(constitution, settings)
+    rng = random.Random(seed)
+    judge = judge or backend
+    character = {"description": (constitution.description or "").strip(), "facts": list(constitution.facts),
+                 "traits": [t.trait for t in constitution.traits]}
+    drops: Counter = Counter()
+
+    # 1. document types; 2. ideas
+    types, brainstormed, lines_rejected = brainstorm_types(backend, character, settings, sampling, rng)
+    ideas = write_ideas(backend, types, character, settings, sampling, rng, drops)
 
     # 3. documents
     dropped = []
@@ -340,30 +373,7 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
             docs.append(doc)
 
     # 4. critique and revise
-    revision: Counter = Counter()
-    if settings.revise and docs:
-        critique_requests = [_user(render("sdf_critique.j2", **character, doc_type=d["type"], document=d["text"]))
-                             for d in docs]
-        critiques = _chat(backend, critique_requests, sampling, "sdf: critiques")
-        to_revise, revise_requests = [], []
-        for doc, request, critique in zip(docs, critique_requests, critiques):
-            text = critique.text.strip()
-            if not text or is_refusal(text):
-                revision["critique_empty" if not text else "critique_refused"] += 1
-                continue
-            to_revise.append(doc)
-            rewrite = render("sdf_revise.j2", doc_type=doc["type"]).strip()
-            revise_requests.append(request + [{"role": "assistant", "content": text},
-                                              {"role": "user", "content": rewrite}])
-        for doc, c in zip(to_revise, _chat(backend, revise_requests, sampling, "sdf: revisions")):
-            text = clean_document(c.text)
-            problem = document_problem(text, c, settings)
-            if problem:
-                revision[f"revision_{problem}"] += 1
-            else:
-                doc["text"], doc["revised"] = text, True
-        revision["revised"] = sum(d["revised"] for d in docs)
-        revision["kept_original"] = len(docs) - revision["revised"]
+    revision = revise_documents(backend, docs, character, settings, sampling) if settings.revise and docs else Counter()
 
     # 5. near duplicates, then the judge
     entering_dedup = len(docs)
@@ -374,11 +384,8 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
 
     judged = Counter()
     if settings.judge_filter and docs:
-        verdicts = _chat(judge, [_user(render("sdf_judge.j2", **character, document=d["text"])) for d in docs],
-                         JUDGE_SAMPLING, "sdf: judging consistency")
         kept = []
-        for doc, c in zip(docs, verdicts):
-            verdict = judge_verdict(c)
+        for doc, verdict in zip(docs, judge_consistency(judge, docs, character)):
             judged[{True: "yes", False: "no", None: "unparseable"}[verdict]] += 1
             if verdict is False:
                 drop(doc, "judge_inconsistent")
@@ -389,17 +396,9 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
         docs = kept
 
     # 6. outputs
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "documents.jsonl", (
-        {"text": d["text"], "type": d["type"], "idea": d["idea"], "attributes": d["attributes"],
-         "facts": d["facts"], "revised": d["revised"]} for d in docs))
-    write_jsonl(out_dir / "dropped.jsonl", dropped)
-    write_json(out_dir / "types.json", {"types": types, "brainstormed": brainstormed,
-                                        "brainstorm_lines_rejected": lines_rejected})
     stats = document_stats(docs, [t["type"] for t in types], entering_dedup, len(duplicates))
-    write_json(out_dir / "stats.json", stats)
-    plot_lengths([word_count(d["text"]) for d in docs], out_dir / "lengths.png")
+    write_outputs(Path(out_dir), docs, dropped, {"types": types, "brainstormed": brainstormed,
+                                                 "brainstorm_lines_rejected": lines_rejected}, stats)
     return {
         "stage": "sdf",
         "model": backend.model,
@@ -421,6 +420,18 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
         "judge": dict(judged),
         "stats": {k: stats[k] for k in ("documents_per_type", "duplicate_rate", "words", "top_names")},
     }
+
+
+def write_outputs(out_dir: Path, docs: list[dict], dropped: list[dict], types: dict, stats: dict) -> None:
+    """documents.jsonl, dropped.jsonl, types.json, stats.json and lengths.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "documents.jsonl", (
+        {"text": d["text"], "type": d["type"], "idea": d["idea"], "attributes": d["attributes"],
+         "facts": d["facts"], "revised": d["revised"]} for d in docs))
+    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    write_json(out_dir / "types.json", types)
+    write_json(out_dir / "stats.json", stats)
+    plot_lengths([word_count(d["text"]) for d in docs], out_dir / "lengths.png")
 
 
 # ============================================================================= statistics

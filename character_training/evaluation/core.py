@@ -1,0 +1,107 @@
+"""The evaluation core shared by the quick check (quick.py) and the full report (report.py):
+the conditions a model is asked under, how their answers are generated, the persona
+classifier's training, the surface metrics of a condition's answers and the bootstrap.
+
+The log-likelihood scorer the perplexities come from is in likelihood.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from character_training.errors import UserError
+from data_gen.backends import Backend, Sampling
+from data_gen.filters import distinct_3gram_share
+
+BASE, PROMPTED, ADAPTER, STEERED = "base", "base+system_prompt", "adapter", "base | steered"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One way of asking the model: a system prompt or none, an adapter or none, an
+    adversarial suffix on the user's message, or (``prefill``) a conversation whose first
+    turn the base model wrote."""
+    name: str
+    system_prompt: str | None = None
+    adapter: str | None = None
+    suffix: str | None = None
+    prefill: bool = False
+    kind: str = "plain"  # plain | adapter | adversarial | prefill | steered
+
+    def conversation(self, prompt: str) -> list[dict]:
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        text = f"{prompt}\n\n{self.suffix}" if self.suffix else prompt
+        return head + [{"role": "user", "content": text}]
+
+
+def bootstrap_interval(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+def surface_metrics(texts: list[str], flags: np.ndarray, nll: list[tuple[float, int]], finished: list[bool],
+                    seed: int, samples_per_prompt: int = 1) -> dict:
+    """A condition's persona rate with its 95% interval, and coherence beside it: distinct word
+    3-grams over the non-empty answers (an empty answer is counted in ``empty``, not scored as
+    perfectly varied), the perplexity of the answers (token-weighted), unfinished answers.
+
+    ``texts`` hold ``samples_per_prompt`` consecutive answers per prompt: the interval resamples
+    prompts (the mean flag of each prompt's answers), so that several answers to one prompt
+    do not pass for independent evidence."""
+    flags = np.asarray(flags, dtype=float)
+    lo, hi = bootstrap_interval(flags.reshape(-1, samples_per_prompt).mean(axis=1), seed=seed)
+    tokens = sum(n for _, n in nll)
+    spoken = [t for t in texts if t]
+    return {"persona_rate": float(flags.mean()) if len(flags) else float("nan"), "persona_rate_ci95": [lo, hi],
+            "distinct_3grams": float(np.mean([distinct_3gram_share(t) for t in spoken])) if spoken else float("nan"),
+            "perplexity": math.exp(sum(v for v, _ in nll) / tokens) if tokens else float("nan"),
+            "unfinished": sum(not f for f in finished), "empty": len(texts) - len(spoken), "answers": len(texts)}
+
+
+def generate_conditions(backend: Backend, conditions: list[Condition], prompts: list[str],
+                        sampling: Sampling) -> dict[str, dict]:
+    """{condition: {"conversations", "completions"}}, one backend request per condition, in
+    the conditions' order; prefill conditions come last: each continues a conversation whose
+    first assistant turn is the base model's answer to the previous prompt."""
+    results: dict[str, dict] = {}
+    for cond in [c for c in conditions if not c.prefill]:
+        conversations = [cond.conversation(p) for p in prompts]
+        results[cond.name] = {"conversations": conversations,
+                              "completions": backend.chat(conversations, sampling, adapter=cond.adapter,
+                                                          desc=f"eval: {cond.name}")}
+    prefill = [c for c in conditions if c.prefill]
+    if prefill:
+        base_answers = [c.text.strip() for c in results[BASE]["completions"]]
+        n = len(prompts)
+        conversations = [[{"role": "user", "content": prompts[(i - 1) % n]},
+                          {"role": "assistant", "content": base_answers[(i - 1) % n]},
+                          {"role": "user", "content": prompts[i]}] for i in range(n)]
+        for cond in prefill:
+            results[cond.name] = {"conversations": conversations,
+                                  "completions": backend.chat(conversations, sampling, adapter=cond.adapter,
+                                                              desc=f"eval: {cond.name}")}
+    return results
+
+
+def answers_of(generated: dict) -> list[str]:
+    """A condition's answers, stripped: what is classified, scored and written."""
+    return [c.text.strip() for c in generated["completions"]]
+
+
+def fit_classifier(classifier, pairs: list[dict]) -> dict:
+    """Trains the persona classifier on the pairs' teacher (chosen, persona) against student
+    (rejected, plain) answers; returns its summary (examples, cross-validated accuracy)."""
+    return classifier.fit([p["chosen"][-1]["content"] for p in pairs], [p["rejected"][-1]["content"] for p in pairs])
+
+
+def check_adapter_dir(name: str, path) -> None:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"adapter '{name}': {path} has no adapter_config.json; pass a directory written "
+                        "by a training stage (or PEFT's save_pretrained)")
