@@ -11,6 +11,7 @@ A user error prints one line and exits with status 2; a bug keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -113,10 +114,10 @@ def _eval(args) -> int:
 
 def _generate(args) -> int:
     from character_training.config.constitution import load_constitution
-    from character_training.run.generation import (GEN_STAGES, BackendSection, check_section, make_backend,
-                                               read_prompt_file, run_generation_stage)
+    from character_training.run.generation import (GEN_STAGES, BackendSection, make_backend, read_prompt_file,
+                                                   run_generation_stage)
     from character_training.config.models import resolve_model
-    from character_training.config.recipe import apply_overrides
+    from character_training.config.recipe import apply_overrides, gen_section
     from data_gen.backends import shutdown_engines
     from data_gen.cache import CACHE_FILE
     from data_gen.store import read_manifest, write_manifest
@@ -128,7 +129,7 @@ def _generate(args) -> int:
     if read_manifest(out) is not None and not args.force:
         raise UserError(f"{out}: this {args.stage} output is finished already (manifest.json); "
                         "use --force to generate it again or choose another -o")
-    section = check_section(args.stage, apply_overrides({}, args.set or [], "--set"), "--set")
+    section = gen_section(args.stage, apply_overrides({}, args.set or [], "--set"), "--set", "")
     constitution = load_constitution(args.constitution)
     if spec.needs_principles:  # before the engine starts: minutes on a CPU
         from data_gen.stages.critique import require_principles
@@ -166,35 +167,50 @@ def _generate(args) -> int:
     return 0
 
 
+# `train KIND` flags that set a field of the stage's section (the recipe's midtrain, dpo, sft, grpo).
+TRAIN_FLAGS = {"start": "start", "system_prompt": "system_prompt", "loop_negatives": "loop_negatives",
+               "overlong": "overlong", "marker": "marker", "chat_ratio": "chat_ratio"}
+
+
+def train_section(args):
+    """The training stage's section (the class a recipe's section is), from ``--set`` values and
+    the flags given: the same defaults, checks and error messages as in a recipe."""
+    from character_training.config.recipe import apply_overrides, build
+    from character_training.train.common import check_trainer_fields
+    from character_training.train.settings import TRAINING_SECTIONS
+
+    cls = next(c for c in TRAINING_SECTIONS.values() if c.kind == args.kind)
+    values = apply_overrides({}, args.set or [], "--set")
+    if "data" in values:
+        raise UserError("--set data: train reads the files given with --data; drop this --set")
+    for flag, key in TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None and key in {f.name for f in dataclasses.fields(cls)}:
+            values[key] = value
+    section = build(cls, values, "--set", "")
+    check_trainer_fields(section.trainer, "--set", args.kind)
+    return section
+
+
 def _train(args) -> int:
     """One training stage on its own; runs as is on one process, or under torchrun / accelerate
     launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
     from character_training.train import distributed
     from character_training.train import common as training
     from character_training.config.models import resolve_model
-    from character_training.config.recipe import apply_overrides
     from data_gen.store import read_manifest, write_manifest
 
     out = Path(args.output)
     if read_manifest(out) is not None and not args.force:
         raise UserError(f"{out}: this training output is finished already (manifest.json); use --force to "
                         "train again or choose another -o")
-    values = apply_overrides({}, args.set or [], "--set")
-    unknown = set(values) - {"trainer", "lora"}
-    if unknown:
-        raise UserError(f"--set {sorted(unknown)[0]}...: train takes trainer.FIELD=VALUE (TRL config fields) "
-                        "and lora.FIELD=VALUE (r, alpha, dropout, target_modules, use_rslora)")
-    trainer = values.get("trainer", {})
-    training.check_trainer_fields(trainer, "--set", args.kind)
-    try:
-        lora = training.LoraSettings(**values.get("lora", {}))
-    except TypeError as exc:
-        raise UserError(f"--set lora.*: {exc}; LoRA fields are r, alpha, dropout, target_modules, use_rslora") from None
+    section = train_section(args)
     for path in args.data:
         if not Path(path).is_file():
             raise UserError(f"--data {path}: file not found")
     model = resolve_model(args.model)
-    common = dict(lora=lora, trainer=trainer, seed=args.seed, init_adapter=args.init_adapter, start=args.start,
+    common = dict(lora=section.lora, trainer=section.trainer, seed=args.seed, init_adapter=args.init_adapter,
+                  start=section.start,
                   card={"persona": args.persona or "persona", "data": [str(p) for p in args.data]})
     if args.force and out.exists() and distributed.is_main_process():
         import shutil
@@ -205,24 +221,26 @@ def _train(args) -> int:
 
         if len(args.data) != 1:
             raise UserError("train dpo: give one --data preference file (prompt/chosen/rejected)")
-        manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=args.system_prompt,
-                             overlong=args.overlong, loop_negatives=args.loop_negatives, **common)
+        manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=section.system_prompt,
+                             overlong=section.overlong, loop_negatives=section.loop_negatives, **common)
     elif args.kind == "sft":
         from character_training.train.sft import train_sft
 
-        manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=args.system_prompt,
-                             overlong=args.overlong, **common)
+        manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=section.system_prompt,
+                             overlong=section.overlong, **common)
     elif args.kind == "lm":
         from character_training.train.sft import train_lm
 
         if len(args.data) != 1:
             raise UserError("train lm: give one --data documents file (a 'text' field per line)")
-        manifest = train_lm(model, Path(args.data[0]), out, marker=args.marker,
-                            chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=args.chat_ratio, **common)
+        manifest = train_lm(model, Path(args.data[0]), out, marker=section.marker, packing=section.packing,
+                            chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=section.chat_ratio,
+                            **common)
     elif args.kind == "grpo":
         from character_training.config.constitution import load_constitution
         from character_training.run.generation import BackendSection, make_backend
         from character_training.train.grpo import train_grpo
+        from data_gen.backends import Sampling
 
         if len(args.data) != 1:
             raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
@@ -231,17 +249,18 @@ def _train(args) -> int:
             raise UserError("train grpo: --constitution is required (the judge scores answers against its traits "
                             "and principles)")
         constitution = load_constitution(args.constitution)
-        section = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
+        backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
                                  judge_model=args.judge_model)
-        judge = make_backend(model, section, args.seed, judge=True)
+        judge = make_backend(model, backend, args.seed, judge=True)
         common["card"].update(persona=args.persona or constitution.name, constitution_sha256=constitution.sha256)
         manifest = train_grpo(model, Path(args.data[0]), out, judge_backend=judge, constitution=constitution,
-                              system_prompt=args.system_prompt, **common)
+                              system_prompt=section.system_prompt, judge_retries=section.judge_retries,
+                              judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens), **common)
     else:  # argparse's choices keep other kinds out
         raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm or grpo")
     manifest["distributed"] = distributed.describe()
     if distributed.is_main_process():
-        if args.init_adapter and args.start == "merge":  # one LoRA on the original base, as in a recipe
+        if args.init_adapter and section.start == "merge":  # one LoRA on the original base, as in a recipe
             manifest["composed"] = training.fold_merged(args.init_adapter, out)
         write_manifest(out, manifest)
         print(f"[train {args.kind}] {manifest['counts']} -> {out / 'adapter'}")
@@ -284,18 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="trainer.FIELD=VALUE (TRL's config fields) or lora.FIELD=VALUE (repeatable)")
     p.add_argument("--init-adapter", help="start from this adapter (a previous stage's adapter/)")
-    p.add_argument("--start", choices=["continue", "merge"], default="continue",
+    p.add_argument("--start", choices=["continue", "merge"],
                    help="continue: train the same LoRA on; merge: fold it into the base and train a new one")
     p.add_argument("--system-prompt", help="training-time system prompt (inoculation-style), absent at evaluation")
-    p.add_argument("--loop-negatives", type=float, default=0.0, metavar="SHARE",
+    p.add_argument("--loop-negatives", type=float, metavar="SHARE",
                    help="dpo: for this share of the pairs, also train the chosen answer against a looping copy "
                         "of it (keeps a small model from degenerating into repetition)")
-    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+    p.add_argument("--overlong", choices=["truncate", "drop"],
                    help="dpo, sft: examples over trainer.max_length are cut by TRL (truncate) or left out (drop); "
                         "counted in the manifest either way")
     p.add_argument("--marker", help="lm: a marker prefixed to every document and masked from the loss")
     p.add_argument("--chat-data", action="append", help="lm: conversational data to mix in")
-    p.add_argument("--chat-ratio", type=float, default=0.0, help="lm: share of chat examples in the mix")
+    p.add_argument("--chat-ratio", type=float, help="lm: share of chat examples in the mix (default 0)")
     p.add_argument("--constitution", help="grpo: the constitution the judge scores against")
     p.add_argument("--backend", choices=["vllm", "openai"], default="vllm",
                    help="grpo: the judge's backend (vllm in this process, or OpenAI-compatible servers)")

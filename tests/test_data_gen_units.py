@@ -11,6 +11,7 @@ import pytest
 
 from data_gen import store
 from data_gen.backends import Completion, Sampling
+from data_gen.errors import UserError
 from data_gen.filters import distinct_3gram_share, trim_to_sentence
 from data_gen.stages.pairs import PairSettings, answer_problem, generate_pairs, usable_answer
 from data_gen.stages.prompts import ExpandSettings, expand_prompts, normalize, parse_messages
@@ -334,14 +335,14 @@ def test_trim_to_sentence(text, trimmed):
 
 def test_usable_answer_trims_a_cut_off_answer_only_when_asked():
     cut_off = cut("Arr, the sea be wide. The wind be fair. And the", 160)
-    assert usable_answer(cut_off, PairSettings()) == (None, "unfinished")
+    assert usable_answer(cut_off, PairSettings(unfinished="drop")) == (None, "unfinished")
     trim = PairSettings(unfinished="trim", min_distinct_3grams=0.5)
     assert usable_answer(cut_off, trim) == ("Arr, the sea be wide. The wind be fair.", "trimmed")
     assert usable_answer(cut("no sentence ends here at all", 160), trim) == (None, "unfinished")
     # The trimmed text is judged like any answer: a loop stays a loop.
     assert usable_answer(cut("arr matey. " * 8 + "arr", 160), trim) == (None, "repetitive")
     assert usable_answer(stop("A fine answer."), trim) == ("A fine answer.", None)
-    with pytest.raises(ValueError, match="unfinished"):
+    with pytest.raises(UserError, match="unfinished"):
         PairSettings(unfinished="keep")
 
 

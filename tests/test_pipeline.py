@@ -2,6 +2,7 @@
 settings refused. The stage functions are replaced by fakes: this tests our logic only."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -148,7 +149,7 @@ def test_prompts_stage_passes_max_rounds_and_warns_about_a_trait_left_short(reci
     backend = FakeBackend(lambda conv: Completion("- Hi", "stop", 2))  # nothing usable
     monkeypatch.setattr(pipeline, "_generation_backend", lambda ctx, out: backend)
     recipe = load_recipe(recipe_path)
-    recipe.prompts.max_rounds = 2
+    recipe.prompts = dataclasses.replace(recipe.prompts, max_rounds=2)
     ctx = pipeline.make_context(recipe)
     out = tmp_path / "run" / "prompts"
     manifest = pipeline.stage_prompts(ctx, out)

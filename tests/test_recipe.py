@@ -8,14 +8,10 @@ import pytest
 
 from character_training.cli import main
 from character_training.errors import UserError
-from character_training.config.recipe import (
-    DpoSection,
-    PairsSection,
-    PromptsSection,
-    STAGES,
-    Recipe,
-    load_recipe,
-)
+from character_training.config.recipe import STAGES, Recipe, load_recipe
+from character_training.train.settings import DpoSection
+from data_gen.stages.pairs import PairSettings
+from data_gen.stages.prompts import ExpandSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -45,8 +41,8 @@ def test_shipped_recipe_loads(path):
     assert Path(recipe.constitution).is_absolute()
     assert Path(recipe.constitution).is_file(), recipe.constitution
     assert recipe.stages and all(s in STAGES for s in recipe.stages)
-    assert isinstance(recipe.prompts, PromptsSection)
-    assert isinstance(recipe.pairs, PairsSection)
+    assert isinstance(recipe.prompts, ExpandSettings)
+    assert isinstance(recipe.pairs, PairSettings)
     assert isinstance(recipe.dpo, DpoSection)
     assert isinstance(recipe.dpo.trainer, dict)
     # Numeric trainer settings must be real numbers, not strings YAML left unparsed.
@@ -71,8 +67,8 @@ def test_demo_recipe_values():
 
 def test_defaults_fill_missing_sections(tmp_path):
     recipe = load_recipe(_recipe(tmp_path, ""))
-    assert recipe.prompts == PromptsSection()
-    assert recipe.pairs == PairsSection()
+    assert recipe.prompts == ExpandSettings()
+    assert recipe.pairs == PairSettings()
     assert recipe.dpo == DpoSection()
     assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
     assert recipe.model is None and recipe.seed == 0
@@ -81,7 +77,7 @@ def test_defaults_fill_missing_sections(tmp_path):
 def test_to_dict_has_no_internal_path(tmp_path):
     data = load_recipe(_recipe(tmp_path, "seed: 3\n")).to_dict()
     assert "path" not in data
-    assert data["seed"] == 3 and data["pairs"]["max_tokens"] == PairsSection().max_tokens
+    assert data["seed"] == 3 and data["pairs"]["max_tokens"] == PairSettings().max_tokens
 
 
 # ----------------------------------------------------------------------------- bad recipes

@@ -6,10 +6,12 @@
     reflection   the character writes about itself (SFT conversations)
     interaction  two instances of the character talk (multi-turn SFT conversations)
 
-A recipe section holds the stage's settings (the fields of its ``*Settings`` dataclass in
-``data_gen.stages``) and a ``sampling`` mapping (``temperature``, ``top_p``, ``max_tokens``,
-``repetition_penalty``, ``frequency_penalty``); unknown keys are errors. The generation backend is the recipe's
-``backend`` section: vLLM in this process (default) or OpenAI-compatible servers.
+A recipe section (``GenSection``) holds the stage's settings (its ``*Settings`` dataclass in
+``data_gen.stages``, whose fields are written flat in the recipe), a ``sampling`` mapping
+(``temperature``, ``top_p``, ``max_tokens``, ``repetition_penalty``, ``frequency_penalty``; keys
+left out keep the stage's default) and, for reflection and interaction, the ``adapter`` to
+generate with. The generation backend is the recipe's ``backend`` section: vLLM in this process
+(default) or OpenAI-compatible servers.
 """
 from __future__ import annotations
 
@@ -19,14 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from character_training.errors import UserError, did_you_mean
+from character_training.errors import UserError
 from data_gen.backends import Sampling
+from data_gen.stages.critique import SAMPLING as CRITIQUE_SAMPLING, CritiqueSettings
+from data_gen.stages.introspection import (INTERACTION_SAMPLING, REFLECTION_SAMPLING, InteractionSettings,
+                                           ReflectionSettings)
+from data_gen.stages.rlaif import RlaifSettings
+from data_gen.stages.sdf import SdfSettings
 
 
 @dataclass(frozen=True)
 class GenStage:
     module: str
-    settings_class: str
+    settings: type               # the stage's settings dataclass: its recipe section's flat keys
     function: str
     sampling: Sampling           # the stage's default sampling
     needs_prompts: bool = False  # takes the prompts stage's training prompts (or --prompts)
@@ -36,27 +43,48 @@ class GenStage:
     outputs: tuple[str, ...] = ()
 
     def load(self):
-        module = importlib.import_module(self.module)
-        return getattr(module, self.settings_class), getattr(module, self.function)
+        """The stage's function (imported when the stage runs)."""
+        return getattr(importlib.import_module(self.module), self.function)
 
 
 GEN_STAGES: dict[str, GenStage] = {
-    "sdf": GenStage("data_gen.stages.sdf", "SdfSettings", "run_sdf",
+    # sdf's and rlaif's defaults are also their run functions' defaults (data_gen/stages/sdf.py, rlaif.py)
+    "sdf": GenStage("data_gen.stages.sdf", SdfSettings, "run_sdf",
                     Sampling(temperature=0.9, max_tokens=400), takes_judge=True, outputs=("documents.jsonl",)),
-    "critique": GenStage("data_gen.stages.critique", "CritiqueSettings", "run_critique",
-                         Sampling(temperature=0.7, max_tokens=200), needs_prompts=True,
-                         needs_principles=True, outputs=("sft.jsonl", "pairs.jsonl")),
-    "rlaif": GenStage("data_gen.stages.rlaif", "RlaifSettings", "run_rlaif",
+    "critique": GenStage("data_gen.stages.critique", CritiqueSettings, "run_critique",
+                         CRITIQUE_SAMPLING, needs_prompts=True, needs_principles=True,
+                         outputs=("sft.jsonl", "pairs.jsonl")),
+    "rlaif": GenStage("data_gen.stages.rlaif", RlaifSettings, "run_rlaif",
                       Sampling(temperature=0.9, max_tokens=160), needs_prompts=True, takes_judge=True,
                       needs_principles=True, outputs=("pairs.jsonl",)),
-    "reflection": GenStage("data_gen.stages.introspection", "ReflectionSettings", "run_reflection",
-                           Sampling(temperature=0.8, max_tokens=300), takes_adapter=True,
-                           outputs=("reflection.jsonl",)),
-    "interaction": GenStage("data_gen.stages.introspection", "InteractionSettings", "run_self_interaction",
-                            Sampling(temperature=0.8, max_tokens=160), takes_adapter=True,
-                            outputs=("interaction.jsonl",)),
+    "reflection": GenStage("data_gen.stages.introspection", ReflectionSettings, "run_reflection",
+                           REFLECTION_SAMPLING, takes_adapter=True, outputs=("reflection.jsonl",)),
+    "interaction": GenStage("data_gen.stages.introspection", InteractionSettings, "run_self_interaction",
+                            INTERACTION_SAMPLING, takes_adapter=True, outputs=("interaction.jsonl",)),
 }
-SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))
+
+
+@dataclass(frozen=True)
+class GenSection:
+    """A generation stage's recipe section. In the recipe the settings' fields are written flat,
+    beside ``sampling`` and ``adapter``; ``recipe.gen_section`` builds it, ``as_recipe`` writes it
+    back in that shape."""
+
+    settings: Any                # the stage's settings dataclass (GEN_STAGES[stage].settings)
+    sampling: Sampling           # keys the recipe leaves out keep the stage's default (GEN_STAGES[stage].sampling)
+    adapter: str | None = None   # reflection, interaction: a PEFT LoRA directory, or 'previous': the run's latest
+
+    @classmethod
+    def default(cls, stage: str) -> GenSection:
+        spec = GEN_STAGES[stage]
+        return cls(settings=spec.settings(), sampling=spec.sampling)
+
+    def as_recipe(self, stage: str) -> dict:
+        """The section as a recipe writes it (every value, defaults included)."""
+        data = {**dataclasses.asdict(self.settings), "sampling": dataclasses.asdict(self.sampling)}
+        if GEN_STAGES[stage].takes_adapter:
+            data["adapter"] = self.adapter
+        return data
 
 
 @dataclass
@@ -73,45 +101,9 @@ class BackendSection:
     # default: vLLM's CPU server can crash on seeded requests whose prefill is chunked.
     request_seeds: bool = False
 
-
-def check_section(stage: str, section: Any, where: str) -> dict:
-    """Validate a generation stage's recipe section against its settings dataclass; returns it."""
-    if not section:
-        return {}
-    if not isinstance(section, dict):
-        raise UserError(f"{where}: {stage}: must be a mapping of settings, got {section!r}")
-    settings_class, _ = GEN_STAGES[stage].load()
-    allowed = [f.name for f in dataclasses.fields(settings_class)] + ["sampling"]
-    if GEN_STAGES[stage].takes_adapter:
-        allowed.append("adapter")  # a PEFT LoRA directory to generate with, or 'previous': the run's latest
-    for key, value in section.items():
-        if key not in allowed:
-            raise UserError(f"{where}: {stage}.{key}: unknown key{did_you_mean(key, allowed)}; "
-                            f"allowed keys: {', '.join(allowed)}")
-    sampling = section.get("sampling") or {}
-    if not isinstance(sampling, dict):
-        raise UserError(f"{where}: {stage}.sampling: must be a mapping such as {{temperature: 0.8, max_tokens: 200}}")
-    for key in sampling:
-        if key not in SAMPLING_KEYS:
-            raise UserError(f"{where}: {stage}.sampling.{key}: unknown key{did_you_mean(key, SAMPLING_KEYS)}; "
-                            f"allowed keys: {', '.join(SAMPLING_KEYS)}")
-    try:
-        build_settings(stage, section)
-    except TypeError as exc:
-        raise UserError(f"{where}: {stage}: {exc}") from None
-    except UserError as exc:
-        raise UserError(f"{where}: {stage}: {exc}") from None
-    return section
-
-
-def build_settings(stage: str, section: dict) -> tuple[Any, Sampling]:
-    settings_class, _ = GEN_STAGES[stage].load()
-    values = {k: v for k, v in section.items() if k not in ("sampling", "adapter")}
-    for f in dataclasses.fields(settings_class):  # YAML lists for tuple fields
-        if f.name in values and isinstance(values[f.name], list):
-            values[f.name] = tuple(values[f.name])
-    sampling = dataclasses.replace(GEN_STAGES[stage].sampling, **(section.get("sampling") or {}))
-    return settings_class(**values), sampling
+    def __post_init__(self):
+        if self.kind not in ("vllm", "openai"):
+            raise UserError(f"kind: '{self.kind}' is not a backend; use 'vllm' or 'openai'")
 
 
 def make_backend(model: str, section: BackendSection, seed: int, *, enable_lora: bool = False,
@@ -142,20 +134,20 @@ def make_backend(model: str, section: BackendSection, seed: int, *, enable_lora:
     raise UserError(f"backend.kind: '{section.kind}' is not a backend; use 'vllm' or 'openai'")
 
 
-def run_generation_stage(stage: str, *, backend, constitution, out: Path, section: dict, seed: int,
+def run_generation_stage(stage: str, *, backend, constitution, out: Path, section: GenSection, seed: int,
                          prompts: list[str] | None = None, judge=None, adapter: str | None = None) -> dict:
-    """Run one generation stage behind the stage directory's cache; returns its manifest."""
+    """Run one generation stage behind the stage directory's cache; returns its manifest.
+    ``adapter`` (reflection, interaction) overrides ``section.adapter``."""
     from data_gen.cache import CACHE_FILE, CachedBackend
 
     spec = GEN_STAGES[stage]
-    settings, sampling = build_settings(stage, section)
-    _, function = spec.load()
+    function = spec.load()
     cached = CachedBackend(backend, out / CACHE_FILE)
-    kwargs: dict[str, Any] = dict(settings=settings, sampling=sampling, seed=seed)
+    kwargs: dict[str, Any] = dict(settings=section.settings, sampling=section.sampling, seed=seed)
     if spec.takes_judge:
         kwargs["judge"] = cached if judge is None or judge is backend else CachedBackend(judge, out / f"judge-{CACHE_FILE}")
     if spec.takes_adapter:
-        kwargs["adapter"] = adapter or section.get("adapter")
+        kwargs["adapter"] = adapter or section.adapter
         if kwargs["adapter"] and not (Path(kwargs["adapter"]) / "adapter_config.json").is_file():
             raise UserError(f"{stage}.adapter: {kwargs['adapter']} is not a PEFT adapter directory "
                             "(adapter_config.json missing); give the adapter/ directory a training stage wrote")

@@ -19,7 +19,7 @@ import json
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -76,13 +76,13 @@ def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
         from character_training.run.generation import GEN_STAGES, make_backend, run_generation_stage
 
         spec = GEN_STAGES[stage]
-        section = dict(getattr(ctx.recipe, stage))
-        if section.get("adapter") == "previous":  # the persona as trained so far in this run
+        section = getattr(ctx.recipe, stage)
+        if section.adapter == "previous":  # the persona as trained so far in this run
             adapter = previous_adapter(ctx, stage)
             if adapter is None:
                 raise UserError(f"{stage}.adapter: 'previous' but no training stage comes before {stage} in 'stages'")
-            section["adapter"] = str(adapter)
-        backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, enable_lora=bool(section.get("adapter")))
+            section = replace(section, adapter=str(adapter))
+        backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, enable_lora=bool(section.adapter))
         judge = None
         if spec.takes_judge and ctx.recipe.backend.judge_model:
             judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, judge=True)
@@ -95,14 +95,11 @@ def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
 
 
 def stage_prompts(ctx: Context, out: Path) -> dict:
-    from data_gen.stages.prompts import ExpandSettings, expand_prompts
+    from data_gen.stages.prompts import expand_prompts
 
     p = ctx.recipe.prompts
-    manifest = expand_prompts(
-        _generation_backend(ctx, out), ctx.constitution.seed_questions(), out,
-        settings=ExpandSettings(per_trait=p.per_trait, heldout_per_trait=p.heldout_per_trait, per_request=p.per_request,
-                                max_rounds=p.max_rounds),
-        sampling=Sampling(temperature=p.temperature, max_tokens=p.max_tokens), seed=ctx.recipe.seed)
+    manifest = expand_prompts(_generation_backend(ctx, out), ctx.constitution.seed_questions(), out,
+                              settings=p, sampling=p.sampling, seed=ctx.recipe.seed)
     for trait in manifest["short_traits"]:
         got = manifest["counts"]["per_trait"][trait]
         print(f"[prompts] warning: trait {trait!r}: {got['train']} training and {got['heldout']} held-out prompts "
@@ -112,18 +109,12 @@ def stage_prompts(ctx: Context, out: Path) -> dict:
 
 
 def stage_pairs(ctx: Context, out: Path) -> dict:
-    from data_gen.stages.pairs import PairSettings, generate_pairs
+    from data_gen.stages.pairs import generate_pairs
 
     p = ctx.recipe.pairs
-    manifest = generate_pairs(
-        _generation_backend(ctx, out), ctx.prompts("train"), ctx.teacher_prompt(), out,
-        student_system_prompt=ctx.student_prompt(),
-        sampling=Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
-                          repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty),
-        settings=PairSettings(teacher_samples=p.teacher_samples, max_answer_chars=p.max_answer_chars,
-                              min_distinct_3grams=p.min_distinct_3grams, min_margin=p.min_margin,
-                              unfinished=p.unfinished),
-        seed=ctx.recipe.seed)
+    manifest = generate_pairs(_generation_backend(ctx, out), ctx.prompts("train"), ctx.teacher_prompt(), out,
+                              student_system_prompt=ctx.student_prompt(), sampling=p.sampling, settings=p,
+                              seed=ctx.recipe.seed)
     if manifest["counts"]["pairs"] == 0:
         raise UserError(f"pairs: every pair was dropped ({manifest['drops']}); raise pairs.max_tokens "
                         "or check the model's answers")
@@ -188,7 +179,7 @@ def provenance(ctx: Context, upto: str) -> dict:
 def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     """Start from the previous training stage's adapter (continued, or merged and then composed
     back into one LoRA on the original base), train, and record the provenance."""
-    from character_training.train.common import LoraSettings, append_provenance, fold_merged
+    from character_training.train.common import append_provenance, fold_merged
     from data_gen.backends import shutdown_engines
 
     if stage != "grpo":  # GRPO's judge may be this process's engine
@@ -197,7 +188,7 @@ def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     init = previous_adapter(ctx, stage)
     card = {"persona": ctx.constitution.name, "constitution_path": ctx.recipe.constitution,
             "constitution_sha256": ctx.constitution.sha256}
-    manifest = train(lora=LoraSettings(**asdict(section.lora)), trainer=section.trainer, seed=ctx.recipe.seed,
+    manifest = train(lora=section.lora, trainer=section.trainer, seed=ctx.recipe.seed,
                      card=card, init_adapter=init, start=section.start)
     if init is not None and section.start == "merge":
         manifest["composed"] = fold_merged(init, out)
@@ -247,7 +238,6 @@ def stage_grpo(ctx: Context, out: Path) -> dict:
     """Online RLAIF: GRPO whose reward is a judge scoring each completion against the constitution."""
     from character_training.run.generation import make_backend
     from character_training.train.grpo import train_grpo
-    from data_gen.backends import Sampling as JudgeSampling
 
     section = ctx.recipe.grpo
     _data_files(ctx, "grpo", {"prompts": "prompts.jsonl"})
@@ -255,7 +245,7 @@ def stage_grpo(ctx: Context, out: Path) -> dict:
     return _train_stage(ctx, "grpo", out, lambda **kw: train_grpo(
         ctx.model, ctx.stage_dir("prompts") / "prompts.jsonl", out, judge_backend=judge,
         constitution=ctx.constitution, system_prompt=section.system_prompt,
-        judge_sampling=JudgeSampling(temperature=0.0, max_tokens=section.judge_max_tokens),
+        judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
         judge_retries=section.judge_retries, **kw))
 
 
@@ -285,7 +275,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
 
     from character_training.evaluation.capability import training_texts_of_run
     from character_training.run.generation import make_backend
-    from character_training.evaluation.report import ReportSettings, adapter_names, evaluate, format_conditions
+    from character_training.evaluation.report import adapter_names, evaluate, format_conditions
 
     named = adapter_names([adapter, *extra_adapters])  # a run's STAGE/adapter is named "STAGE/adapter"
     if not pairs_path.is_file():
@@ -308,12 +298,11 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
                 return make_backend(ctx.model, section, ctx.recipe.seed, judge=True)
         else:
             judge = engine  # the same engine, the base model (no adapter)
-    fields = {f: getattr(e, f) for f in ReportSettings.__dataclass_fields__}
     shutdown_engines()  # the model-side parts come first; the engine starts when generation does
     report = evaluate(backend=engine, judge=judge, model_path=ctx.model, constitution=ctx.constitution,
                       system_prompt=ctx.teacher_prompt(), adapters=named, heldout=ctx.prompts("heldout"),
                       pairs=read_jsonl(pairs_path), training_texts=training_texts_of_run(ctx.run_dir), out_dir=out,
-                      sampling=sampling, settings=ReportSettings(**fields), seed=ctx.recipe.seed,
+                      sampling=sampling, settings=e, seed=ctx.recipe.seed,
                       release=shutdown_engines)
     print(format_conditions(report), flush=True)
     print(f"report: {out / 'report.md'}", flush=True)
@@ -349,8 +338,7 @@ def stage_key(ctx: Context, stage: str) -> str:
     """Hash of what a stage's result depends on: its settings, the model, the constitution and
     the seed. Inputs from earlier stages are covered by the `run_id`s each manifest records
     (`stale_inputs`): a stage whose inputs were remade runs again."""
-    section = getattr(ctx.recipe, stage)
-    settings = {"section": section if isinstance(section, dict) else asdict(section), "model": ctx.model,
+    settings = {"section": ctx.recipe.section(stage), "model": ctx.model,
                 "constitution": ctx.constitution.sha256, "seed": ctx.recipe.seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -41,6 +41,8 @@ CONSTITUTION = "constitution"  # the system-prompt option meaning "the constitut
 
 @dataclass(frozen=True)
 class CritiqueSettings:
+    """The critique stage's settings: the recipe's ``critique`` section (with ``sampling``)."""
+
     rounds: int = 1                          # critique-and-revise rounds per prompt
     # None: the first answer has no system prompt; "constitution": the constitution's system
     # prompt (kept for the whole dialogue, which continues that conversation)
@@ -48,6 +50,16 @@ class CritiqueSettings:
     min_chars: int = 2                       # a shorter answer, critique or revision is "empty"
     max_answer_chars: int = 2000             # a longer answer or revision is "over_long"
     min_distinct_3grams: float = 0.0         # share of distinct word 3-grams below which a text loops
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise UserError(f"rounds: {self.rounds}; give at least 1 critique-and-revise round")
+        if self.answer_system_prompt not in (None, CONSTITUTION):
+            raise UserError(f"answer_system_prompt: '{self.answer_system_prompt}' is not an option; use null (no "
+                            f"system prompt) or '{CONSTITUTION}' (the constitution's system prompt)")
+
+
+SAMPLING = Sampling(temperature=0.7, max_tokens=200)  # the stage's default sampling (a recipe's sampling: overrides keys)
 
 
 def require_principles(constitution, stage: str) -> None:
@@ -119,10 +131,8 @@ def _assistant(text: str) -> Message:
 
 def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Path, *,
                  settings: CritiqueSettings = CritiqueSettings(),
-                 sampling: Sampling = Sampling(temperature=0.7, max_tokens=200), seed: int = 0) -> dict:
+                 sampling: Sampling = SAMPLING, seed: int = 0) -> dict:
     require_principles(constitution, "critique")
-    if settings.rounds < 1:
-        raise UserError(f"critique.rounds: {settings.rounds}; give at least 1 critique-and-revise round")
     head = system_head(settings.answer_system_prompt, constitution, "critique.answer_system_prompt")
     if not prompts:
         raise UserError("critique: no prompts to answer; run the prompts stage or pass --prompts FILE")

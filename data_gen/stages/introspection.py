@@ -39,6 +39,8 @@ INTERACTION_OPENERS = TEMPLATES / "interaction_openers.yaml"
 
 @dataclass(frozen=True)
 class ReflectionSettings:
+    """The reflection stage's settings: the recipe's ``reflection`` section (with ``sampling``, ``adapter``)."""
+
     samples_per_prompt: int = 2        # answers generated per reflection prompt
     prompts_file: str | None = None    # YAML mapping prompt id -> text; None: the shipped list
     use_system_prompt: bool = True     # answer under the constitution's system prompt; False with a trained adapter
@@ -46,12 +48,14 @@ class ReflectionSettings:
     min_distinct_3grams: float = 0.5   # share of distinct word 3-grams below which an answer loops
 
     def __post_init__(self):
-        _at_least("reflection", "samples_per_prompt", self.samples_per_prompt, 1)
-        _at_least("reflection", "min_words", self.min_words, 0)
+        _at_least("samples_per_prompt", self.samples_per_prompt, 1)
+        _at_least("min_words", self.min_words, 0)
 
 
 @dataclass(frozen=True)
 class InteractionSettings:
+    """The interaction stage's settings: the recipe's ``interaction`` section (with ``sampling``, ``adapter``)."""
+
     conversations: int = 8             # conversations between two instances of the character
     turns: int = 6                     # generated messages per conversation (A, B, A, ...), after B's opener
     openers: tuple[str, ...] | None = None  # first lines, said by B; None: templates/interaction_openers.yaml
@@ -62,18 +66,23 @@ class InteractionSettings:
     min_distinct_3grams: float = 0.5   # share of distinct word 3-grams below which a turn loops
 
     def __post_init__(self):
-        _at_least("interaction", "conversations", self.conversations, 1)
-        _at_least("interaction", "turns", self.turns, 2)
-        _at_least("interaction", "min_exchanges", self.min_exchanges, 2)
-        _at_least("interaction", "min_words", self.min_words, 0)
+        _at_least("conversations", self.conversations, 1)
+        _at_least("turns", self.turns, 2)
+        _at_least("min_exchanges", self.min_exchanges, 2)
+        _at_least("min_words", self.min_words, 0)
         if self.min_exchanges > self.turns:
-            raise UserError(f"interaction.min_exchanges: {self.min_exchanges} is more than interaction.turns "
-                            f"({self.turns}), so every conversation would be dropped; lower it or raise turns")
+            raise UserError(f"min_exchanges: {self.min_exchanges} is more than turns ({self.turns}), so every "
+                            "conversation would be dropped; lower it or raise turns")
 
 
-def _at_least(stage: str, key: str, value, low: int) -> None:
+# The stages' default sampling (a recipe's sampling: overrides some of its keys).
+REFLECTION_SAMPLING = Sampling(temperature=0.8, max_tokens=300)
+INTERACTION_SAMPLING = Sampling(temperature=0.8, max_tokens=160)
+
+
+def _at_least(key: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise UserError(f"{stage}.{key}: must be a whole number >= {low}, got {value!r}")
+        raise UserError(f"{key}: {value!r}; give a whole number >= {low}")
 
 
 def display_name(constitution) -> str:
@@ -157,7 +166,7 @@ def _manifest(stage: str, backend: Backend, seed: int, sampling: Sampling, setti
 
 def run_reflection(backend: Backend, constitution, out_dir: Path, *,
                    settings: ReflectionSettings = ReflectionSettings(),
-                   sampling: Sampling = Sampling(temperature=0.8, max_tokens=300),
+                   sampling: Sampling = REFLECTION_SAMPLING,
                    seed: int = 0, adapter: str | None = None) -> dict:
     prompts = load_reflection_prompts(settings.prompts_file, display_name(constitution))
     system_prompt = constitution.system_prompt() if settings.use_system_prompt else None
@@ -215,7 +224,7 @@ def training_record(messages: list[dict]) -> list[dict]:
 
 def run_self_interaction(backend: Backend, constitution, out_dir: Path, *,
                          settings: InteractionSettings = InteractionSettings(),
-                         sampling: Sampling = Sampling(temperature=0.8, max_tokens=160),
+                         sampling: Sampling = INTERACTION_SAMPLING,
                          seed: int = 0, adapter: str | None = None) -> dict:
     openers = load_openers(settings.openers, display_name(constitution))
     persona = constitution.system_prompt() if settings.use_system_prompt else None

@@ -26,25 +26,49 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_gen.backends import Backend, Completion, Sampling
+from data_gen.errors import UserError
 from data_gen.filters import completion_problem, trim_to_sentence
 from data_gen.store import write_jsonl
 
 
+UNFINISHED = ("drop", "trim")
+
+
 @dataclass(frozen=True)
 class PairSettings:
-    teacher_samples: int = 1       # teacher answers per prompt; >1 keeps the most in-character one
+    """The pairs stage's settings: the recipe's ``pairs`` section (sampling keys written flat)."""
+
+    temperature: float = 0.7
+    top_p: float = Sampling.top_p
+    max_tokens: int = 160
+    # vLLM applies repetition_penalty to the prompt too: >1 penalizes the persona's own words.
+    repetition_penalty: float = Sampling.repetition_penalty
+    # Per earlier use of a token in the same answer (not the prompt): against loops.
+    frequency_penalty: float = Sampling.frequency_penalty
+    teacher_samples: int = 2        # teacher answers per prompt; the most in-character one (by the classifier) is kept
+    min_margin: float | None = 0.0  # classifier persona-probability margin chosen - rejected; None: no check
     max_answer_chars: int = 2000
     min_answer_chars: int = 2
-    min_distinct_3grams: float = 0.0  # share of distinct word 3-grams below which an answer loops
-    min_margin: float | None = 0.0  # classifier persona-probability margin chosen - rejected; None: no check
-    unfinished: str = "drop"        # an answer cut off at max_tokens: "drop" it, or "trim" it to its last sentence
+    min_distinct_3grams: float = 0.75  # share of distinct word 3-grams below which an answer loops (dropped)
+    # Appended to both system prompts (teacher and student) by the caller, so that a pair differs
+    # in character, not in length; the eval's prompted condition gets it too.
+    answer_hint: str | None = "Keep your answer short: at most three sentences."
+    unfinished: str = "trim"        # an answer cut off at max_tokens: "trim" it to its last full sentence, or "drop" it
 
     def __post_init__(self):
         if self.unfinished not in UNFINISHED:
-            raise ValueError(f"unfinished: {self.unfinished!r} is not one of {', '.join(UNFINISHED)}")
+            raise UserError(f"unfinished: '{self.unfinished}'; use 'trim' (an answer cut off at max_tokens is cut "
+                            "back to its last full sentence) or 'drop' (leave it out); both are counted")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise UserError(f"frequency_penalty: {self.frequency_penalty!r}; give a number between -2 and 2 "
+                            "(vLLM's range; 0: off; the demo's 0.5 keeps the teacher out of loops)")
+        if self.teacher_samples < 1:
+            raise UserError(f"teacher_samples: {self.teacher_samples}; give 1 or more (teacher answers per prompt)")
 
-
-UNFINISHED = ("drop", "trim")
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                        repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty)
 
 
 def answer_problem(c: Completion, settings: PairSettings) -> str | None:
@@ -71,8 +95,10 @@ def usable_answer(c: Completion, settings: PairSettings) -> tuple[str | None, st
 
 def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out_dir: Path, *,
                    student_system_prompt: str | None = None,
-                   sampling: Sampling = Sampling(temperature=0.7, max_tokens=160),
+                   sampling: Sampling | None = None,
                    settings: PairSettings = PairSettings(), seed: int = 0, classifier=None) -> dict:
+    """``sampling``: None uses the settings' own (``settings.sampling``)."""
+    sampling = sampling or settings.sampling
     k = settings.teacher_samples
     teacher = backend.chat([[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}]
                             for p in prompts for _ in range(k)], sampling, desc="teacher answers")

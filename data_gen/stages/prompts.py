@@ -12,10 +12,11 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_gen.backends import Backend, Sampling
+from data_gen.errors import UserError
 from data_gen.store import write_jsonl
 from data_gen.templating import render
 
@@ -32,6 +33,8 @@ _REQUEST = re.compile(r"^(please\s+)?(what|how|why|when|where|who|which|can|coul
 
 @dataclass(frozen=True)
 class ExpandSettings:
+    """The prompts stage's settings: the recipe's ``prompts`` section."""
+
     per_trait: int = 40          # training prompts kept per trait (seeds included)
     heldout_per_trait: int = 8   # generated prompts set aside per trait for evaluation
     per_request: int = 10        # new messages asked for in one request
@@ -41,6 +44,19 @@ class ExpandSettings:
     min_chars: int = 12
     max_chars: int = 200
     min_words: int = 4
+    temperature: float = 1.0     # sampling of the requests (top_p and the penalties: Sampling's defaults)
+    max_tokens: int = 256
+
+    def __post_init__(self):
+        if self.max_rounds < 1:
+            raise UserError(f"max_rounds: {self.max_rounds}; give 1 or more (rounds of requests for a trait "
+                            "still short of prompts)")
+        if self.per_request < 1:
+            raise UserError(f"per_request: {self.per_request}; give 1 or more (new messages asked for in one request)")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, max_tokens=self.max_tokens)
 
 
 def normalize(text: str) -> str:
@@ -102,8 +118,10 @@ def _new_messages(completion, settings: ExpandSettings, seen: set[str], drops: C
 
 
 def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_dir: Path, *,
-                   settings: ExpandSettings = ExpandSettings(), sampling: Sampling = Sampling(temperature=1.0, max_tokens=256),
+                   settings: ExpandSettings = ExpandSettings(), sampling: Sampling | None = None,
                    seed: int = 0) -> dict:
+    """``sampling``: None uses the settings' own (``settings.sampling``)."""
+    sampling = sampling or settings.sampling
     rng = random.Random(seed)
     # Generated prompts each trait needs: its held-out ones and the training ones its seeds leave.
     needed = {t: settings.heldout_per_trait + max(0, settings.per_trait - len(seeds))
@@ -117,7 +135,7 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
     first_round = max(1, round((settings.per_trait + settings.heldout_per_trait) * settings.oversample
                                / settings.per_request))
     rounds = 0
-    for attempt in range(max(1, settings.max_rounds)):
+    for attempt in range(settings.max_rounds):
         short = {t: needed[t] - len(candidates[t]) for t in seed_questions if len(candidates[t]) < needed[t]}
         if attempt == 0:  # every trait, sized as it always was (so cached answers of earlier runs stay valid)
             n_requests = {t: first_round for t in seed_questions}
@@ -166,7 +184,7 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
         "model": backend.model,
         "seed": seed,
         "sampling": sampling.to_dict(),
-        "settings": settings.__dict__,
+        "settings": asdict(settings),
         "requests": len(completions),
         "rounds": rounds,
         "short_traits": {t: {"generated": len(candidates[t]), "needed": needed[t]}

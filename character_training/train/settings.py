@@ -1,0 +1,96 @@
+"""The training stages' settings: each class is its stage's recipe section (``midtrain``, ``dpo``,
+``sft``, ``grpo``) and what ``character-training train --set`` builds.
+
+Range and choice checks live here, in ``__post_init__`` (a ``UserError`` "FIELD: VALUE; how to
+fix", which the recipe loader prefixes with the file and section). The ``trainer`` mapping holds
+TRL config fields; it is checked against TRL by ``train.common.check_trainer_fields`` when a recipe
+is validated, not here: importing this module must not import TRL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from character_training.errors import UserError
+
+STARTS = ("continue", "merge")
+OVERLONG = ("truncate", "drop")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+
+
+def _check_overlong(overlong: str) -> None:
+    if overlong not in OVERLONG:
+        raise UserError(f"overlong: '{overlong}'; use 'truncate' (TRL cuts over-long examples to "
+                        "trainer.max_length) or 'drop' (leave them out); both are counted")
+
+
+@dataclass
+class TrainingSection:
+    """What every training stage's section holds; each stage's class adds its own settings."""
+
+    kind: ClassVar[str]  # TRL config kind (train.common.config_class)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    trainer: dict = field(default_factory=dict)  # the TRL config's own fields (DPOConfig, SFTConfig, GRPOConfig)
+    start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
+
+    def __post_init__(self):
+        if self.start not in STARTS:
+            raise UserError(f"start: '{self.start}'; use 'continue' (train the previous stage's adapter on) or "
+                            "'merge' (merge it into the base, train a new one)")
+
+
+@dataclass
+class MidtrainSection(TrainingSection):
+    kind: ClassVar[str] = "lm"  # causal-LM training on documents (SFTConfig)
+    data: list = field(default_factory=lambda: ["sdf"])
+    packing: bool = True
+    marker: str | None = None  # prefixed to every document and masked from the loss
+    chat_ratio: float = 0.0  # share of chat examples (from the sft data stages that ran) mixed in
+
+
+@dataclass
+class DpoSection(TrainingSection):
+    kind: ClassVar[str] = "dpo"
+    data: list = field(default_factory=lambda: ["pairs"])  # stages whose pairs.jsonl it trains on: pairs, critique, rlaif
+    system_prompt: str | None = None  # training-time system prompt (inoculation-style), absent at evaluation
+    overlong: str = "truncate"  # examples over trainer.max_length: "truncate" (TRL cuts them) or "drop"; counted
+    loop_negatives: float = 0.0  # share of pairs that also get a looping copy of their chosen answer as rejected
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_overlong(self.overlong)
+        if not 0 <= self.loop_negatives <= 1:
+            raise UserError(f"loop_negatives: {self.loop_negatives!r}; give a share between 0 and 1 (0.5: half "
+                            "of the pairs also train against a looping copy of their chosen answer)")
+
+
+@dataclass
+class SftSection(TrainingSection):
+    kind: ClassVar[str] = "sft"
+    data: list = field(default_factory=lambda: ["critique", "reflection", "interaction"])  # those that ran
+    system_prompt: str | None = None
+    overlong: str = "truncate"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_overlong(self.overlong)
+
+
+@dataclass
+class GrpoSection(TrainingSection):
+    kind: ClassVar[str] = "grpo"
+    data: list = field(default_factory=lambda: ["prompts"])  # its training prompts
+    system_prompt: str | None = None
+    judge_retries: int = 2  # a failed or unparseable verdict is asked again, then counted as missing
+    judge_max_tokens: int = 8
+
+
+TRAINING_SECTIONS = {"midtrain": MidtrainSection, "dpo": DpoSection, "sft": SftSection, "grpo": GrpoSection}
