@@ -78,37 +78,25 @@ def _run(args) -> int:
     recipe = _load_recipe(args)
     manifests = pipeline.run(recipe, force=args.force or [])
     if "eval" in manifests:
-        manifest = manifests["eval"]
-        if "classifier" in manifest:  # the quick check
-            from character_training.evaluation.quick import format_table
-
-            print("\n" + format_table(manifest))
-            report = Path(recipe.run_dir) / "eval" / "eval.json"
-        else:
-            from character_training.evaluation.report import format_conditions
-
-            print("\n" + format_conditions(manifest))
-            report = Path(recipe.run_dir) / "eval" / "report.md"
-        print(f"\nadapter: {manifest['adapter']}\nreport:  {report}")
+        print("\n" + pipeline.summary(manifests["eval"], Path(recipe.run_dir) / "eval"))
     return 0
 
 
 def _eval(args) -> int:
-    from character_training.run import pipeline
-
-    recipe = _load_recipe(args)
-    ctx = pipeline.make_context(recipe)
-    out = Path(args.output) if args.output else ctx.stage_dir("eval")
-    if out.exists() and args.fresh:
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)  # a killed evaluation resumes from its caches
-    manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter, extra_adapters=args.also or [])
+    from character_training.run import layout, pipeline
+    from data_gen.backends import Engines
     from data_gen.store import write_manifest
 
+    recipe = _load_recipe(args)
+    with Engines() as engines:
+        ctx = pipeline.make_context(recipe, engines)
+        out = Path(args.output) if args.output else ctx.stage_dir("eval")
+        if args.fresh:
+            layout.clear_stage_dir(out, keep_resume=False)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter, extra_adapters=args.also or [])
     write_manifest(out, {**manifest, "settings_key": pipeline.stage_key(ctx, "eval")})
-    print(f"report: {out / ('eval.json' if recipe.eval.report == 'quick' else 'report.md')}")
+    print("\n" + pipeline.summary(manifest, out))
     return 0
 
 
@@ -118,11 +106,9 @@ def _generate(args) -> int:
                                                    run_generation_stage)
     from character_training.config.models import resolve_model
     from character_training.config.recipe import apply_overrides, gen_section
-    from data_gen.backends import shutdown_engines
-    from data_gen.cache import CACHE_FILE
+    from character_training.run import layout
+    from data_gen.backends import Engines
     from data_gen.store import read_manifest, write_manifest
-
-    import shutil
 
     spec = GEN_STAGES[args.stage]
     out = Path(args.output)
@@ -146,24 +132,18 @@ def _generate(args) -> int:
                                      served_model=args.served_model, judge_model=args.judge_model,
                                      max_concurrency=args.max_concurrency)
     model = resolve_model(args.model) if args.backend == "vllm" else (args.model or "default")
-    if out.exists() and args.force:
-        shutil.rmtree(out)
+    layout.clear_stage_dir(out, keep_resume=not args.force)  # an unfinished earlier attempt keeps its caches
     out.mkdir(parents=True, exist_ok=True)
-    for path in out.iterdir():  # an unfinished earlier attempt: keep only the caches
-        if not path.name.endswith(CACHE_FILE):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    backend = make_backend(model, backend_section, args.seed, enable_lora=bool(args.adapter))
-    judge = make_backend(model, backend_section, args.seed, judge=True) if args.judge_model else None
-    try:
+    with Engines() as engines:
+        backend = make_backend(model, backend_section, args.seed, engines, enable_lora=bool(args.adapter))
+        judge = make_backend(model, backend_section, args.seed, engines, judge=True) if args.judge_model else None
         manifest = run_generation_stage(args.stage, backend=backend, constitution=constitution, out=out,
                                         section=section, seed=args.seed, prompts=prompts, judge=judge,
                                         adapter=args.adapter)
-    finally:
-        shutdown_engines()
     manifest.update(constitution=str(args.constitution), constitution_sha256=constitution.sha256)
     write_manifest(out, manifest)
     print(f"[{args.stage}] counts: {manifest.get('counts')}\n[{args.stage}] drops: {manifest.get('drops')}")
-    print(f"[{args.stage}] wrote {', '.join(str(out / o) for o in spec.outputs)}")
+    print(f"[{args.stage}] wrote {', '.join(str(out / o) for o in layout.DATA[args.stage])}")
     return 0
 
 
@@ -240,7 +220,7 @@ def _train(args) -> int:
         from character_training.config.constitution import load_constitution
         from character_training.run.generation import BackendSection, make_backend
         from character_training.train.grpo import train_grpo
-        from data_gen.backends import Sampling
+        from data_gen.backends import Engines, Sampling
 
         if len(args.data) != 1:
             raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
@@ -251,11 +231,13 @@ def _train(args) -> int:
         constitution = load_constitution(args.constitution)
         backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
                                  judge_model=args.judge_model)
-        judge = make_backend(model, backend, args.seed, judge=True)
         common["card"].update(persona=args.persona or constitution.name, constitution_sha256=constitution.sha256)
-        manifest = train_grpo(model, Path(args.data[0]), out, judge_backend=judge, constitution=constitution,
-                              system_prompt=section.system_prompt, judge_retries=section.judge_retries,
-                              judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens), **common)
+        with Engines() as engines:  # the judge's engine, when it runs in this process
+            judge = make_backend(model, backend, args.seed, engines, judge=True)
+            manifest = train_grpo(model, Path(args.data[0]), out, judge_backend=judge, constitution=constitution,
+                                  system_prompt=section.system_prompt, judge_retries=section.judge_retries,
+                                  judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
+                                  **common)
     else:  # argparse's choices keep other kinds out
         raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm or grpo")
     manifest["distributed"] = distributed.describe()

@@ -59,7 +59,7 @@ class Backend(Protocol):
 
 
 class VLLMBackend:
-    """vLLM's offline engine. Build it once per process (``vllm_backend`` caches it).
+    """vLLM's offline engine. Build it through ``Engines``, which shares and releases it.
 
     The seed is given to the engine, not per request: per-request seeds with prefix caching
     crash vLLM's CPU build ("CPU Generator does not use offset").
@@ -224,24 +224,3 @@ class Engines:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-_ENGINES: dict[tuple, VLLMBackend] = {}
-
-
-def vllm_backend(model: str, **kwargs) -> VLLMBackend:
-    """One engine per (model, settings) per process: stages of one run share it."""
-    key = (model, tuple(sorted(kwargs.items())))
-    if key not in _ENGINES:
-        _ENGINES[key] = VLLMBackend(model, **kwargs)
-    return _ENGINES[key]
-
-
-def shutdown_engines() -> None:
-    """Drop the cached engines (their engine processes exit), freeing memory and cores."""
-    import gc
-
-    for engine in _ENGINES.values():
-        engine.close()
-    _ENGINES.clear()
-    gc.collect()

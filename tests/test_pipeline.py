@@ -8,9 +8,10 @@ import json
 import pytest
 import yaml
 
-from character_training.run import pipeline
-from character_training.errors import UserError
 from character_training.config.recipe import load_recipe
+from character_training.errors import UserError
+from character_training.run import pipeline
+from data_gen.backends import Engines
 
 CONSTITUTION = {"name": "toy", "description": "A toy.",
                 "traits": [{"trait": "I am a toy.", "questions": ["What are you made of?"]}]}
@@ -150,7 +151,7 @@ def test_prompts_stage_passes_max_rounds_and_warns_about_a_trait_left_short(reci
     monkeypatch.setattr(pipeline, "_generation_backend", lambda ctx, out: backend)
     recipe = load_recipe(recipe_path)
     recipe.prompts = dataclasses.replace(recipe.prompts, max_rounds=2)
-    ctx = pipeline.make_context(recipe)
+    ctx = pipeline.make_context(recipe, Engines())
     out = tmp_path / "run" / "prompts"
     manifest = pipeline.stage_prompts(ctx, out)
     assert len(backend.calls) == 2 and manifest["rounds"] == 2

@@ -20,7 +20,7 @@ import yaml
 from character_training.config.recipe import STAGES, Recipe, build, gen_section, load_recipe
 from character_training.errors import UserError
 from character_training.run.generation import GEN_STAGES, GenSection
-from data_gen.backends import Sampling
+from data_gen.backends import Engines, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -143,7 +143,7 @@ def test_no_settings_class_mirrors_another():
 @pytest.mark.parametrize("stage", list(GEN_STAGES))
 def test_a_stage_functions_defaults_are_its_sections(stage):
     spec = GEN_STAGES[stage]
-    params = inspect.signature(spec.load()).parameters
+    params = inspect.signature(spec.run).parameters
     assert params["settings"].default == spec.settings()
     assert params["sampling"].default == spec.sampling
 
@@ -227,7 +227,7 @@ def test_prompts_and_pairs_stages_get_the_section_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_generation_backend", lambda ctx, out: None)
     monkeypatch.setattr(pipeline.Context, "prompts", lambda self, split: ["a question?"])
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
-    ctx = pipeline.make_context(recipe)
+    ctx = pipeline.make_context(recipe, Engines())
     pipeline.stage_prompts(ctx, tmp_path)
     pipeline.stage_pairs(ctx, tmp_path)
     assert got["prompts"]["settings"] is recipe.prompts
@@ -240,9 +240,8 @@ def test_a_generation_stage_gets_its_sections_settings_and_sampling(tmp_path, mo
     from character_training.run import generation
 
     got = {}
-    spec = dataclasses.replace(GEN_STAGES["reflection"], module=__name__, function="_fake_stage")
+    spec = dataclasses.replace(GEN_STAGES["reflection"], run=lambda *args, **kwargs: got.update(kwargs) or {})
     monkeypatch.setitem(generation.GEN_STAGES, "reflection", spec)
-    monkeypatch.setitem(globals(), "_fake_stage", lambda *args, **kwargs: got.update(kwargs) or {})
     section = gen_section("reflection", {"min_words": 5, "sampling": {"max_tokens": 99}}, "--set", "")
     generation.run_generation_stage("reflection", backend=None, constitution=None, out=tmp_path, section=section,
                                     seed=3)

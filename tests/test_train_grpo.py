@@ -305,7 +305,7 @@ def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_mo
     tmp, _, _ = trained
     asked = {}
 
-    def make_backend(model, section, seed, judge=False, **_):
+    def make_backend(model, section, seed, engines, judge=False, **_):
         asked.update(kind=section.kind, base_urls=section.base_urls, judge=judge)
         return toy_judge()
 

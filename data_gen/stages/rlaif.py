@@ -33,6 +33,9 @@ from data_gen.stages.prompts import normalize
 from data_gen.store import write_jsonl
 
 
+SAMPLING = Sampling(temperature=0.9, max_tokens=160)  # the candidates' default; a recipe's rlaif.sampling overrides keys
+
+
 @dataclass(frozen=True)
 class RlaifSettings:
     # None: candidates answer without a system prompt; "constitution": with the constitution's
@@ -76,7 +79,7 @@ def _candidate_problem(c: Completion, settings: RlaifSettings) -> str | None:
 
 def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path, *,
               settings: RlaifSettings = RlaifSettings(),
-              sampling: Sampling = Sampling(temperature=0.9, max_tokens=160),
+              sampling: Sampling = SAMPLING,
               judge: Backend | None = None, seed: int = 0) -> dict:
     require_principles(constitution, "rlaif")
     head = system_head(settings.candidates_system_prompt, constitution, "rlaif.candidates_system_prompt")

@@ -75,6 +75,9 @@ REGISTERS = (
 JUDGE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=4, logprobs=5)
 
 
+SAMPLING = Sampling(temperature=0.9, max_tokens=400)  # the stage's default; a recipe's sdf.sampling overrides keys
+
+
 @dataclass(frozen=True)
 class SdfSettings:
     num_types: int = 12              # document types kept (brainstormed first, then seed_types)
@@ -337,7 +340,7 @@ def judge_consistency(judge: Backend, docs: list[dict], character: dict) -> list
 
 
 def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSettings = SdfSettings(),
-            sampling: Sampling = Sampling(temperature=0.9, max_tokens=400), seed: int = 0,
+            sampling: Sampling = SAMPLING, seed: int = 0,
             judge: Backend | None = None) -> dict:
     """Steps 1-6 of the module docstring, in order; returns the stage's manifest."""
     check_settings(constitution, settings)
