@@ -9,7 +9,8 @@ import pytest
 
 from character_training.evaluation import likelihood
 from character_training.evaluation import quick as evaluate
-from character_training.evaluation.quick import Condition, bootstrap_interval, format_table, quick_check
+from character_training.evaluation.core import Condition, bootstrap_interval
+from character_training.evaluation.quick import format_table, quick_check
 from data_gen.backends import Completion
 from data_gen.filters import distinct_3gram_share
 from data_gen.store import write_jsonl

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from character_training.evaluation import report as rep
+from character_training.evaluation.core import bootstrap_interval
 from character_training.evaluation.settings import EvalSettings
 from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
@@ -228,7 +229,7 @@ def test_bootstrap_intervals_cover_the_true_rate_in_a_simulation():
     covered = 0
     for trial in range(400):
         flags = (rng.random(40) < 0.3).astype(float)
-        lo, hi = rep.bootstrap_interval(flags, seed=trial, resamples=500)
+        lo, hi = bootstrap_interval(flags, seed=trial, resamples=500)
         covered += lo <= 0.3 <= hi
     assert 0.90 <= covered / 400 <= 0.99
 

@@ -306,14 +306,12 @@ def recall_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple
 
 
 # Which stage files a run trains on, and what text each record holds.
-_MESSAGE_FILES = ("sft.jsonl", "reflection.jsonl", "interaction.jsonl")
-
-
 def training_texts_of_run(run_dir) -> dict[str, list[str]]:
-    """Every text a run's training data holds, keyed by source ("stage/file"): the user turns of
-    */pairs.jsonl prompts; the user and assistant turns of */sft.jsonl, */reflection.jsonl and
-    */interaction.jsonl; the "text" of */documents.jsonl; and the train-split prompts of
-    prompts/prompts.jsonl. Files that are missing are skipped."""
+    """Every text a run's training data holds, keyed by source ("stage/file"), from the files
+    run/layout.py names: the user turns of the pair files' prompts; the user and assistant turns
+    of the chat files; the "text" of the documents; and the train-split prompts of the prompts
+    stage. Files that are missing are skipped."""
+    from character_training.run import layout
     from data_gen.store import read_jsonl
 
     run_dir = Path(run_dir)
@@ -321,19 +319,19 @@ def training_texts_of_run(run_dir) -> dict[str, list[str]]:
         raise UserError(f"{run_dir}: no such run directory")
     found: dict[str, list[str]] = {}
 
-    def add(path: Path, texts: list[str]) -> None:
-        found[f"{path.parent.name}/{path.name}"] = texts
+    def add(stage: str, kind: dict[str, str], texts) -> None:
+        path = layout.data_file(run_dir, stage, kind)
+        if path.is_file():
+            found[f"{stage}/{path.name}"] = texts(read_jsonl(path))
 
-    for path in sorted(run_dir.glob("*/pairs.jsonl")):
-        add(path, [t for r in read_jsonl(path) for t in _turns(r["prompt"], ("user",))])
-    for name in _MESSAGE_FILES:
-        for path in sorted(run_dir.glob(f"*/{name}")):
-            add(path, [t for r in read_jsonl(path) for t in _turns(r["messages"], ("user", "assistant"))])
-    for path in sorted(run_dir.glob("*/documents.jsonl")):
-        add(path, [r["text"] for r in read_jsonl(path)])
-    prompts = run_dir / "prompts" / "prompts.jsonl"
-    if prompts.is_file():
-        add(prompts, [r["prompt"] for r in read_jsonl(prompts) if r.get("split") == "train"])
+    for stage in sorted(layout.PAIRS):
+        add(stage, layout.PAIRS, lambda records: [t for r in records for t in _turns(r["prompt"], ("user",))])
+    for stage in layout.CHATS:
+        add(stage, layout.CHATS,
+            lambda records: [t for r in records for t in _turns(r["messages"], ("user", "assistant"))])
+    for stage in layout.DOCUMENTS:
+        add(stage, layout.DOCUMENTS, lambda records: [r["text"] for r in records])
+    add("prompts", {"prompts": layout.PROMPTS}, lambda records: [r["prompt"] for r in records if r.get("split") == "train"])
     return found
 
 

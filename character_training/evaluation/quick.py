@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from character_training.evaluation.core import (  # noqa: F401 (BASE, bootstrap_interval: the names callers import)
-    ADAPTER, BASE, PROMPTED, Condition, answers_of, bootstrap_interval, fit_classifier, generate_conditions,
-    surface_metrics)
+from character_training.evaluation.core import (ADAPTER, BASE, PROMPTED, Condition, answers_of, fit_classifier,
+                                                generate_conditions, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
 from data_gen.backends import Backend, Sampling
-from data_gen.filters import distinct_3gram_share  # noqa: F401 (tests/test_train_dpo.py imports it from here)
 from data_gen.scoring import PersonaClassifier
 from data_gen.store import read_jsonl, write_json, write_jsonl
 

@@ -41,17 +41,13 @@ from typing import Callable
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluation.core import (  # noqa: F401 (bootstrap_interval, surface_metrics: re-exported)
-    BASE, PROMPTED, STEERED, Condition, answers_of, bootstrap_interval, fit_classifier, generate_conditions,
-    surface_metrics)
+from character_training.evaluation.core import (BASE, PROMPTED, STEERED, Condition, answers_of, fit_classifier,
+                                                generate_conditions, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
-from character_training.evaluation.report_output import (  # noqa: F401 (the CLI and pipeline import them from here)
-    ADVERSARIAL_SUFFIXES, format_conditions, markdown_report, plot_report)
+from character_training.evaluation.report_output import ADVERSARIAL_SUFFIXES, markdown_report, plot_report
 from character_training.evaluation.settings import EvalSettings
 from data_gen.backends import Sampling
 from data_gen.store import write_json, write_jsonl
-
-ReportSettings = EvalSettings  # the old name: run/pipeline.py still builds it from the recipe's eval section
 
 
 def conditions_for(system_prompt: str, adapters: dict[str, str], settings: EvalSettings) -> list[Condition]:

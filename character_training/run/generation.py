@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from character_training.errors import UserError
-from character_training.run import layout
 from data_gen.backends import Engines, Sampling
 from data_gen.stages.critique import SAMPLING as CRITIQUE_SAMPLING, CritiqueSettings, run_critique
 from data_gen.stages.introspection import (INTERACTION_SAMPLING, REFLECTION_SAMPLING, InteractionSettings,

@@ -338,7 +338,7 @@ def summary(manifest: dict, eval_dir: str | Path) -> str:
 
         table, report = format_table(manifest), "eval.json"
     else:
-        from character_training.evaluation.report import format_conditions
+        from character_training.evaluation.report_output import format_conditions
 
         table, report = format_conditions(manifest), "report.md"
     return f"{table}\n\nadapter: {manifest['adapter']}\nreport:  {Path(eval_dir) / report}"
