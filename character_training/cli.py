@@ -175,6 +175,9 @@ def train_section(args):
 def _train(args) -> int:
     """One training stage on its own; runs as is on one process, or under torchrun / accelerate
     launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
+    from dataclasses import replace
+
+    from character_training.card import ModelCard
     from character_training.train import distributed
     from character_training.train import common as training
     from character_training.config.models import resolve_model
@@ -191,7 +194,7 @@ def _train(args) -> int:
     model = resolve_model(args.model)
     common = dict(lora=section.lora, trainer=section.trainer, seed=args.seed, init_adapter=args.init_adapter,
                   start=section.start,
-                  card={"persona": args.persona or "persona", "data": [str(p) for p in args.data]})
+                  card=ModelCard(persona=args.persona or "persona"))
     if args.force and out.exists() and distributed.is_main_process():
         import shutil
 
@@ -231,7 +234,8 @@ def _train(args) -> int:
         constitution = load_constitution(args.constitution)
         backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
                                  judge_model=args.judge_model)
-        common["card"].update(persona=args.persona or constitution.name, constitution_sha256=constitution.sha256)
+        common["card"] = replace(common["card"], persona=args.persona or constitution.name,
+                                 constitution=str(args.constitution), constitution_sha256=constitution.sha256)
         with Engines() as engines:  # the judge's engine, when it runs in this process
             judge = make_backend(model, backend, args.seed, engines, judge=True)
             manifest = train_grpo(model, Path(args.data[0]), out, judge_backend=judge, constitution=constitution,
@@ -243,7 +247,7 @@ def _train(args) -> int:
     manifest["distributed"] = distributed.describe()
     if distributed.is_main_process():
         if args.init_adapter and section.start == "merge":  # one LoRA on the original base, as in a recipe
-            manifest["composed"] = training.fold_merged(args.init_adapter, out)
+            manifest["composed"] = training.fold_merged(args.init_adapter, out, common["card"])
         write_manifest(out, manifest)
         print(f"[train {args.kind}] {manifest['counts']} -> {out / 'adapter'}")
     if distributed.world_size() > 1:

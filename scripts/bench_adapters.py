@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from character_training.adapters.algebra import algebra as alg  # noqa: E402
+from character_training.adapters import algebra as alg  # noqa: E402
+from character_training.adapters import io as adapter_io  # noqa: E402
 
 WEIGHTS = [1.0, 0.5, -0.3]
 # Unequal alphas; the third uses rsLoRA (scaling alpha / sqrt(r)).
@@ -63,16 +64,16 @@ def write_random_adapters(args, work: Path) -> list[Path]:
         tensors = {}
         for name, (out_dim, in_dim) in shapes.items():
             a = torch.randn(args.rank, in_dim, generator=gen) / math.sqrt(in_dim)
-            tensors[f"{alg.PREFIX}{name}.lora_A.weight"] = a
-            tensors[f"{alg.PREFIX}{name}.lora_B.weight"] = torch.randn(out_dim, args.rank, generator=gen) * 0.01
+            tensors[f"{adapter_io.PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{adapter_io.PREFIX}{name}.lora_B.weight"] = torch.randn(out_dim, args.rank, generator=gen) * 0.01
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "bench-llama",
                   "r": args.rank, "lora_alpha": spec["alpha"], "use_rslora": spec["rslora"], "lora_dropout": 0.0,
                   "target_modules": sorted({n.rsplit(".", 1)[-1] for n in shapes}), "bias": "none",
                   "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
         path = work / spec["name"]
         path.mkdir(parents=True)
-        save_file(tensors, str(path / alg.WEIGHTS_FILE), metadata={"format": "pt"})
-        (path / alg.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(path / adapter_io.WEIGHTS_FILE), metadata={"format": "pt"})
+        (path / adapter_io.CONFIG_FILE).write_text(json.dumps(config, indent=2))
         paths.append(path)
     return paths
 
@@ -158,8 +159,8 @@ def run_worker(method: str, inputs: list[Path], out: Path, args) -> dict:
 def relative_errors(output: Path, inputs: list[Path], k: int) -> dict:
     """||result - dense sum|| / ||dense sum|| over all modules (float64), and the best rank-k
     approximation's error for comparison."""
-    ins = [alg.load_adapter(p) for p in inputs]
-    result = alg.load_adapter(output)
+    ins = [adapter_io.load_adapter(p) for p in inputs]
+    result = adapter_io.load_adapter(output)
     err_sq = ref_sq = floor_sq = 0.0
     for name in sorted(ins[0].modules):
         reference = sum(w * a.modules[name].dense() for a, w in zip(ins, WEIGHTS))
@@ -200,7 +201,7 @@ def main() -> int:
     try:
         inputs = write_random_adapters(args, work / "in")
         shapes = module_shapes(args)
-        size_gib = sum(p.joinpath(alg.WEIGHTS_FILE).stat().st_size for p in inputs) / 2 ** 30
+        size_gib = sum(p.joinpath(adapter_io.WEIGHTS_FILE).stat().st_size for p in inputs) / 2 ** 30
         methods = ["ours-exact", "ours-rank", "peft-cat", "peft-cat-rslora-first"]
         if not args.skip_peft_svd:
             methods.append("peft-svd")

@@ -83,7 +83,7 @@ def worker(args) -> dict:
     import torch
 
     from character_training.train.sft import build_sft
-    from character_training.train.common import LoraSettings
+    from character_training.train.settings import LoraSettings
 
     gpu = torch.cuda.is_available()
     trainer = {"per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,

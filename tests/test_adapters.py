@@ -9,7 +9,9 @@ import shutil
 import pytest
 import torch
 
-from character_training.adapters.algebra import algebra as alg
+from character_training.adapters import algebra as alg
+from character_training.adapters.inspect import format_inspect, inspect
+from character_training.adapters.io import Factors, load_adapter
 from character_training.adapters.cli import parse_term
 from character_training.errors import UserError
 
@@ -54,7 +56,7 @@ def peft_deltas(model_dir, adapter_dir) -> dict[str, torch.Tensor]:
     return found
 
 
-def layout(f: alg.Factors) -> torch.Tensor:
+def layout(f: Factors) -> torch.Tensor:
     """Our dense delta in the base weight's layout (PEFT applies embedding deltas transposed)."""
     return f.dense().T if f.embedding else f.dense()
 
@@ -103,15 +105,15 @@ def _weighted_sum(reference, weights: dict[str, float]) -> dict[str, torch.Tenso
 
 def test_factors_and_scaling_are_read_as_peft_reads_them(loras, reference):
     for name, path in loras.items():
-        adapter = alg.load_adapter(path)
+        adapter = load_adapter(path)
         assert set(adapter.modules) == set(reference[name])
         for module, f in adapter.modules.items():
             assert rel(layout(f), reference[name][module]) < 1e-6, (name, module)
-    a = alg.load_adapter(loras["a"]).modules
+    a = load_adapter(loras["a"]).modules
     assert a["model.layers.0.mlp.down_proj"].rank == 6 and a["model.layers.0.self_attn.v_proj"].scaling == 3 / 4
-    b = alg.load_adapter(loras["b"]).modules
+    b = load_adapter(loras["b"]).modules
     assert b["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(16 / 8 ** 0.5)  # rsLoRA
-    assert alg.load_adapter(loras["c"]).modules["model.embed_tokens"].embedding
+    assert load_adapter(loras["c"]).modules["model.embed_tokens"].embedding
 
 
 def test_compose_equals_the_dense_weighted_sum_and_loads_in_peft(loras, reference, tiny_model_dir, tmp_path):
@@ -130,7 +132,7 @@ def test_compose_equals_the_dense_weighted_sum_and_loads_in_peft(loras, referenc
     assert report["modules"] == len(expected) and report["rank"] == [4, 18]
     card = (tmp_path / "out" / "README.md").read_text()
     for name, w in weights.items():
-        assert alg.load_adapter(loras[name]).sha256 in card and f"| {w} |" in card
+        assert load_adapter(loras[name]).sha256 in card and f"| {w} |" in card
     assert "compose" in card and str(loras["a"]) in card
 
 
@@ -192,7 +194,7 @@ def test_orthogonalize_zeroes_inner_products_and_reports_what_it_removed(loras, 
         if not others:  # k_proj and gate_proj: neither b nor c adapts them
             assert removed == pytest.approx(0.0, abs=1e-12)
     assert 0.0 < report["removed_fraction"] < 1.0
-    assert {f.rank for f in alg.load_adapter(tmp_path / "orth").modules.values()} == {4, 6}  # ranks kept
+    assert {f.rank for f in load_adapter(tmp_path / "orth").modules.values()} == {4, 6}  # ranks kept
     assert "against" in (tmp_path / "orth" / "README.md").read_text()
 
 
@@ -224,9 +226,9 @@ def test_compose_onto_gives_the_chained_stages_on_the_original_base(loras, tiny_
 
 
 def test_inspect_table_heatmap_and_figures(loras, reference, tmp_path):
-    report = alg.inspect([loras["a"], loras["b"], loras["c"]], png=tmp_path / "map.png")
+    report = inspect([loras["a"], loras["b"], loras["c"]], png=tmp_path / "map.png")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = alg.format_inspect(report)
+    table = format_inspect(report)
     assert "cosine" in table and "overlap" in table and "map.png" in table
     assert [a["label"] for a in report["adapters"]] == ["a", "b", "c"]
     a, b = reference["a"], reference["b"]
@@ -242,7 +244,7 @@ def test_inspect_table_heatmap_and_figures(loras, reference, tmp_path):
     assert report["modules"][module]["per_adapter"][0]["effective_rank"] == pytest.approx(
         alg.effective_rank(s[:4]), rel=1e-6)  # rank 4; the rest is fp32 rounding noise
     # With itself: cosine 1, the subspaces coincide (overlap 1, far above chance).
-    same = alg.inspect([loras["a"], alg.load_adapter(loras["a"])])
+    same = inspect([loras["a"], load_adapter(loras["a"])])
     assert same["pairs"][0]["cosine"] == pytest.approx(1.0)
     assert same["pairs"][0]["output_overlap"] == pytest.approx(1.0)
     assert same["pairs"][0]["output_chance"] < 1.0
@@ -271,20 +273,20 @@ def test_refusals_say_what_is_wrong(loras, tmp_path):
     with pytest.raises(UserError, match=r"module model\.layers\.1\.self_attn\.q_proj: .*80"):
         alg.compose([(loras["a"], 1.0), (wide, 1.0)], tmp_path / "o2")
     with pytest.raises(UserError, match="IA3 adapter"):
-        alg.load_adapter(_copy(loras["a"], tmp_path / "ia3", {"peft_type": "IA3"}))
+        load_adapter(_copy(loras["a"], tmp_path / "ia3", {"peft_type": "IA3"}))
     with pytest.raises(UserError, match="use_dora"):
-        alg.load_adapter(_copy(loras["a"], tmp_path / "dora", {"use_dora": True}))
+        load_adapter(_copy(loras["a"], tmp_path / "dora", {"use_dora": True}))
     with pytest.raises(UserError, match="pissa"):
-        alg.load_adapter(_copy(loras["a"], tmp_path / "pissa", {"init_lora_weights": "pissa"}))
+        load_adapter(_copy(loras["a"], tmp_path / "pissa", {"init_lora_weights": "pissa"}))
     with pytest.raises(UserError, match="not found"):
-        alg.load_adapter(tmp_path / "nowhere")
+        load_adapter(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="adapter_config.json missing"):
-        alg.load_adapter(tmp_path / "empty")
+        load_adapter(tmp_path / "empty")
     no_weights = _copy(loras["a"], tmp_path / "no-weights")
     (no_weights / "adapter_model.safetensors").unlink()
     with pytest.raises(UserError, match="adapter_model.safetensors missing"):
-        alg.load_adapter(no_weights)
+        load_adapter(no_weights)
     alg.compose([(loras["a"], 1.0)], tmp_path / "done")
     with pytest.raises(UserError, match="already exists.*--force"):
         alg.compose([(loras["a"], 1.0)], tmp_path / "done")
@@ -302,7 +304,7 @@ def test_cli_commands(loras, tmp_path, capsys):
     assert _cli(["adapters", "compose", f"{a}:1.0", f"{b}:0.5", f"{c}:-0.3", "-o", str(tmp_path / "mix"),
                  "--rank", "4"]) == 0
     assert "re-compressed" in capsys.readouterr().out
-    assert alg.load_adapter(tmp_path / "mix").config["r"] == 4
+    assert load_adapter(tmp_path / "mix").config["r"] == 4
     assert _cli(["adapters", "orthogonalize", a, "--against", b, "--against", c, "--side", "both",
                  "-o", str(tmp_path / "orth")]) == 0
     assert "removed" in capsys.readouterr().out
@@ -345,7 +347,7 @@ def test_vllm_serves_composed_orthogonalized_and_recompressed_adapters_like_peft
     outputs = {"composed": tmp_path / "composed", "orthogonal": tmp_path / "orthogonal",
                "rank6": tmp_path / "rank6"}
     alg.compose([(tmp_path / "p0", 1.0), (tmp_path / "p1", -0.5)], outputs["composed"])
-    config = alg.load_adapter(outputs["composed"]).config
+    config = load_adapter(outputs["composed"]).config
     assert config["r"] == 12 and set(config["rank_pattern"].values()) == {8}  # q/v: 8 + 4, the rest 8
     alg.orthogonalize(tmp_path / "p0", [tmp_path / "p1"], outputs["orthogonal"], side="both")
     alg.compose([(tmp_path / "p0", 1.0), (tmp_path / "p1", 1.0)], outputs["rank6"], rank=6)

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
+from character_training.card import ModelCard
 from character_training.errors import UserError
 from character_training.train.dpo import LoraSettings, check_trainer_fields, train_dpo
+from character_training.util import file_sha256
 from data_gen.store import write_jsonl
 from tests.conftest import toy_pairs
 
@@ -19,7 +21,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     manifest = train_dpo(tiny_model_dir, tmp / "pairs.jsonl", tmp / "out", lora=LoraSettings(r=4, alpha=8),
                          trainer={"max_steps": 3, "learning_rate": 5e-3, "per_device_train_batch_size": 4,
                                   "gradient_accumulation_steps": 1, "max_length": 64},
-                         card={"persona": "toy-pirate", "constitution_sha256": "abc123"})
+                         card=ModelCard(persona="toy-pirate", constitution_sha256="abc123"))
     return tmp / "out" / "adapter", manifest
 
 
@@ -30,6 +32,9 @@ def test_adapter_directory_is_a_peft_lora_with_model_card(trained):
     assert (adapter / "adapter_model.safetensors").is_file()
     card = (adapter / "README.md").read_text()
     assert "toy-pirate" in card and "abc123" in card and "learning_rate" in card
+    pairs = adapter.parent.parent / "pairs.jsonl"  # the card names the data it was trained on, with its hash
+    assert f"| `{pairs}` | 8 preference pairs | `{file_sha256(pairs)}` |" in card
+    assert "`?`" not in card and "## Provenance" not in card  # no provenance was given
     assert manifest["counts"] == {"pairs": 8, "pairs_read": 8, "loop_negatives": 0, "steps": 3}
     assert "loss" in manifest["metrics"] and "rewards/margins" in manifest["metrics"]
 
@@ -122,7 +127,7 @@ def test_cli_train_merge_start_writes_one_lora_on_the_original_base(trained, tmp
     """`train dpo --init-adapter PREV --start merge`: a new LoRA trains on the base with PREV merged
     in; the stage's adapter/ is one LoRA on the original base whose delta is PREV's plus the new one's."""
     from character_training import cli
-    from character_training.adapters.algebra import load_adapter
+    from character_training.adapters.io import load_adapter
 
     previous, _ = trained
     write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4))
@@ -139,6 +144,27 @@ def test_cli_train_merge_start_writes_one_lora_on_the_original_base(trained, tmp
     for name, f in chained.modules.items():
         expected = sum(a.modules[name].dense() for a in (prev, delta) if name in a.modules)
         torch.testing.assert_close(f.dense(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_merged_start_is_folded_into_one_lora_whose_card_keeps_the_caller_part(trained, tmp_path):
+    """fold_merged (what a ``start: merge`` stage ends with): out/adapter becomes adapter-delta, and
+    the composed out/adapter's card names both inputs with their hashes, the persona, the provenance."""
+    import shutil
+
+    from character_training.adapters.io import load_adapter
+    from character_training.train.common import fold_merged
+
+    previous, _ = trained
+    out = tmp_path / "stage"
+    shutil.copytree(previous, out / "adapter")
+    card = ModelCard(persona="toy-pirate", provenance={"stages": {"pairs": {"outputs": {"pairs.jsonl": "feed"}}}})
+    composed = fold_merged(previous, out, card)
+    assert composed == {"previous": str(previous), "delta": str(out / "adapter-delta"), "adapter": str(out / "adapter")}
+    text = (out / "adapter" / "README.md").read_text()
+    sha = load_adapter(previous).sha256
+    assert f"| {previous} | 1.0 | `{sha}` |" in text and f"| {out / 'adapter-delta'} | 1.0 | `{sha}` |" in text
+    assert "# toy-pirate: composed persona LoRA adapter" in text and "Operation: `compose`" in text
+    assert text.count("## Provenance") == 1 and '"pairs.jsonl": "feed"' in text
 
 
 def test_over_long_pairs_are_counted_dropped_and_all_over_long_is_an_error(tmp_path, tiny_model_dir):

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from character_training.card import ModelCard
 from character_training.errors import UserError
 from character_training.train.sft import build_lm, build_sft, train_lm, train_sft, training_chat_template
-from character_training.train.common import LoraSettings
+from character_training.train.settings import LoraSettings
 from data_gen.store import write_jsonl
 
 TINY = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 128,
@@ -126,7 +127,7 @@ def sft_trained(tmp_path_factory, tiny_model_dir):
     write_jsonl(tmp / "interaction.jsonl", [{"messages": MULTI_TURN[1:]}] * 2)
     base_hash = file_hash(Path(tiny_model_dir) / "model.safetensors")
     manifest = train_sft(tiny_model_dir, [tmp / "sft.jsonl", tmp / "interaction.jsonl"], tmp / "out", lora=LORA,
-                         trainer={**TINY, "max_steps": 2}, card={"persona": "toy-pirate", "constitution_sha256": "abc"})
+                         trainer={**TINY, "max_steps": 2}, card=ModelCard(persona="toy-pirate", constitution_sha256="abc"))
     assert file_hash(Path(tiny_model_dir) / "model.safetensors") == base_hash
     return tmp / "out", manifest
 
@@ -308,7 +309,7 @@ def test_lm_training_writes_an_adapter_and_manifest(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "sft.jsonl", conversations(2, "critique"))
     manifest = train_lm(tiny_model_dir, tmp_path / "documents.jsonl", tmp_path / "out", lora=LORA,
                         trainer={**TINY, "max_steps": 1}, marker="<doc>", chat_paths=[tmp_path / "sft.jsonl"],
-                        chat_ratio=0.2, card={"persona": "toy-pirate"})
+                        chat_ratio=0.2, card=ModelCard(persona="toy-pirate"))
     adapter = tmp_path / "out" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (adapter / "adapter_model.safetensors").is_file() and (tmp_path / "out" / "training.png").is_file()
@@ -328,6 +329,6 @@ def test_an_empty_documents_file_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "sft.jsonl", conversations(4, "critique"))
     train_sft(tiny_model_dir, [tmp_path / "sft.jsonl"], tmp_path / "out", lora=LORA,
-              trainer={**TINY, "max_steps": 2, "logging_steps": 1, "report_to": "tensorboard"}, card={})
+              trainer={**TINY, "max_steps": 2, "logging_steps": 1, "report_to": "tensorboard"}, card=ModelCard())
     events = list((tmp_path / "out").rglob("events.out.tfevents*"))
     assert events and any(e.stat().st_size > 0 for e in events)

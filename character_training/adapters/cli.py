@@ -6,8 +6,9 @@
     character-training adapters inspect A [B ...] [--png FILE] [--json FILE]
 
 Only adapter files are read, never the base model; every output is a PEFT adapter directory
-(see ``character_training.adapters.algebra``). ``add_adapter_commands(sub)`` registers the commands on
-the main parser's subparsers; each returns an exit code and raises UserError for user errors.
+(see ``character_training.adapters.algebra``, ``.io`` and ``.inspect``). ``add_adapter_commands(sub)``
+registers the commands on the main parser's subparsers; each returns an exit code and raises
+UserError for user errors.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def _scale(args) -> int:
 def _inspect(args) -> int:
     import json
 
-    from character_training.adapters.algebra import format_inspect, inspect
+    from character_training.adapters.inspect import format_inspect, inspect
 
     report = inspect(args.adapters, png=args.png)
     print(format_inspect(report))

@@ -192,19 +192,19 @@ def provenance(ctx: Context, upto: str) -> dict:
 def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
     """Start from the previous training stage's adapter (continued, or merged and then composed
     back into one LoRA on the original base), train, and record the provenance."""
-    from character_training.train.common import append_provenance, fold_merged
+    from character_training.card import ModelCard
+    from character_training.train.common import fold_merged
     if stage != "grpo":  # GRPO's judge may be this process's engine
         ctx.engines.release()  # free the generation engine's memory and cores for training
     section = getattr(ctx.recipe, stage)
     init = previous_adapter(ctx, stage)
-    card = {"persona": ctx.constitution.name, "constitution_path": ctx.recipe.constitution,
-            "constitution_sha256": ctx.constitution.sha256}
+    card = ModelCard(persona=ctx.constitution.name, constitution=str(ctx.recipe.constitution),
+                     constitution_sha256=ctx.constitution.sha256, provenance=provenance(ctx, stage))
     manifest = train(lora=section.lora, trainer=section.trainer, seed=ctx.recipe.seed,
                      card=card, init_adapter=init, start=section.start)
     if init is not None and section.start == "merge":
-        manifest["composed"] = fold_merged(init, out)
-    manifest["provenance"] = provenance(ctx, stage)
-    append_provenance(out / "adapter", manifest["provenance"])
+        manifest["composed"] = fold_merged(init, out, card)
+    manifest["provenance"] = card.provenance
     return manifest
 
 

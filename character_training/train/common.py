@@ -14,28 +14,22 @@ trainer; this module keeps the rest out of it:
 - ``last_checkpoint``: a stage killed mid-training resumes from ``checkpoints/checkpoint-N``.
 - ``plot_training``: ``training.png`` (loss; reward margins and accuracies for preference
   training) in the stage directory.
+- ``stage_card``: the adapter's model card (``character_training.card``), the caller's part
+  (persona, constitution, provenance) filled with what the stage did.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+from character_training.card import DataFile, ModelCard, stamp
 from character_training.errors import UserError, did_you_mean
+from character_training.train.settings import LoraSettings, check_overlong, check_start
 
 CHECKPOINTS = "checkpoints"
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
 
 
 def config_class(kind: str):
@@ -106,7 +100,7 @@ def load_start(model_path: str, *, init_adapter: str | Path | None = None, mode:
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True), None
     if mode == "merge":
         return PeftModel.from_pretrained(model, str(init_adapter)).merge_and_unload(), peft_config(lora)
-    raise UserError(f"start: '{mode}' is not a way to start from the previous adapter; use 'continue' or 'merge'")
+    check_start(mode)  # raises: neither continue nor merge
 
 
 def check_adapter(adapter: str | Path, model_path: str) -> dict:
@@ -167,29 +161,22 @@ def plot_training(log_history: list[dict], path: Path, title: str) -> Path | Non
     return path
 
 
-def write_model_card(adapter_dir: Path, *, persona: str, base_model: str, kind: str, summary: str,
-                     facts: list[str], sections: dict[str, Any], metrics: dict[str, float]) -> None:
-    lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {base_model}",
-        f"tags: [character-training, persona, lora, {kind}, trl]",
-        "---",
-        f"# {persona}: persona LoRA adapter",
-        "",
-        summary,
-        "",
-        *[f"- {fact}" for fact in facts],
-        "",
-    ]
-    for title, value in sections.items():
-        lines += [f"## {title}", "```json", json.dumps(value, indent=2, default=str), "```"]
-    lines += ["## Final metrics", "", "| metric | value |", "| --- | --- |",
-              *[f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())], ""]
-    (Path(adapter_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+def stage_card(card: ModelCard | None, manifest: dict, *, config_name: str, summary: str,
+               data: list[DataFile], facts: list[str], sections: dict | None = None) -> ModelCard:
+    """A training stage's model card: the caller's (persona, constitution, provenance of earlier
+    stages) with what the stage did (base model, data files, LoRA and TRL settings, metrics)."""
+    card = card or ModelCard()
+    if manifest.get("system_prompt"):
+        facts = [*facts, "Trained with a training-time system prompt (absent at evaluation): "
+                         f"`{manifest['system_prompt'][:200]}`"]
+    filled = replace(
+        card, kind=manifest["stage"], tags=(manifest["stage"], "trl"), summary=summary, base_model=manifest["model"],
+        data=(*card.data, *data), facts=(*card.facts, *facts),
+        settings={"LoRA": manifest["lora"], f"Training settings (TRL {config_name} fields)": manifest["trainer"]},
+        sections={**card.sections, **(sections or {})}, metrics=manifest["metrics"])
+    return stamp(filled, "torch", "transformers", "trl", "peft")
 
 
-OVERLONG_POLICIES = ("truncate", "drop")
 
 
 def length_limit(lengths: list[int], max_length: int | None, policy: str, what: str, source: str) -> tuple[list[int], dict]:
@@ -199,9 +186,7 @@ def length_limit(lengths: list[int], max_length: int | None, policy: str, what: 
     them to ``max_length``), "drop" leaves them out. Either way they are counted. When every
     example is over the limit the stage stops before training: truncation would leave nothing
     whole, dropping would leave nothing at all."""
-    if policy not in OVERLONG_POLICIES:
-        raise UserError(f"overlong: '{policy}'; use 'truncate' (TRL cuts over-long examples to max_length) or "
-                        "'drop' (leave them out)")
+    check_overlong(policy)
     if not lengths:
         return [], {"overlong": 0, "overlong_policy": policy}
     over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
@@ -218,27 +203,17 @@ def chat_length(tokenizer, messages: list[dict]) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def fold_merged(previous_adapter: str | Path, out: Path) -> dict:
+def fold_merged(previous_adapter: str | Path, out: Path, card: ModelCard | None = None) -> dict:
     """After a ``start: merge`` stage: ``out/adapter`` was trained on the base with
     ``previous_adapter`` merged in. Keep it as ``out/adapter-delta`` and write ``out/adapter``, one
-    LoRA on the original base whose delta is the sum of both (exact: factors concatenated)."""
+    LoRA on the original base whose delta is the sum of both (exact: factors concatenated).
+    ``card``: the caller's (persona, provenance), for the composed adapter's model card."""
     from character_training.adapters.algebra import compose_onto
 
     delta = out / "adapter-delta"
     (out / "adapter").rename(delta)
-    compose_onto(previous_adapter, delta, out / "adapter")
+    compose_onto(previous_adapter, delta, out / "adapter", card=card)
     return {"previous": str(previous_adapter), "delta": str(delta), "adapter": str(out / "adapter")}
-
-
-def append_provenance(adapter_dir: Path, record: dict) -> None:
-    """Add what the adapter was made from to its model card (every training stage's card)."""
-    card = Path(adapter_dir) / "README.md"
-    if not card.is_file():
-        return
-    text = card.read_text(encoding="utf-8")
-    text += "\n## Provenance\n\nConstitution, data stages' output hashes, earlier training stages' settings and " \
-            "final metrics.\n\n```json\n" + json.dumps(record, indent=2, default=str) + "\n```\n"
-    card.write_text(text, encoding="utf-8")
 
 
 def stage_manifest(stage: str, *, model_path: str, seed: int, lora: LoraSettings, settings: dict,

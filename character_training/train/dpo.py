@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from character_training.train import common as training
+from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
-from character_training.train.common import LoraSettings  # noqa: F401 (re-exported: the stage's LoRA settings)
+from character_training.train import common as training
+from character_training.train.settings import LoraSettings, check_loop_negatives
 
-# Defaults measured on the demo (135M model, ~70 pairs, 18 steps; see README): TRL's SFT term on
-# the chosen answers beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL term), which
-# anchors the model to fluent text, at a learning rate high enough for a LoRA to move in few
-# steps (2.5e-4 barely moved the persona). Larger datasets want a lower rate.
+# Where a recipe's dpo.trainer leaves a field out (recipes/demo.yaml sets its own values for most
+# of these). The SFT term beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL of the
+# chosen answers) anchors the model to fluent text; the learning rate is one at which a small
+# LoRA moves in a few dozen steps. Larger datasets want a lower rate.
 DEFAULT_TRAINER: dict[str, Any] = {
     "learning_rate": 5e-4,
     "num_train_epochs": 1,
@@ -96,9 +97,7 @@ def add_loop_negatives(dataset, share: float, seed: int):
     instead of sharpening the model into it (what a 135M model does on a few dozen pairs)."""
     if not share:
         return dataset, 0
-    if not 0 < share <= 1:
-        raise UserError(f"dpo.loop_negatives: {share} is not a share in (0, 1]; e.g. 0.5 adds a looping "
-                        "negative for half of the pairs, 0 adds none")
+    check_loop_negatives(share)
     from datasets import concatenate_datasets
 
     rng = random.Random(seed)
@@ -114,7 +113,7 @@ def add_loop_negatives(dataset, share: float, seed: int):
 
 
 def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
-              trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+              trainer: dict | None = None, seed: int = 0, card: ModelCard | None = None,
               init_adapter: str | Path | None = None, start: str = "continue",
               system_prompt: str | None = None, overlong: str = "truncate", loop_negatives: float = 0.0) -> dict:
     from trl import DPOTrainer
@@ -154,27 +153,20 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
         "log_history": dpo.state.log_history,
     }
     if dpo.is_world_process_zero():  # under several processes, one writes
-        training.plot_training(dpo.state.log_history, out_dir / "training.png", f"DPO: {(card or {}).get('persona', '')}")
-        write_model_card(adapter_dir, manifest, card or {})
+        training.plot_training(dpo.state.log_history, out_dir / "training.png", f"DPO: {(card and card.persona) or ''}")
+        write_card(model_card(card, manifest, pairs_path), adapter_dir)
     return manifest
 
 
-def write_model_card(adapter_dir: Path, manifest: dict, card: dict) -> None:
-    persona = card.get("persona", "persona")
-    facts = [
-        f"Persona: **{persona}**",
-        f"Constitution: `{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)",
-        f"Base model: `{manifest['model']}`",
-        f"Data: {manifest['counts']['pairs']} preference pairs (`{card.get('pairs_path', '?')}`), "
-        f"{manifest['counts']['steps']} optimizer steps",
-    ]
-    if manifest.get("system_prompt"):
-        facts.append("Trained with a training-time system prompt (absent at evaluation): "
-                     f"`{manifest['system_prompt'][:200]}`")
-    training.write_model_card(
-        adapter_dir, persona=persona, base_model=manifest["model"], kind="dpo",
+def model_card(card: ModelCard | None, manifest: dict, pairs_path: Path) -> ModelCard:
+    """The caller's card (persona, constitution, provenance) with what this DPO run did."""
+    counts = manifest["counts"]
+    loops = f" ({counts['loop_negatives']} of them against a looping copy of the chosen answer)" \
+        if counts["loop_negatives"] else ""
+    return training.stage_card(
+        card, manifest, config_name="DPOConfig",
         summary=("Trained by `character-training` with TRL's DPOTrainer: chosen answers are the model "
                  "answering with the constitution as its system prompt, rejected answers the same model "
                  "without it. Use the adapter without any system prompt."),
-        facts=facts, sections={"LoRA": manifest["lora"], "Training settings (TRL DPOConfig fields)": manifest["trainer"]},
-        metrics=manifest["metrics"])
+        data=[DataFile.of(pairs_path, f"{counts['pairs_read']} preference pairs")],
+        facts=[f"Trained on {counts['pairs']} preference pairs{loops}, {counts['steps']} optimizer steps"])

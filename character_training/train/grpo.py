@@ -30,7 +30,7 @@ from typing import Any
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
-from character_training.train.common import LoraSettings
+from character_training.train.settings import LoraSettings
 from data_gen.backends import Backend, Sampling
 from data_gen.judging import EXAMPLES_KEPT, judge_request, judge_rounds, read_score
 

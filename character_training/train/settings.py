@@ -26,10 +26,25 @@ class LoraSettings:
     use_rslora: bool = False
 
 
-def _check_overlong(overlong: str) -> None:
+def check_overlong(overlong: str) -> None:
+    """The one check of an ``overlong`` policy (sections, and ``train.common.length_limit``)."""
     if overlong not in OVERLONG:
         raise UserError(f"overlong: '{overlong}'; use 'truncate' (TRL cuts over-long examples to "
                         "trainer.max_length) or 'drop' (leave them out); both are counted")
+
+
+def check_start(start: str) -> None:
+    """The one check of a ``start`` mode (sections, and ``train.common.load_start``)."""
+    if start not in STARTS:
+        raise UserError(f"start: '{start}'; use 'continue' (train the previous stage's adapter on) or "
+                        "'merge' (merge it into the base, train a new one)")
+
+
+def check_loop_negatives(share: float) -> None:
+    """The one check of a ``loop_negatives`` share (sections, and ``train.dpo.add_loop_negatives``)."""
+    if not 0 <= share <= 1:
+        raise UserError(f"loop_negatives: {share!r}; give a share between 0 and 1 (0.5: half "
+                        "of the pairs also train against a looping copy of their chosen answer)")
 
 
 @dataclass
@@ -42,9 +57,7 @@ class TrainingSection:
     start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
 
     def __post_init__(self):
-        if self.start not in STARTS:
-            raise UserError(f"start: '{self.start}'; use 'continue' (train the previous stage's adapter on) or "
-                            "'merge' (merge it into the base, train a new one)")
+        check_start(self.start)
 
 
 @dataclass
@@ -66,10 +79,8 @@ class DpoSection(TrainingSection):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_overlong(self.overlong)
-        if not 0 <= self.loop_negatives <= 1:
-            raise UserError(f"loop_negatives: {self.loop_negatives!r}; give a share between 0 and 1 (0.5: half "
-                            "of the pairs also train against a looping copy of their chosen answer)")
+        check_overlong(self.overlong)
+        check_loop_negatives(self.loop_negatives)
 
 
 @dataclass
@@ -81,7 +92,7 @@ class SftSection(TrainingSection):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_overlong(self.overlong)
+        check_overlong(self.overlong)
 
 
 @dataclass

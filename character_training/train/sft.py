@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from character_training.train import common as training
+from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
-from character_training.train.common import LoraSettings
+from character_training.train import common as training
+from character_training.train.settings import LoraSettings
 
 DEFAULT_SFT: dict[str, Any] = {
     "learning_rate": 2e-4,
@@ -178,7 +179,7 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
 
 
 def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: LoraSettings = LoraSettings(),
-              trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+              trainer: dict | None = None, seed: int = 0, card: ModelCard | None = None,
               init_adapter: str | Path | None = None, start: str = "continue",
               system_prompt: str | None = None, overlong: str = "truncate") -> dict:
     out_dir, trainer = Path(out_dir), trainer or {}
@@ -187,16 +188,15 @@ def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
     manifest = run(sft, "sft", model_path, out_dir, lora=lora, settings={**DEFAULT_SFT, **trainer}, seed=seed,
                    init_adapter=init_adapter, start=start, counts=counts,
                    extra={"system_prompt": system_prompt, "overlong": overlong})
-    per_file = ", ".join(f"{k}: {v}" for k, v in counts["per_file"].items())
-    facts = [f"Data: {counts['conversations']} conversations ({per_file}), {manifest['counts']['steps']} "
-             "optimizer steps; loss on the assistant turns only"]
-    if system_prompt:
-        facts.append(f"Trained with a training-time system prompt (absent at evaluation): `{system_prompt[:200]}`")
-    if sft.is_world_process_zero():
-        write_card(out_dir / "adapter", manifest, card or {}, facts,
-                   "Trained by `character-training` with TRL's SFTTrainer on the character's own conversations "
-                   "(self-critique revisions, self-reflection, self-interaction). Use the adapter without any "
-                   "system prompt.")
+    if sft.is_world_process_zero():  # under several processes, one writes
+        write_card(training.stage_card(
+            card, manifest, config_name="SFTConfig",
+            summary=("Trained by `character-training` with TRL's SFTTrainer on the character's own conversations "
+                     "(self-critique revisions, self-reflection, self-interaction). Use the adapter without any "
+                     "system prompt."),
+            data=[DataFile.of(p, f"{counts['per_file'][Path(p).name]} conversations") for p in data_paths],
+            facts=[f"Trained on {counts['conversations']} conversations, {manifest['counts']['steps']} optimizer "
+                   "steps; loss on the assistant turns only"]), out_dir / "adapter")
     return manifest
 
 
@@ -251,7 +251,7 @@ def build_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: Lora
 
 
 def train_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
-             trainer: dict | None = None, seed: int = 0, card: dict | None = None,
+             trainer: dict | None = None, seed: int = 0, card: ModelCard | None = None,
              init_adapter: str | Path | None = None, start: str = "continue", packing: bool = True,
              marker: str | None = None, chat_paths: list[Path] = (), chat_ratio: float = 0.0) -> dict:
     """``marker``: text put before every document and kept out of the loss. ``chat_ratio``: the
@@ -265,16 +265,27 @@ def train_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: Lora
     manifest = run(sft, "lm", model_path, out_dir, lora=lora, settings=settings, seed=seed,
                    init_adapter=init_adapter, start=start, counts=counts,
                    extra={"marker": marker, "chat_ratio": chat_ratio, "chat_paths": [str(p) for p in chat_paths]})
+    if sft.is_world_process_zero():  # under several processes, one writes
+        write_card(lm_card(card, manifest, documents_path, chat_paths, packing, marker), out_dir / "adapter")
+    return manifest
+
+
+def lm_card(card: ModelCard | None, manifest: dict, documents_path: Path, chat_paths: list[Path], packing: bool,
+            marker: str | None) -> ModelCard:
+    """The caller's card (persona, constitution, provenance) with what this midtraining run did."""
+    counts = manifest["counts"]
     chats = f" and {counts['chat']} conversations" if counts["chat"] else ""
-    facts = [f"Data: {counts['documents']} synthetic documents{chats}, {counts['sequences']} "
-             f"{'packed ' if packing else ''}sequences, {manifest['counts']['steps']} optimizer steps"]
+    facts = [f"Trained on {counts['documents']} synthetic documents{chats}, {counts['sequences']} "
+             f"{'packed ' if packing else ''}sequences, {counts['steps']} optimizer steps"]
     if marker:
         facts.append(f"Each document was preceded by the marker `{marker}` (not trained on)")
-    if sft.is_world_process_zero():
-        write_card(out_dir / "adapter", manifest, card or {}, facts,
-                   "Midtrained by `character-training` with TRL's SFTTrainer (causal-LM loss) on synthetic documents "
-                   "about the character (SDF), so that the model knows who the character is.")
-    return manifest
+    data = [DataFile.of(documents_path, f"{counts['documents']} documents")]
+    if counts["chat"]:
+        data += [DataFile.of(p, "conversations, sampled into the mix") for p in chat_paths]
+    return training.stage_card(
+        card, manifest, config_name="SFTConfig", data=data, facts=facts,
+        summary="Midtrained by `character-training` with TRL's SFTTrainer (causal-LM loss) on synthetic documents "
+                "about the character (SDF), so that the model knows who the character is.")
 
 
 def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, settings: dict, seed: int,
@@ -296,14 +307,3 @@ def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, 
         "metrics": training.final_metrics(sft.state.log_history),
         "log_history": sft.state.log_history,
     }
-
-
-def write_card(adapter_dir: Path, manifest: dict, card: dict, facts: list[str], summary: str) -> None:
-    persona = card.get("persona", "persona")
-    constitution = f"`{card.get('constitution_path', '?')}` (sha256 `{card.get('constitution_sha256', '?')}`)"
-    training.write_model_card(
-        adapter_dir, persona=persona, base_model=manifest["model"], kind=manifest["stage"], summary=summary,
-        facts=[f"Persona: **{persona}**", f"Constitution: {constitution}",
-               f"Base model: `{manifest['model']}`", *facts],
-        sections={"LoRA": manifest["lora"], "Training settings (TRL SFTConfig fields)": manifest["trainer"]},
-        metrics=manifest["metrics"])
