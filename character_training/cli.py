@@ -4,7 +4,10 @@
     character-training constitution new NAME [-o FILE]
     character-training constitution import FILE -o OUT.yaml
     character-training run RECIPE.yaml [--force STAGE] [--set KEY=VALUE] [--model M] [--run-dir D]
-    character-training eval RECIPE.yaml [--adapter DIR] [--set KEY=VALUE]
+    character-training eval RECIPE.yaml [--adapter DIR] [--also NAME=DIR] [--set KEY=VALUE]
+    character-training generate STAGE --constitution C -o DIR [--set KEY=VALUE]
+    character-training train {dpo,sft,lm,grpo} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
+    character-training adapters {compose,orthogonalize,scale,inspect} ...
 
 A user error prints one line and exits with status 2; a bug keeps its traceback.
 """
@@ -256,9 +259,19 @@ def _train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from character_training.adapters.cli import add_adapter_commands
+
     parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_constitution_commands(sub)
+    _add_train_command(sub)
+    _add_generate_command(sub)
+    add_adapter_commands(sub)
+    _add_recipe_commands(sub)
+    return parser
 
+
+def _add_constitution_commands(sub) -> None:
     con = sub.add_parser("constitution", help="write, import and validate constitutions")
     con_sub = con.add_subparsers(dest="action", required=True)
     p = con_sub.add_parser("validate", help="validate constitution YAML files")
@@ -277,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_constitution_import)
 
-    from character_training.run.generation import GEN_STAGES
 
+def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="one training stage on its own (torchrun / accelerate launch for several processes)")
     p.add_argument("kind", choices=["dpo", "sft", "lm", "grpo"],
                    help="dpo: preference pairs; sft: conversations (assistant turns trained); lm: documents "
@@ -312,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="train again even if finished")
     p.set_defaults(func=_train)
 
+
+def _add_generate_command(sub) -> None:
+    from character_training.run.generation import GEN_STAGES
+
     p = sub.add_parser("generate", help="run one data-generation stage on its own (resumable: rerun after a crash)")
     p.add_argument("stage", choices=list(GEN_STAGES))
     p.add_argument("--constitution", required=True, help="constitution YAML")
@@ -333,12 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="generate again even if finished")
     p.set_defaults(func=_generate)
 
-    from character_training.adapters.cli import add_adapter_commands
 
-    add_adapter_commands(sub)
-
+def _add_recipe_commands(sub) -> None:
     for name, func, help_text in (("run", _run, "run a recipe's stages in order"),
-                                  ("eval", _eval, "quick persona check of an adapter on a run's held-out prompts")):
+                                  ("eval", _eval, "evaluate an adapter on a run's held-out prompts (the recipe's "
+                                                  "eval.report: full or quick)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="recipe YAML (recipes/ has the shipped ones)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -356,7 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="start from nothing (by default a killed evaluation resumes from its caches)")
             p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval)")
         p.set_defaults(func=func)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,7 +226,7 @@ def test_loop_negatives_pair_the_chosen_answer_with_a_looping_copy_of_it():
 
     from datasets import Dataset
 
-    from character_training.evaluation.quick import distinct_3gram_share
+    from data_gen.filters import distinct_3gram_share
     from character_training.train.dpo import add_loop_negatives, looped
 
     assert looped("Too short to loop.", random.Random(0)) is None

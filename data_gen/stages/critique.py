@@ -129,6 +129,28 @@ def _assistant(text: str) -> Message:
     return {"role": "assistant", "content": text}
 
 
+def _write_outputs(chains: list[dict], finished: list[dict], out_dir: Path) -> tuple[list, list, Counter]:
+    """Writes sft.jsonl (prompt -> final answer of every finished chain), pairs.jsonl (final over
+    first answer, where the revision changed it) and dialogues.jsonl (every chain, a dropped one
+    with no final answer); returns (sft, pairs, pair drops)."""
+    sft = [{"messages": [_user(ch["prompt"]), _assistant(ch["final"])]} for ch in finished]
+    pairs, pair_drops = [], Counter()
+    for ch in finished:
+        if normalize(ch["final"]) == normalize(ch["initial"]):
+            pair_drops["unchanged"] += 1
+            continue
+        pairs.append({"prompt": [_user(ch["prompt"])], "chosen": [_assistant(ch["final"])],
+                      "rejected": [_assistant(ch["initial"])]})
+    for ch in chains:
+        if ch["dropped"]:
+            ch["final"] = None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "sft.jsonl", sft)
+    write_jsonl(out_dir / "pairs.jsonl", pairs)
+    write_jsonl(out_dir / "dialogues.jsonl", ({k: v for k, v in ch.items() if k != "principles"} for ch in chains))
+    return sft, pairs, pair_drops
+
+
 def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Path, *,
                  settings: CritiqueSettings = CritiqueSettings(),
                  sampling: Sampling = SAMPLING, seed: int = 0) -> dict:
@@ -198,23 +220,7 @@ def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Pa
                 chain["final"] = revision
 
     finished = [ch for ch in chains if not ch["dropped"]]
-    sft = [{"messages": [_user(ch["prompt"]), _assistant(ch["final"])]} for ch in finished]
-    pairs, pair_drops = [], Counter()
-    for ch in finished:
-        if normalize(ch["final"]) == normalize(ch["initial"]):
-            pair_drops["unchanged"] += 1
-            continue
-        pairs.append({"prompt": [_user(ch["prompt"])], "chosen": [_assistant(ch["final"])],
-                      "rejected": [_assistant(ch["initial"])]})
-    for ch in chains:
-        if ch["dropped"]:
-            ch["final"] = None
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "sft.jsonl", sft)
-    write_jsonl(out_dir / "pairs.jsonl", pairs)
-    write_jsonl(out_dir / "dialogues.jsonl", ({k: v for k, v in ch.items() if k != "principles"} for ch in chains))
+    sft, pairs, pair_drops = _write_outputs(chains, finished, Path(out_dir))
     return {
         "stage": "critique",
         "model": backend.model,

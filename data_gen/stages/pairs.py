@@ -93,6 +93,27 @@ def usable_answer(c: Completion, settings: PairSettings) -> tuple[str | None, st
     return c.text.strip(), "trimmed" if trimmed else None
 
 
+def _persona_scores(usable_teacher: list[list[str]], usable_student: list[str | None], settings: PairSettings,
+                    classifier=None) -> tuple[dict, list[list[float]], list[float | None]]:
+    """How in character each usable answer is: the persona classifier's probability, fitted on these
+    teacher vs student answers, when it picks among several teacher samples or filters by margin;
+    0.0 otherwise. Returns (the selection record, teacher scores per prompt, student score per prompt)."""
+    use_classifier = settings.min_margin is not None or settings.teacher_samples > 1
+    all_teacher = [t for ts in usable_teacher for t in ts]
+    all_student = [s for s in usable_student if s]
+    if not (use_classifier and all_teacher and all_student):
+        return ({"method": "first usable sample"}, [[0.0] * len(ts) for ts in usable_teacher],
+                [0.0 if s else None for s in usable_student])
+    from data_gen.scoring import PersonaClassifier
+
+    classifier = classifier or PersonaClassifier()
+    selection = {"method": "persona classifier (teacher vs student answers)", **classifier.fit(all_teacher, all_student)}
+    teacher_p = iter(classifier.persona_probability(all_teacher).tolist())
+    teacher_scores = [[next(teacher_p) for _ in ts] for ts in usable_teacher]
+    student_p = iter(classifier.persona_probability(all_student).tolist())
+    return selection, teacher_scores, [next(student_p) if s else None for s in usable_student]
+
+
 def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out_dir: Path, *,
                    student_system_prompt: str | None = None,
                    sampling: Sampling | None = None,
@@ -122,25 +143,7 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
                       for i in range(len(prompts))]
     usable_student = [usable(c, "student") for c in student]
 
-    selection: dict = {"method": "first usable sample"}
-    use_classifier = settings.min_margin is not None or k > 1
-    all_teacher = [t for ts in usable_teacher for t in ts]
-    all_student = [s for s in usable_student if s]
-    if use_classifier and all_teacher and all_student:
-        from data_gen.scoring import PersonaClassifier
-
-        classifier = classifier or PersonaClassifier()
-        selection = {"method": "persona classifier (teacher vs student answers)",
-                     **classifier.fit(all_teacher, all_student)}
-        teacher_p = iter(classifier.persona_probability(all_teacher).tolist())
-        teacher_scores = [[next(teacher_p) for _ in ts] for ts in usable_teacher]
-        student_scores = classifier.persona_probability(all_student).tolist()
-        student_p = iter(student_scores)
-        student_score = [next(student_p) if s else None for s in usable_student]
-    else:
-        teacher_scores = [[0.0] * len(ts) for ts in usable_teacher]
-        student_score = [0.0 if s else None for s in usable_student]
-
+    selection, teacher_scores, student_score = _persona_scores(usable_teacher, usable_student, settings, classifier)
     records = []
     for i, prompt in enumerate(prompts):
         if not usable_teacher[i]:
