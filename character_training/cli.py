@@ -9,7 +9,8 @@
     character-training train {dpo,sft,lm,grpo} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
     character-training adapters {compose,orthogonalize,scale,inspect} ...
 
-A user error prints one line and exits with status 2; a bug keeps its traceback.
+A user error prints one line and exits with status 2; a bug keeps its traceback. Outputs are never
+destructive: a command writes only into a new or empty directory or one it made (run/layout.py).
 """
 from __future__ import annotations
 
@@ -38,7 +39,12 @@ def _constitution_validate(args) -> int:
     return 2 if failed else 0
 
 
-def _write_new(path: Path, text: str, force: bool) -> None:
+def _write_new(path: Path, text: str, force: bool, source: str | None = None) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; -o names the YAML file to write, e.g. -o {path / 'NAME.yaml'}")
+    if source and path.resolve() == Path(source).resolve():
+        raise UserError(f"-o {path}: is the input file; writing it would replace what is being imported; "
+                        "choose another -o path")
     if path.exists() and not force:
         raise UserError(f"{path}: already exists; choose another -o path or pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +65,7 @@ def _constitution_import(args) -> int:
 
     c = import_open_character_training(args.file, name=args.name, description=args.description)
     out = Path(args.output)
-    _write_new(out, dump_constitution(c), args.force)
+    _write_new(out, dump_constitution(c), args.force, source=args.file)
     print(f"wrote {out}: {c.name}: {len(c.traits)} traits; edit its description, then validate it")
     return 0
 
@@ -75,11 +81,23 @@ def _load_recipe(args):
     return load_recipe(args.recipe, overrides)
 
 
+def _run_dir_flag(args) -> str | None:
+    """Where a run directory given on the command line came from (None: the recipe's run_dir)."""
+    if getattr(args, "run_dir", None):  # applied after --set: it wins
+        return "--run-dir"
+    return "--set run_dir" if any(s.split("=", 1)[0].strip() == "run_dir" for s in args.set or []) else None
+
+
+def _local_inputs(*paths) -> list[str]:
+    """The paths given that exist here (a model may be a hub id): what an output must not be or hold."""
+    return [str(p) for p in paths if p and Path(p).exists()]
+
+
 def _run(args) -> int:
     from character_training.run import pipeline
 
     recipe = _load_recipe(args)
-    manifests = pipeline.run(recipe, force=args.force or [])
+    manifests = pipeline.run(recipe, force=args.force or [], run_dir_flag=_run_dir_flag(args))
     if "eval" in manifests:
         print("\n" + pipeline.summary(manifests["eval"], Path(recipe.run_dir) / "eval"))
     return 0
@@ -91,16 +109,36 @@ def _eval(args) -> int:
     from data_gen.store import write_manifest
 
     recipe = _load_recipe(args)
+    out = _eval_output(args, recipe)
     with Engines() as engines:
         ctx = pipeline.make_context(recipe, engines)
-        out = Path(args.output) if args.output else ctx.stage_dir("eval")
         if args.fresh:
             layout.clear_stage_dir(out, keep_resume=False)
-        out.mkdir(parents=True, exist_ok=True)
+        layout.make_stage_dir(out, "eval")
         manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter, extra_adapters=args.also or [])
     write_manifest(out, {**manifest, "settings_key": pipeline.stage_key(ctx, "eval")})
     print("\n" + pipeline.summary(manifest, out))
     return 0
+
+
+def _eval_output(args, recipe) -> Path:
+    """The report directory, checked before anything starts: -o, or the run's eval directory."""
+    from character_training.config.recipe import TRAINING_STAGES
+    from character_training.run import layout, pipeline
+
+    adapters = [a.partition("=")[2] if "=" in a else a for a in [args.adapter, *(args.also or [])] if a]
+    trained = [s for s in recipe.stages if s in TRAINING_STAGES]
+    adapters.append(str(layout.adapter_dir(recipe.run_dir, trained[-1] if trained else "dpo")))
+    inputs = _local_inputs(recipe.constitution, recipe.model, *adapters)
+    if args.output:
+        layout.check_output(args.output, "eval", "-o", inputs=[recipe.run_dir, *inputs], force=args.fresh)
+        return Path(args.output)
+    where = _run_dir_flag(args) or pipeline.run_dir_where(recipe)
+    layout.check_place(recipe.run_dir, where)
+    out = layout.stage_dir(recipe.run_dir, "eval")
+    layout.check_output(out, "eval", f"{where} {recipe.run_dir}: the eval directory", inputs=inputs,
+                        force=args.fresh)
+    return out
 
 
 def _generate(args) -> int:
@@ -115,6 +153,8 @@ def _generate(args) -> int:
 
     spec = GEN_STAGES[args.stage]
     out = Path(args.output)
+    layout.check_output(out, args.stage, "-o", force=args.force,
+                        inputs=_local_inputs(args.constitution, args.prompts, args.adapter, args.model))
     if read_manifest(out) is not None and not args.force:
         raise UserError(f"{out}: this {args.stage} output is finished already (manifest.json); "
                         "use --force to generate it again or choose another -o")
@@ -136,7 +176,7 @@ def _generate(args) -> int:
                                      max_concurrency=args.max_concurrency)
     model = resolve_model(args.model) if args.backend == "vllm" else (args.model or "default")
     layout.clear_stage_dir(out, keep_resume=not args.force)  # an unfinished earlier attempt keeps its caches
-    out.mkdir(parents=True, exist_ok=True)
+    layout.make_stage_dir(out, args.stage)
     with Engines() as engines:
         backend = make_backend(model, backend_section, args.seed, engines, enable_lora=bool(args.adapter))
         judge = make_backend(model, backend_section, args.seed, engines, judge=True) if args.judge_model else None
@@ -184,9 +224,15 @@ def _train(args) -> int:
     from character_training.train import distributed
     from character_training.train import common as training
     from character_training.config.models import resolve_model
+    from character_training.run import layout
+    from character_training.train.settings import TRAINING_SECTIONS
     from data_gen.store import read_manifest, write_manifest
 
     out = Path(args.output)
+    layout.check_output(out, args.kind, "-o", force=args.force,
+                        stages={args.kind, *(s for s, c in TRAINING_SECTIONS.items() if c.kind == args.kind)},
+                        inputs=_local_inputs(*args.data, *(args.chat_data or []), args.init_adapter,
+                                             args.constitution, args.model))
     if read_manifest(out) is not None and not args.force:
         raise UserError(f"{out}: this training output is finished already (manifest.json); use --force to "
                         "train again or choose another -o")
@@ -198,10 +244,10 @@ def _train(args) -> int:
     common = dict(lora=section.lora, trainer=section.trainer, seed=args.seed, init_adapter=args.init_adapter,
                   start=section.start,
                   card=ModelCard(persona=args.persona or "persona"))
-    if args.force and out.exists() and distributed.is_main_process():
-        import shutil
-
-        shutil.rmtree(out)
+    if distributed.is_main_process():
+        if args.force:  # check_output accepted it: a directory this command made
+            layout.clear_stage_dir(out, keep_resume=False)
+        layout.make_stage_dir(out, args.kind)
     if args.kind == "dpo":
         from character_training.train.dpo import train_dpo
 
@@ -297,7 +343,8 @@ def _add_train_command(sub) -> None:
                    help="dpo: preference pairs; sft: conversations (assistant turns trained); lm: documents "
                         "(SDF midtraining); grpo: prompts, rewarded by a judge against --constitution")
     p.add_argument("--data", action="append", required=True, help="JSONL dataset (repeatable for sft)")
-    p.add_argument("-o", "--output", required=True, help="output directory (adapter/, checkpoints/, training.png)")
+    p.add_argument("-o", "--output", required=True, help="output directory (adapter/, checkpoints/, training.png): a "
+                                                         "new or empty one, or one this command made")
     p.add_argument("--model", help="model directory or hub id (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="trainer.FIELD=VALUE (TRL's config fields) or lora.FIELD=VALUE (repeatable)")
@@ -322,7 +369,8 @@ def _add_train_command(sub) -> None:
     p.add_argument("--judge-model", help="grpo: judge with another model (default: the trained model's base)")
     p.add_argument("--persona", help="persona name for the model card")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="train again even if finished")
+    p.add_argument("--force", action="store_true", help="train again even if finished (clears the output directory "
+                                                        "this command made)")
     p.set_defaults(func=_train)
 
 
@@ -332,7 +380,8 @@ def _add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="run one data-generation stage on its own (resumable: rerun after a crash)")
     p.add_argument("stage", choices=list(GEN_STAGES))
     p.add_argument("--constitution", required=True, help="constitution YAML")
-    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("-o", "--output", required=True, help="output directory: a new or empty one, or one this command "
+                                                         "made (a resumed stage)")
     p.add_argument("--model", help="model directory or hub id (default: the packaged SmolLM2-135M-Instruct); "
                                    "with --backend openai, the served model name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -347,7 +396,8 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--judge-model", help="judge with another model (rlaif, sdf); default: the same model")
     p.add_argument("--max-concurrency", type=int, default=8, help="openai backend: requests in flight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="generate again even if finished")
+    p.add_argument("--force", action="store_true", help="generate again even if finished (clears the output directory "
+                                                        "this command made)")
     p.set_defaults(func=_generate)
 
 
@@ -370,7 +420,8 @@ def _add_recipe_commands(sub) -> None:
                            help="another adapter in the same report, e.g. a composed one (repeatable)")
             p.add_argument("--fresh", action="store_true",
                            help="start from nothing (by default a killed evaluation resumes from its caches)")
-            p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval)")
+            p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval): a new or empty one, or "
+                                                  "one eval made")
         p.set_defaults(func=func)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
+MARKER = ".character-training"  # in a directory a command made (character_training/run/layout.py)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -61,7 +62,7 @@ def write_manifest(stage_dir: Path, manifest: dict) -> dict:
     """Write the manifest last: it marks the stage finished. Adds hashes of the stage's files."""
     stage_dir = Path(stage_dir)
     outputs = {p.name: file_sha256(p) for p in sorted(stage_dir.iterdir())
-               if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+               if p.is_file() and p.name not in (MANIFEST, MARKER) and not p.name.endswith(".tmp")}
     manifest = {**manifest, "outputs": outputs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(stage_dir / MANIFEST, manifest)
     return manifest

