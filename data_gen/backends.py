@@ -31,8 +31,41 @@ class Sampling:
     frequency_penalty: float = 0.0
     logprobs: int = 0  # >0: return this many top alternatives for the first generated token
 
+    def __post_init__(self):
+        """vLLM's own ranges, checked when the settings are built (a recipe is refused before any
+        engine starts, not after a 90-second engine start)."""
+        check_sampling(self)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: engines here are built with it
+
+
+def check_sampling(s) -> None:
+    """The one check of sampling values (``Sampling``, and sections whose sampling keys are flat:
+    ``pairs``, ``prompts``, ``eval``). A UserError "FIELD: VALUE; how to fix"."""
+    import math
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = (
+        ("temperature", lambda v: number(v) and v >= 0, "give 0 or more (0: always the likeliest token; 0.7 is usual)"),
+        ("top_p", lambda v: number(v) and 0 < v <= 1, "give a share above 0 and at most 1 (1: off)"),
+        ("max_tokens", lambda v: whole(v) and v >= 1, "give a whole number of 1 or more (tokens per answer)"),
+        ("repetition_penalty", lambda v: number(v) and v > 0, "give a number above 0 (1: off)"),
+        ("frequency_penalty", lambda v: number(v) and -2 <= v <= 2, "give a number between -2 and 2 (vLLM's range; 0: off)"),
+        ("logprobs", lambda v: whole(v) and 0 <= v <= MAX_LOGPROBS,
+         f"give a whole number from 0 (off) to {MAX_LOGPROBS} (vLLM's max_logprobs)"),
+    )
+    for name, ok, fix in checks:
+        if hasattr(s, name) and not ok(getattr(s, name)):
+            raise UserError(f"{name}: {getattr(s, name)!r}; {fix}")
 
 
 @dataclass(frozen=True)

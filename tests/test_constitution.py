@@ -11,6 +11,7 @@ from character_training.cli import main
 from character_training.config.constitution import (
     Constitution,
     ConstitutionError,
+    constitution_from_dict,
     load_constitution,
 )
 from character_training.errors import UserError
@@ -187,11 +188,37 @@ def test_unknown_key_suggests_the_close_match(tmp_path):
 # ----------------------------------------------------------------------------- constitution new
 
 
-def test_new_writes_a_template_that_validates(tmp_path, capsys):
+def _fill_template(text: str) -> str:
+    """The template with every placeholder replaced, as a user would fill it in."""
+    filled = {
+        "You are ... (who the character is, how they speak, what they care about).": "You are Ada, a patient tutor.",
+        "I ... (a first-person statement of the trait)": "I explain things step by step.",
+        "Optional. What the trait does and does not mean.": "Patient, never condescending.",
+        "A user message that draws this trait out.": "How do tides work?",
+        "Another one, on a different topic.": "Why is the sky blue?",
+        "A third, in a different tone.": "ugh, fractions. help?",
+        "Choose the response that ...": "Choose the response that teaches rather than tells.",
+        "  - ...": "  - Ada has taught for twenty years.",
+    }
+    for old, new in filled.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def test_new_writes_a_template_that_is_refused_until_filled_in(tmp_path, capsys):
     out = tmp_path / "sub" / "my-char.yaml"
     assert main(["constitution", "new", "my-char", "-o", str(out)]) == 0
     assert out.is_file()
+    # The template has the right shape (every field a constitution needs)...
+    shape = constitution_from_dict(yaml.safe_load(out.read_text(encoding="utf-8")), where=str(out))
+    assert shape.name == "my-char" and shape.traits and all(t.questions for t in shape.traits)
+    # ...but untouched it is refused (issue 17): a run would train on its placeholder text.
     capsys.readouterr()
+    assert main(["constitution", "validate", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert str(out) in line and "placeholder" in line
+    out.write_text(_fill_template(out.read_text(encoding="utf-8")), encoding="utf-8")
     assert main(["constitution", "validate", str(out)]) == 0
     c = load_constitution(out)
     assert c.name == "my-char"
@@ -206,8 +233,9 @@ def test_new_refuses_to_overwrite_without_force(tmp_path, capsys):
     line = _one_error_line(capsys)
     assert str(out) in line and "--force" in line
     assert out.read_text(encoding="utf-8") == "keep me\n"
-    # With --force it is replaced by a valid template.
+    # With --force it is replaced by the template (refused until filled in, see above).
     assert main(["constitution", "new", "my-char", "-o", str(out), "--force"]) == 0
+    out.write_text(_fill_template(out.read_text(encoding="utf-8")), encoding="utf-8")
     assert load_constitution(out).name == "my-char"
 
 

@@ -164,11 +164,9 @@ def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitu
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConstitutionError(f"{path}: file not found; check the path (shipped constitutions are in constitutions/)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConstitutionError(f"{path}: cannot be read: {exc}") from None
+        text = yamlio.read_text(path, "constitution", "check the path (shipped constitutions are in constitutions/)")
+    except UserError as exc:
+        raise ConstitutionError(str(exc)) from None
     try:
         return yamlio.load(text)
     except yaml.YAMLError as exc:
@@ -178,7 +176,54 @@ def _read_yaml(path: Path) -> Any:
 
 def load_constitution(path: str | Path) -> Constitution:
     path = Path(path)
-    return constitution_from_dict(_read_yaml(path), where=str(path))
+    data = _read_yaml(path)
+    check_placeholders(data, str(path))
+    return constitution_from_dict(data, where=str(path))
+
+
+def _template_placeholders() -> dict[str, str]:
+    """The text values ``constitution new`` writes for the user to replace, normalized -> as written."""
+    data = yamlio.load(template("placeholder"))
+    values: list[str] = [data["description"]]
+    for t in data["traits"]:
+        values += [t["trait"], t.get("clarification") or "", *t["questions"]]
+    values += [*(data.get("principles") or []), *(str(f) for f in data.get("facts") or [])]
+    return {" ".join(v.split()).lower(): v.strip() for v in values if v and v.strip()}
+
+
+def check_placeholders(data: Any, where: str) -> None:
+    """A constitution still holding the text ``constitution new`` wrote is refused: it would
+    validate, and a run would train a persona on 'I ... (a first-person statement of the trait)'."""
+    if not isinstance(data, dict):
+        return
+    placeholders = _template_placeholders()
+    found: list[tuple[str, Any]] = [("description", data.get("description"))]
+    traits = data.get("traits") if isinstance(data.get("traits"), list) else []
+    for i, t in enumerate(traits):
+        if isinstance(t, dict):
+            found += [(f"traits[{i}].trait", t.get("trait")), (f"traits[{i}].clarification", t.get("clarification"))]
+            questions = t.get("questions") if isinstance(t.get("questions"), list) else []
+            found += [(f"traits[{i}].questions[{j}]", q) for j, q in enumerate(questions)]
+    for key in ("principles", "facts"):
+        values = data.get(key) if isinstance(data.get(key), list) else []
+        found += [(f"{key}[{j}]", v) for j, v in enumerate(values)]
+    for field_path, value in found:
+        if isinstance(value, (str, int, float)) and " ".join(str(value).split()).lower() in placeholders:
+            raise _fail(where, field_path, f"still the template's placeholder ({str(value).strip()[:60]!r}); "
+                        "replace it with your character's own text, or remove the entry if it is optional")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    data: dict = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
 
 
 def import_open_character_training(path: str | Path, name: str | None = None,
@@ -186,11 +231,19 @@ def import_open_character_training(path: str | Path, name: str | None = None,
     """Convert the Open Character Training JSON list (``[{"trait", "questions", "clarification"?}]``)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConstitutionError(f"{path}: file not found") from None
+        text = yamlio.read_text(path, "traits file", "check the path")
+    except UserError as exc:
+        raise ConstitutionError(str(exc)) from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ConstitutionError(f"{path}: duplicate key '{exc.args[0]}' in one object (JSON keeps only the "
+                                "last); give each key once") from None
     except json.JSONDecodeError as exc:
         raise ConstitutionError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ConstitutionError(f"{path}: nested too deeply to read; the file should be a flat JSON list of "
+                                "{\"trait\": ..., \"questions\": [...]} objects") from None
     if not isinstance(data, list):
         raise ConstitutionError(f"{path}: <top level>: expected a JSON list of {{\"trait\": ..., \"questions\": [...]}} objects, got a {type(data).__name__}")
     slug = name or re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_") or "imported"

@@ -2,10 +2,14 @@
 
 Every section is its stage's own settings class (``data_gen.stages.*``, ``train.settings``,
 ``evaluation.settings``): the class states the defaults and checks its values (``__post_init__``);
-this module only reads the file, builds the classes (unknown keys are errors that name the key,
-the file and the nearest valid key; values are type-checked) and checks the rules that span
-sections (the order of stages). CLI ``--set section.key=value`` overrides a value (parsed as
-YAML), and the run's manifest records the final values.
+this module only reads the file (``yamlio``: duplicate keys, alias bombs, deep nesting and
+oversized or non-UTF-8 files refused), builds the classes (unknown keys are errors that name the
+key, the file and the nearest valid key, from the right mapping; values are type-checked) and
+checks the rules that span sections: the stages (listed once, each after the stages it reads) and
+each training stage's TRL config and LoRA, built once as the stage will build them. All of it runs
+before any stage starts. CLI ``--set section.key=value`` overrides a value (parsed as YAML); an
+error in a value a ``--set`` gave names that ``--set``, not the file. The run's manifest records
+the final values.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from character_training.config import yamlio
 from character_training.errors import UserError, did_you_mean
 from character_training.evaluation.settings import EvalSettings
 from character_training.run.generation import GEN_STAGES, BackendSection, GenSection
-from character_training.train.settings import TRAINING_SECTIONS, DpoSection, GrpoSection, MidtrainSection, SftSection
+from character_training.train.settings import (TRAINING_SECTIONS, DpoSection, GrpoSection, LoraSettings, MidtrainSection,
+                                               SftSection, TrainingSection)
 from data_gen.backends import Sampling
 from data_gen.stages.pairs import PairSettings
 from data_gen.stages.prompts import ExpandSettings
@@ -79,7 +84,7 @@ def build(cls, data: Any, where: str, prefix: str, base: Any = None):
         raise UserError(f"{where}: {prefix.rstrip('.') or '<top level>'}: must be a mapping, got a {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    _check_keys(data, fields, where, prefix)
+    _check_keys(data, fields, where, prefix, cls)
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -100,11 +105,29 @@ def build(cls, data: Any, where: str, prefix: str, base: Any = None):
         raise UserError(f"{where}: {message if message.startswith(prefix) else prefix + message}") from None
 
 
-def _check_keys(data: dict, allowed, where: str, prefix: str) -> None:
+def _check_keys(data: dict, allowed, where: str, prefix: str, cls: type | None = None) -> None:
     for key in data:
         if key not in allowed:
-            raise UserError(f"{where}: {prefix}{key}: unknown key{did_you_mean(key, allowed)}"
-                            f"; allowed keys: {', '.join(allowed)}")
+            raise UserError(f"{where}: {prefix}{key}: unknown key{_key_hint(cls, key, prefix) or did_you_mean(key, allowed)}"
+                            f"; allowed keys: {', '.join(map(str, allowed))}")
+
+
+def _key_hint(cls: type | None, key: Any, prefix: str) -> str:
+    """Where an unknown key belongs when that is another mapping of the same section (a LoRA
+    setting written in the training section or its trainer, a TRL field written in the section):
+    the suggestion from the right place, not the nearest spelling (``lora_rank`` is not ``local_rank``)."""
+    from character_training.train.common import LORA_KEYS
+
+    if cls is LoraSettings and str(key) in LORA_KEYS:
+        return f" (did you mean '{prefix}{LORA_KEYS[str(key)]}'?)"
+    if isinstance(cls, type) and issubclass(cls, TrainingSection):
+        if str(key) in LORA_KEYS:
+            return f" (a LoRA setting: did you mean '{prefix}lora.{LORA_KEYS[str(key)]}'?)"
+        from character_training.train.common import config_fields
+
+        if str(key) in config_fields(cls.kind):
+            return f" (a TRL trainer field: did you mean '{prefix}trainer.{key}'?)"
+    return ""
 
 
 def gen_section(stage: str, data: Any, where: str, prefix: str) -> GenSection:
@@ -150,25 +173,53 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
         if "=" not in item:
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set dpo.trainer.learning_rate=5e-5")
         key, raw = item.split("=", 1)
-        node = data
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise UserError(f"--set {item}: '{key}' is not a key; write SECTION.KEY=VALUE, "
+                            "e.g. --set dpo.trainer.learning_rate=5e-5")
+        try:
+            value = yamlio.load(raw)
+        except yaml.YAMLError as exc:
+            _, problem = yamlio.describe_error(exc)
+            raise UserError(f"--set {item}: the value is not valid YAML ({problem}); quote it, e.g. "
+                            f"--set '{key}=\"...\"', or fix its brackets") from None
+        node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section ('pairs:' with nothing under it)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise UserError(f"--set {item}: {part} is not a section")
-        node[parts[-1]] = yamlio.load(raw)
+                raise UserError(f"--set {item}: {part} is not a section; set a key of a section, "
+                                "e.g. --set pairs.temperature=0.7")
+        node[parts[-1]] = value
     return data
+
+
+def locate_override(exc: UserError, where: str, overrides: list[str] | None) -> UserError:
+    """An error about a value a ``--set`` gave, reported at that ``--set`` argument instead of at
+    ``where`` (the recipe file, or '--set' for commands without a recipe: ``generate``, ``train``).
+    Messages have the form 'WHERE: KEY.PATH: problem'; the last --set whose key is that path, or
+    above or below it, wins."""
+    message = str(exc)
+    head = f"{where}: "
+    if not overrides or not message.startswith(head):
+        return exc
+    rest = message[len(head):]
+    path = rest.split(":", 1)[0].strip()
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if key and (path == key or path.startswith(key + ".") or key.startswith(path + ".")
+                    or path.endswith("." + key)):  # commands without a recipe name the section first
+            return type(exc)(f"--set {item}: {rest}")
+    return exc
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     where = str(path)
+    text = yamlio.read_text(path, "recipe", "shipped recipes are in recipes/")
     try:
-        data = yamlio.load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe not found; shipped recipes are in recipes/") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot be read: {exc}") from None
+        data = yamlio.load(text)
     except yaml.YAMLError as exc:
         loc, problem = yamlio.describe_error(exc)
         raise UserError(f"{path}{loc}: not valid YAML: {problem}") from None
@@ -176,8 +227,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = apply_overrides(data or {}, overrides, where)
     if data is None:
         raise UserError(f"{path}: the recipe is empty; it needs at least 'constitution' and 'run_dir'")
-    recipe = build(Recipe, data, where, "")
-    check_stages(recipe, where)
+    try:
+        recipe = build(Recipe, data, where, "")
+        check_stages(recipe, where)
+    except UserError as exc:
+        raise locate_override(exc, where, overrides) from None
     recipe.path = where
     # Paths in a recipe are relative to the recipe file, so a recipe runs from any directory.
     if not Path(recipe.constitution).is_absolute():
@@ -185,18 +239,48 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+# What each stage reads from others (besides a training stage's ``data``, checked from its
+# section): when both are listed, the one read runs first.
+READS = {"pairs": ("prompts",), "critique": ("prompts",), "rlaif": ("prompts",), "grpo": ("prompts",),
+         "eval": ("prompts", "pairs")}
+
+
 def check_stages(recipe: Recipe, where: str) -> None:
-    """The rules that span sections: known stages, each training stage's trainer fields (TRL's
-    config), and its data stages named, listed in 'stages' and run before it."""
-    from character_training.train.common import check_trainer_fields
+    """The rules that span sections: known stages, each listed once, in an order in which every
+    stage runs after the stages it reads (prompts before pairs, training before eval, a training
+    stage's data stages before it); each training stage's trainer fields (TRL's config) and LoRA."""
+    from character_training.train.common import check_lora, check_trainer_fields
 
     order = recipe.stages
+    if not order:
+        raise UserError(f"{where}: stages: empty, so nothing would run; list the stages to run in order, "
+                        "e.g. stages: [prompts, pairs, dpo, eval]")
+    for i, stage in enumerate(order):
+        if not isinstance(stage, str) or stage not in STAGES:
+            raise UserError(f"{where}: stages: unknown stage '{stage}'{did_you_mean(stage, STAGES)}; "
+                            f"stages are {', '.join(STAGES)}")
+        if stage in order[:i]:
+            raise UserError(f"{where}: stages: '{stage}' is listed twice; list each stage once (a stage's "
+                            "outputs are in one directory; --force STAGE runs it again)")
     for stage in order:
-        if stage not in STAGES:
-            raise UserError(f"{where}: stages: unknown stage '{stage}'; stages are {', '.join(STAGES)}")
+        for read in READS.get(stage, ()):
+            if read in order and order.index(read) > order.index(stage):
+                raise UserError(f"{where}: stages: {stage} comes before {read}, whose output it reads; "
+                                f"put {read} before {stage}")
+    trained = [s for s in order if s in TRAINING_STAGES]
+    if "eval" in order and trained and order.index(trained[-1]) > order.index("eval"):
+        raise UserError(f"{where}: stages: eval comes before the training stage {trained[-1]}, so it would "
+                        f"evaluate an adapter not trained yet; put eval after {trained[-1]}")
+    for stage in ("reflection", "interaction"):
+        if stage in order and getattr(recipe, stage).adapter == "previous" and not any(
+                s in TRAINING_STAGES for s in order[:order.index(stage)]):
+            raise UserError(f"{where}: {stage}.adapter: 'previous' but no training stage comes before {stage} "
+                            f"in 'stages'; put a training stage (e.g. dpo) before it, or set {stage}.adapter: null")
     for stage, kind in TRAINING_STAGES.items():
         section = getattr(recipe, stage)
-        check_trainer_fields(section.trainer, where, kind, stage)
+        extra = _lm_fields(section) if kind == "lm" else None
+        check_trainer_fields(section.trainer, where, kind, stage, build=stage in order, extra=extra)
+        check_lora(section.lora, where, stage)
         for data_stage in section.data:
             if data_stage not in STAGES:
                 raise UserError(f"{where}: {stage}.data: '{data_stage}' is not a stage; stages are {', '.join(STAGES)}")
@@ -209,3 +293,10 @@ def check_stages(recipe: Recipe, where: str) -> None:
         late = [d for d in needed if order.index(d) > order.index(stage)]
         if late:
             raise UserError(f"{where}: stages: {stage} comes before its data stage {late[0]}; reorder 'stages'")
+
+
+def _lm_fields(section) -> dict:
+    """The SFTConfig fields midtraining sets from its own settings (as ``train.sft.train_lm`` does)."""
+    from character_training.train.sft import lm_fields
+
+    return lm_fields(section.packing, section.marker)

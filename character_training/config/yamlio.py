@@ -1,15 +1,77 @@
-"""YAML loading with YAML 1.2 floats: PyYAML follows YAML 1.1, where `5e-5` is the string
-'5e-5'. Recipes are full of learning rates written that way."""
+"""YAML loading for recipes, constitutions and ``--set`` values.
+
+- YAML 1.2 floats: PyYAML follows YAML 1.1, where `5e-5` is the string '5e-5'. Recipes are full
+  of learning rates written that way.
+- Safe against malformed input: a key given twice in one mapping is an error naming the key and
+  both lines (YAML would silently keep the second, dropping the first's data); aliases are
+  bounded in number and in what they expand to (an alias bomb of a few hundred bytes expands to
+  gigabytes); nesting is bounded in depth (deeper input would overflow Python's stack). Each is a
+  ``yaml.YAMLError`` with the line, so callers report it as they report a syntax error.
+- ``read_text``: a file's text, refusing a missing path, a directory, a file over ``MAX_BYTES``
+  and text that is not UTF-8, each as one line naming the path.
+"""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.events import AliasEvent
+
+from character_training.errors import UserError
+
+MAX_BYTES = 4 * 1024 * 1024   # a recipe or constitution is a few kB; the largest shipped is under 10 kB
+MAX_ALIASES = 100             # '*name' references in one document
+MAX_EXPANDED = 1_000_000      # values plus text characters once every alias is expanded
+MAX_DEPTH = 64                # nested mappings and lists
 
 
 class Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with YAML 1.2 floats, duplicate keys refused, aliases and nesting bounded."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise ComposerError(None, None, f"more than {MAX_ALIASES} aliases ('*name' references); "
+                                    "write the values out instead", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep; flatten it",
+                                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the constructor reports an unhashable key itself
+                if key is not None and key in seen:
+                    raise ConstructorError(None, None, f"duplicate key '{key}' (first given at line "
+                                           f"{seen[key].line + 1}); give each key once", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 Loader.add_implicit_resolver(
@@ -23,12 +85,72 @@ Loader.add_implicit_resolver(
 )
 
 
+def _check_expansion(root) -> None:
+    """Refuse a document whose aliases expand it past ``MAX_EXPANDED`` (values plus characters of
+    text), or that contains itself through an alias. Linear in the distinct nodes (memoized)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ComposerError(None, None, "an alias refers to a node that contains it; remove the "
+                                "recursive reference", node.start_mark)
+        open_nodes.add(key)
+        if isinstance(node, yaml.ScalarNode):
+            total = 1 + len(node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        else:
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_EXPANDED:
+            raise ComposerError(None, None, f"its aliases expand it to more than {MAX_EXPANDED:,} values and "
+                                "characters; write the values out instead of nesting aliases", node.start_mark)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
 def load(text: str) -> Any:
-    return yaml.load(text, Loader=Loader)
+    """Parse YAML text; every problem (syntax, duplicate key, alias bound, depth) is a YAMLError."""
+    if len(text) > MAX_BYTES:
+        raise yaml.YAMLError(f"over the {MAX_BYTES // (1024 * 1024)} MiB limit for a YAML input")
+    try:
+        return yaml.load(text, Loader=Loader)
+    except RecursionError:  # a guard above missed a path: still one line, not a traceback
+        raise yaml.YAMLError(f"nested too deeply to read; keep nesting under {MAX_DEPTH} levels") from None
+
+
+def read_text(path: str | Path, what: str, hint: str = "check the path") -> str:
+    """A text file's content; a missing path, a directory, a file over ``MAX_BYTES`` or one that is
+    not UTF-8 is a UserError naming the path (``what``: 'recipe', 'constitution', ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found; {hint}")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a {what} file; give the path of the {what} file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise UserError(f"{path}: {size:,} bytes, over the {MAX_BYTES // (1024 * 1024)} MiB limit for a "
+                            f"{what} file; is it the right file?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from None
 
 
 def describe_error(exc: yaml.YAMLError) -> tuple[str, str]:
     """(':LINE:COL' or '', the problem in words) of a YAML parse error."""
     mark = getattr(exc, "problem_mark", None)
     loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-    return loc, getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["not readable"])[0]
+    return loc, " ".join(problem.split())

@@ -1,9 +1,11 @@
 """The eval stage's settings: the recipe's ``eval`` section, read by the quick check and the report."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from character_training.errors import UserError
+from data_gen.backends import check_sampling
 
 REPORTS = ("full", "quick")
 
@@ -30,6 +32,14 @@ class EvalSettings:
         if self.samples_per_prompt < 1:
             raise UserError(f"samples_per_prompt: {self.samples_per_prompt}; give 1 or more "
                             "(answers per held-out prompt and condition)")
+        for name in ("neutral_prompts", "adversarial", "revealed_prompts"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}: {getattr(self, name)}; give 0 (skip) or more")
+        if not math.isfinite(self.steering_coefficient):
+            raise UserError(f"steering_coefficient: {self.steering_coefficient}; give a finite number (2.0 is usual)")
+        if not all(isinstance(t, str) and t.strip() for t in self.lm_eval_tasks):
+            raise UserError(f"lm_eval_tasks: {self.lm_eval_tasks!r}; give a list of lm-evaluation-harness task names")
+        check_sampling(self)  # the eval engine's sampling: vLLM's ranges, before any engine starts
         if self.report not in REPORTS:
             raise UserError(f"report: '{self.report}'; use 'full' (the report: adversarial, prefill, "
                             "steering, judge, persona vectors, capability) or 'quick' (three conditions)")

@@ -90,6 +90,15 @@ class BackendSection:
     def __post_init__(self):
         if self.kind not in ("vllm", "openai"):
             raise UserError(f"kind: '{self.kind}' is not a backend; use 'vllm' or 'openai'")
+        if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.base_urls):
+            raise UserError("base_urls: each must be a server's URL starting with http:// or https://, "
+                            "e.g. [http://127.0.0.1:8000/v1]")
+        if self.max_concurrency < 1:
+            raise UserError(f"max_concurrency: {self.max_concurrency}; give 1 or more (requests in flight)")
+        if not self.timeout_s > 0:
+            raise UserError(f"timeout_s: {self.timeout_s}; give a number of seconds above 0 (120 is usual)")
+        if self.max_retries < 0:
+            raise UserError(f"max_retries: {self.max_retries}; give 0 or more")
 
 
 def make_backend(model: str, section: BackendSection, seed: int, engines: Engines, *, enable_lora: bool = False,

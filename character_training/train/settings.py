@@ -25,6 +25,26 @@ class LoraSettings:
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
 
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UserError(f"r: {self.r!r}; give the LoRA rank as a whole number of 1 or more (16 is usual)")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < float("inf"):
+            raise UserError(f"alpha: {self.alpha!r}; give a number above 0 (the LoRA scale is alpha / r; "
+                            "twice r is usual)")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise UserError(f"dropout: {self.dropout!r}; give a share from 0 up to (not including) 1, e.g. 0.05")
+        modules = self.target_modules
+        if isinstance(modules, str):
+            ok = bool(modules.strip())
+        else:
+            ok = isinstance(modules, (list, tuple)) and bool(modules) and all(
+                isinstance(m, str) and m.strip() for m in modules)
+        if not ok:
+            raise UserError(f"target_modules: {modules!r}; give 'all-linear' or a list of module names, "
+                            "e.g. [q_proj, v_proj]")
+        if not isinstance(self.use_rslora, bool):
+            raise UserError(f"use_rslora: {self.use_rslora!r}; give true or false")
+
 
 def check_overlong(overlong: str) -> None:
     """The one check of an ``overlong`` policy (sections, and ``train.common.length_limit``)."""
@@ -58,6 +78,11 @@ class TrainingSection:
 
     def __post_init__(self):
         check_start(self.start)
+        data = getattr(self, "data", None)
+        if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
+            default = type(self).__dataclass_fields__["data"].default_factory()
+            raise UserError(f"data: {data!r}; give a non-empty list of the stages whose data it trains on, "
+                            f"e.g. {default}")
 
 
 @dataclass
@@ -67,6 +92,12 @@ class MidtrainSection(TrainingSection):
     packing: bool = True
     marker: str | None = None  # prefixed to every document and masked from the loss
     chat_ratio: float = 0.0  # share of chat examples (from the sft data stages that ran) mixed in
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.chat_ratio < 1.0:
+            raise UserError(f"chat_ratio: {self.chat_ratio!r}; give a share from 0 (documents only) up to, "
+                            "not including, 1")
 
 
 @dataclass
@@ -102,6 +133,14 @@ class GrpoSection(TrainingSection):
     system_prompt: str | None = None
     judge_retries: int = 2  # a failed or unparseable verdict is asked again, then counted as missing
     judge_max_tokens: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.judge_retries < 0:
+            raise UserError(f"judge_retries: {self.judge_retries}; give 0 or more (times a failed verdict is asked again)")
+        if self.judge_max_tokens < 1:
+            raise UserError(f"judge_max_tokens: {self.judge_max_tokens}; give 1 or more (the judge answers with a "
+                            "score; 8 leaves room for it)")
 
 
 TRAINING_SECTIONS = {"midtrain": MidtrainSection, "dpo": DpoSection, "sft": SftSection, "grpo": GrpoSection}

@@ -54,6 +54,14 @@ class CritiqueSettings:
     def __post_init__(self):
         if self.rounds < 1:
             raise UserError(f"rounds: {self.rounds}; give at least 1 critique-and-revise round")
+        if self.min_chars < 0:
+            raise UserError(f"min_chars: {self.min_chars}; give 0 or more")
+        if self.max_answer_chars < max(1, self.min_chars):
+            raise UserError(f"max_answer_chars: {self.max_answer_chars}; give at least 1 and at least "
+                            f"min_chars ({self.min_chars})")
+        if not 0.0 <= self.min_distinct_3grams <= 1.0:
+            raise UserError(f"min_distinct_3grams: {self.min_distinct_3grams}; give a share from 0 to 1 "
+                            "(0 keeps looping texts)")
         if self.answer_system_prompt not in (None, CONSTITUTION):
             raise UserError(f"answer_system_prompt: '{self.answer_system_prompt}' is not an option; use null (no "
                             f"system prompt) or '{CONSTITUTION}' (the constitution's system prompt)")

@@ -50,6 +50,7 @@ class ReflectionSettings:
     def __post_init__(self):
         _at_least("samples_per_prompt", self.samples_per_prompt, 1)
         _at_least("min_words", self.min_words, 0)
+        _share("min_distinct_3grams", self.min_distinct_3grams)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class InteractionSettings:
         _at_least("turns", self.turns, 2)
         _at_least("min_exchanges", self.min_exchanges, 2)
         _at_least("min_words", self.min_words, 0)
+        _share("min_distinct_3grams", self.min_distinct_3grams)
         if self.min_exchanges > self.turns:
             raise UserError(f"min_exchanges: {self.min_exchanges} is more than turns ({self.turns}), so every "
                             "conversation would be dropped; lower it or raise turns")
@@ -83,6 +85,11 @@ INTERACTION_SAMPLING = Sampling(temperature=0.8, max_tokens=160)
 def _at_least(key: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise UserError(f"{key}: {value!r}; give a whole number >= {low}")
+
+
+def _share(key: str, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{key}: {value!r}; give a share from 0 to 1 (0 keeps looping texts)")
 
 
 def display_name(constitution) -> str:

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_gen.backends import Backend, Completion, Sampling
+from data_gen.backends import Backend, Completion, Sampling, check_sampling
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem, trim_to_sentence
 from data_gen.store import write_jsonl
@@ -64,6 +64,18 @@ class PairSettings:
                             "(vLLM's range; 0: off; the demo's 0.5 keeps the teacher out of loops)")
         if self.teacher_samples < 1:
             raise UserError(f"teacher_samples: {self.teacher_samples}; give 1 or more (teacher answers per prompt)")
+        if self.min_margin is not None and not -1 <= self.min_margin <= 1:
+            raise UserError(f"min_margin: {self.min_margin}; give a number from -1 to 1 (a difference of two "
+                            "probabilities; 0: chosen at least as in character as rejected) or null (no check)")
+        if self.min_answer_chars < 0:
+            raise UserError(f"min_answer_chars: {self.min_answer_chars}; give 0 or more")
+        if self.max_answer_chars < max(1, self.min_answer_chars):
+            raise UserError(f"max_answer_chars: {self.max_answer_chars}; give at least 1 and at least "
+                            f"min_answer_chars ({self.min_answer_chars})")
+        if not 0.0 <= self.min_distinct_3grams <= 1.0:
+            raise UserError(f"min_distinct_3grams: {self.min_distinct_3grams}; give a share from 0 to 1 "
+                            "(0 keeps looping answers)")
+        check_sampling(self)
 
     @property
     def sampling(self) -> Sampling:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_gen.backends import Backend, Sampling
+from data_gen.backends import Backend, Sampling, check_sampling
 from data_gen.errors import UserError
 from data_gen.store import write_jsonl
 from data_gen.templating import render
@@ -53,6 +53,18 @@ class ExpandSettings:
                             "still short of prompts)")
         if self.per_request < 1:
             raise UserError(f"per_request: {self.per_request}; give 1 or more (new messages asked for in one request)")
+        for name, low, what in (("per_trait", 1, "training prompts kept per trait"),
+                                ("heldout_per_trait", 0, "generated prompts set aside per trait for evaluation"),
+                                ("examples_per_request", 0, "seed questions shown in one request"),
+                                ("min_chars", 0, "characters a prompt needs"), ("min_words", 0, "words a prompt needs")):
+            if getattr(self, name) < low:
+                raise UserError(f"{name}: {getattr(self, name)}; give {low} or more ({what})")
+        if self.max_chars < max(1, self.min_chars):
+            raise UserError(f"max_chars: {self.max_chars}; give at least 1 and at least min_chars ({self.min_chars})")
+        if not self.oversample >= 1:
+            raise UserError(f"oversample: {self.oversample}; give 1 or more (requests are sized for this many "
+                            "times the prompts needed)")
+        check_sampling(self)
 
     @property
     def sampling(self) -> Sampling:

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_gen.backends import Backend, Completion, Sampling
+from data_gen.backends import MAX_LOGPROBS, Backend, Completion, Sampling
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem
 from data_gen.judging import choice_verdict, judge_request, judge_rounds, read_choice
@@ -67,9 +67,9 @@ class RlaifSettings:
         if self.judge_max_tokens < 1:
             raise UserError(f"judge_max_tokens: {self.judge_max_tokens}; give at least 1 (the judge answers "
                             "with one letter; 4 leaves room for \"(A)\")")
-        if self.judge_logprobs < 0:
-            raise UserError(f"judge_logprobs: {self.judge_logprobs}; give 0 (read the verdict from the text) "
-                            "or more (20: P(A) from the first token's top 20 alternatives)")
+        if not 0 <= self.judge_logprobs <= MAX_LOGPROBS:
+            raise UserError(f"judge_logprobs: {self.judge_logprobs}; give 0 (read the verdict from the text) to "
+                            f"{MAX_LOGPROBS} (vLLM's max_logprobs; 20: P(A) from the first token's top 20 alternatives)")
 
 
 def _candidate_problem(c: Completion, settings: RlaifSettings) -> str | None:
