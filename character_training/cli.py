@@ -146,7 +146,7 @@ def _generate(args) -> int:
     from character_training.run.generation import (GEN_STAGES, BackendSection, make_backend, read_prompt_file,
                                                    run_generation_stage)
     from character_training.config.models import resolve_model
-    from character_training.config.recipe import apply_overrides, gen_section
+    from character_training.config.recipe import apply_overrides, gen_section, locate_override
     from character_training.run import layout
     from data_gen.backends import Engines
     from data_gen.store import read_manifest, write_manifest
@@ -158,7 +158,10 @@ def _generate(args) -> int:
     if read_manifest(out) is not None and not args.force:
         raise UserError(f"{out}: this {args.stage} output is finished already (manifest.json); "
                         "use --force to generate it again or choose another -o")
-    section = gen_section(args.stage, apply_overrides({}, args.set or [], "--set"), "--set", "")
+    try:
+        section = gen_section(args.stage, apply_overrides({}, args.set or [], "--set"), "--set", "")
+    except UserError as exc:
+        raise locate_override(exc, "--set", args.set or []) from None
     constitution = load_constitution(args.constitution)
     if spec.needs_principles:  # before the engine starts: minutes on a CPU
         from data_gen.stages.critique import require_principles
@@ -198,7 +201,7 @@ TRAIN_FLAGS = {"start": "start", "system_prompt": "system_prompt", "loop_negativ
 def train_section(args):
     """The training stage's section (the class a recipe's section is), from ``--set`` values and
     the flags given: the same defaults, checks and error messages as in a recipe."""
-    from character_training.config.recipe import apply_overrides, build
+    from character_training.config.recipe import apply_overrides, build, locate_override
     from character_training.train.common import check_trainer_fields
     from character_training.train.settings import TRAINING_SECTIONS
 
@@ -210,16 +213,47 @@ def train_section(args):
         value = getattr(args, flag, None)
         if value is not None and key in {f.name for f in dataclasses.fields(cls)}:
             values[key] = value
-    section = build(cls, values, "--set", "")
-    check_trainer_fields(section.trainer, "--set", args.kind)
+    try:
+        section = build(cls, values, "--set", "")
+        check_trainer_fields(section.trainer, "--set", args.kind)
+    except UserError as exc:
+        raise locate_override(exc, "--set", args.set or []) from None
     return section
+
+
+def _train_grpo(args, model: str, section, common: dict) -> dict:
+    """``train grpo``: the judge (this process's vLLM, or servers) scores against --constitution."""
+    from dataclasses import replace
+
+    from character_training.config.constitution import load_constitution
+    from character_training.run.generation import BackendSection, make_backend
+    from character_training.train.grpo import train_grpo
+    from data_gen.backends import Engines, Sampling
+
+    if len(args.data) != 1:
+        raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
+                        "stage's prompts.jsonl)")
+    if not args.constitution:
+        raise UserError("train grpo: --constitution is required (the judge scores answers against its traits "
+                        "and principles)")
+    constitution = load_constitution(args.constitution)
+    backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
+                             judge_model=args.judge_model)
+    common["card"] = replace(common["card"], persona=args.persona or constitution.name,
+                             constitution=str(args.constitution), constitution_sha256=constitution.sha256)
+    with Engines() as engines:  # the judge's engine, when it runs in this process
+        judge = make_backend(model, backend, args.seed, engines, judge=True)
+        manifest = train_grpo(model, Path(args.data[0]), Path(args.output), judge_backend=judge,
+                              constitution=constitution, system_prompt=section.system_prompt,
+                              judge_retries=section.judge_retries,
+                              judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
+                              **common)
+    return manifest
 
 
 def _train(args) -> int:
     """One training stage on its own; runs as is on one process, or under torchrun / accelerate
     launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
-    from dataclasses import replace
-
     from character_training.card import ModelCard
     from character_training.train import distributed
     from character_training.train import common as training
@@ -238,6 +272,9 @@ def _train(args) -> int:
                         "train again or choose another -o")
     section = train_section(args)
     for path in args.data:
+        if Path(path).is_dir():
+            raise UserError(f"--data {path}: is a directory, not a data file; give the JSONL file inside it "
+                            "(e.g. RUN_DIR/pairs/pairs.jsonl)")
         if not Path(path).is_file():
             raise UserError(f"--data {path}: file not found")
     model = resolve_model(args.model)
@@ -269,28 +306,7 @@ def _train(args) -> int:
                             chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=section.chat_ratio,
                             **common)
     elif args.kind == "grpo":
-        from character_training.config.constitution import load_constitution
-        from character_training.run.generation import BackendSection, make_backend
-        from character_training.train.grpo import train_grpo
-        from data_gen.backends import Engines, Sampling
-
-        if len(args.data) != 1:
-            raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
-                            "stage's prompts.jsonl)")
-        if not args.constitution:
-            raise UserError("train grpo: --constitution is required (the judge scores answers against its traits "
-                            "and principles)")
-        constitution = load_constitution(args.constitution)
-        backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
-                                 judge_model=args.judge_model)
-        common["card"] = replace(common["card"], persona=args.persona or constitution.name,
-                                 constitution=str(args.constitution), constitution_sha256=constitution.sha256)
-        with Engines() as engines:  # the judge's engine, when it runs in this process
-            judge = make_backend(model, backend, args.seed, engines, judge=True)
-            manifest = train_grpo(model, Path(args.data[0]), out, judge_backend=judge, constitution=constitution,
-                                  system_prompt=section.system_prompt, judge_retries=section.judge_retries,
-                                  judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
-                                  **common)
+        manifest = _train_grpo(args, model, section, common)
     else:  # argparse's choices keep other kinds out
         raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm or grpo")
     manifest["distributed"] = distributed.describe()

@@ -24,7 +24,9 @@ prefill is split into chunks ("CPU Generator does not use offset"); use ``seed=N
 keep ``max_concurrency`` x prompt length under the server's ``--max-num-batched-tokens``.
 
 The API key is read from the environment variable ``api_key_env`` (when set) into an
-``Authorization: Bearer`` header; it is never logged, never in a repr or an error message.
+``Authorization: Bearer`` header; it is never logged, never in a repr or an error message. A
+credential written into a base URL (``http://user:secret@host/v1``, or a key in its query
+string) is sent as given but shown as ``***`` in every message and repr (``redact_url``).
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -48,6 +52,42 @@ _RETRIABLE = {429} | set(range(500, 600))
 # OpenAI's API and vLLM both cap top_logprobs at 20 (vLLM: --max-logprobs, default 20).
 _MAX_TOP_LOGPROBS = 20
 _BODY_CHARS = 300  # how much of a server's error body goes into an error message
+# Query parameters that carry a credential (api_key=..., token=..., sig=...): their values are redacted.
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential", re.I)
+
+
+def _query_secrets(query: str) -> list[tuple[str, str]]:
+    """(name, value) of the query parameters named like a credential, as written (not decoded)."""
+    pairs = [part.split("=", 1) for part in query.split("&") if "=" in part]
+    return [(name, value) for name, value in pairs if value and _SECRET_PARAM.search(name)]
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials written into a URL: the password of its user info (or the user, when it
+    stands alone: a token) and the values of query parameters named like a key or token (at least 4 characters: a shorter one could not be
+    replaced wherever it occurs without mangling a message; the URL itself is redacted whole)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [value for _, value in _query_secrets(parts.query)]
+    if "@" in parts.netloc:  # user:password, or a token alone as the user
+        user, _, password = parts.netloc.rsplit("@", 1)[0].partition(":")
+        found.append(password or user)
+    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be shown: its user info and secret query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" in parts.netloc:
+        url = url.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
+    for name, value in _query_secrets(parts.query):
+        url = url.replace(f"{name}={value}", f"{name}=***")
+    return url
 
 
 class OpenAIBackend:
@@ -64,6 +104,9 @@ class OpenAIBackend:
                             "backoff_s >= 0; fix the backend settings")
         self.model = model
         self.base_urls = [u.strip().rstrip("/") for u in urls]
+        # What messages show of each URL, and what they must never show (credentials in the URLs).
+        self._shown = {u: redact_url(u) for u in self.base_urls}
+        self._secrets = sorted({s for u in self.base_urls for s in url_secrets(u)}, key=len, reverse=True)
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -82,7 +125,7 @@ class OpenAIBackend:
             self.check()
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(model={self.model!r}, base_urls={self.base_urls!r})"
+        return f"OpenAIBackend(model={self.model!r}, base_urls={[self._shown[u] for u in self.base_urls]!r})"
 
     def close(self) -> None:
         self._client.close()
@@ -100,18 +143,19 @@ class OpenAIBackend:
         did not answer and, where the model is not served, the names that are."""
         unreachable, missing = [], []
         for url in self.base_urls:
+            shown = self._shown[url]
             try:
                 response = self._client.get(f"{url}/models")
                 response.raise_for_status()
                 served = [m.get("id") for m in response.json().get("data", [])]
             except httpx.HTTPStatusError as exc:
-                unreachable.append(f"{url} (HTTP {exc.response.status_code} from {url}/models)")
+                unreachable.append(f"{shown} (HTTP {exc.response.status_code} from {shown}/models)")
                 continue
-            except (httpx.HTTPError, ValueError, AttributeError) as exc:
-                unreachable.append(f"{url} ({self._redact(_describe(exc))})")
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError) as exc:
+                unreachable.append(f"{shown} ({self._redact(_describe(exc))})")
                 continue
             if self.model not in served:
-                missing.append(f"{url} serves {served}")
+                missing.append(f"{shown} serves {self._redact(str(served))}")
         if unreachable:
             raise UserError(f"OpenAI-compatible server(s) not reachable: {'; '.join(unreachable)}. Start the "
                             f"server (e.g. `vllm serve {self.model} --port 8000`), check the base URL ends with "
@@ -186,30 +230,36 @@ class OpenAIBackend:
         """One request, retried on the next server after a transient failure."""
         last, retry_after = "", None
         for attempt in range(self.max_retries + 1):
-            url = f"{self.base_urls[(start + attempt) % len(self.base_urls)]}/chat/completions"
+            base = self.base_urls[(start + attempt) % len(self.base_urls)]
+            url, shown = f"{base}/chat/completions", f"{self._shown[base]}/chat/completions"
             if attempt:
                 time.sleep(self._backoff(attempt, retry_after))
             retry_after = None
             try:
                 response = self._client.post(url, json=payload)
+            except httpx.InvalidURL as exc:
+                raise UserError(f"{shown}: not a valid URL ({self._redact(_describe(exc))}); write the base URL as "
+                                "http://HOST:PORT/v1") from None
             except httpx.TransportError as exc:  # refused, reset, timed out
-                last = f"{url}: {self._redact(_describe(exc))}"
+                last = f"{shown}: {self._redact(_describe(exc))}"
                 continue
             if response.status_code == 200:
                 try:
                     return _completion(response.json())
                 except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    raise UserError(f"{url} answered HTTP 200 with a body that is not a chat completion "
-                                    f"({type(exc).__name__}: {exc}): {self._body(response)}. Check the base "
+                    raise UserError(f"{shown} answered HTTP 200 with a body that is not a chat completion "
+                                    f"({type(exc).__name__}: {self._redact(str(exc))}): {self._body(response)}. "
+                                    f"Check the base "
                                     f"URL points at an OpenAI-compatible /v1 API") from None
             if response.status_code not in _RETRIABLE:
-                raise UserError(f"{url} refused the request for model {payload['model']!r}: HTTP "
+                raise UserError(f"{shown} refused the request for model {payload['model']!r}: HTTP "
                                 f"{response.status_code}: {self._body(response)}."
                                 f"{_hint(response.status_code)}") from None
-            last = f"{url}: HTTP {response.status_code}: {self._body(response)}"
+            last = f"{shown}: HTTP {response.status_code}: {self._body(response)}"
             retry_after = _retry_after(response)
         raise UserError(f"chat completion failed after {self.max_retries + 1} attempt(s); last error: {last}. Is "
-                        f"the server up (`curl {self.base_urls[0]}/models`) and is {payload['model']!r} one of "
+                        f"the server up (`curl {self._shown[self.base_urls[0]]}/models`) and is {payload['model']!r} "
+                        "one of "
                         f"its served models? Raise timeout_s/max_retries if it is only slow") from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -219,9 +269,14 @@ class OpenAIBackend:
         return max(wait_s, min(retry_after, 60.0)) if retry_after is not None else wait_s
 
     def _redact(self, text: str) -> str:
+        """``text`` without the API key or any credential written into a base URL."""
         auth = self._client.headers.get("Authorization", "")
         key = auth.removeprefix("Bearer ")
-        return text.replace(key, "***") if key else text
+        for url in self.base_urls:  # whole URLs first, so that their shape stays readable
+            text = text.replace(url, self._shown[url])
+        for secret in ([key] if key else []) + self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _body(self, response: httpx.Response) -> str:
         """The server's error message (vLLM/OpenAI: {"error": {"message"}}), short and redacted."""

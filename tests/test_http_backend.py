@@ -197,7 +197,7 @@ def test_logprobs_are_requested_and_parsed(serve):
     top = [{"token": "A", "logprob": -0.2}, {"token": "B", "logprob": -1.9}, {"token": "A", "logprob": -3.0}]
     server = serve(lambda req, n: (200, chat_body("A", logprobs=[{"token": "A", "logprob": -0.2, "top_logprobs": top}]), 0.0))
     backend = OpenAIBackend(MODEL, server.url, **FAST)
-    [c] = backend.chat(convs("A or B?"), Sampling(logprobs=25, max_tokens=1))
+    [c] = backend.chat(convs("A or B?"), Sampling(logprobs=20, max_tokens=1))  # Sampling refuses more than 20
     assert server.requests[0]["logprobs"] is True and server.requests[0]["top_logprobs"] == 20
     assert c.first_logprobs == {"A": -0.2, "B": -1.9}
 
@@ -277,6 +277,33 @@ def test_api_key_is_sent_but_never_shown(serve, monkeypatch):
     plain = serve()
     OpenAIBackend(MODEL, plain.url, api_key_env="MY_KEY", **FAST).chat(convs("hi"), Sampling())
     assert "Authorization" not in plain.headers[0]
+
+
+def test_a_credential_in_the_base_url_is_never_shown(serve):
+    """http://user:secret@host/v1 (issue 17): the URL works as given, every message shows ***."""
+    from data_gen.http_backend import redact_url
+
+    assert redact_url("http://alice:s3cr3t-pass@host:8000/v1") == "http://***@host:8000/v1"
+    assert redact_url("http://host/v1?api_key=abcd1234&x=1") == "http://host/v1?api_key=***&x=1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+    server = serve(lambda req, n: (500, {"error": {"message": "engine died"}}, 0.0))
+    secret_url = server.url.replace("http://", "http://alice:s3cr3t-pass@")
+    backend = OpenAIBackend(MODEL, secret_url, max_retries=1, **FAST)  # the check passes through the credential
+    with pytest.raises(UserError, match="after 2 attempt") as err:
+        backend.chat(convs("hi"), Sampling())
+    assert "s3cr3t-pass" not in str(err.value) and "alice" not in str(err.value)
+    assert server.url.replace("http://", "http://***@") in str(err.value)
+    assert "s3cr3t-pass" not in repr(backend)
+
+    dead = f"http://alice:s3cr3t-pass@127.0.0.1:{free_port()}/v1?token=tok-98765"
+    with pytest.raises(UserError, match="not reachable") as err:
+        OpenAIBackend(MODEL, dead, **FAST)
+    assert "s3cr3t-pass" not in str(err.value) and "tok-98765" not in str(err.value)
+    assert "***@127.0.0.1" in str(err.value)
+    with pytest.raises(UserError, match="Is the server up") as err:
+        OpenAIBackend(MODEL, dead, max_retries=0, check=False, **FAST).chat(convs("hi"), Sampling())
+    assert "s3cr3t-pass" not in str(err.value) and "tok-98765" not in str(err.value)
 
 
 def test_adapter_is_sent_as_the_served_model_name(serve, tmp_path):

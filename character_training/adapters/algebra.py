@@ -26,7 +26,6 @@ Outputs are in one canonical form (``adapters.io``): every module has scaling 1,
     scale("a", 0.5, "out", layers="10-20", modules="q_proj,v_proj")
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import math
 import re
@@ -38,7 +37,9 @@ from typing import Iterable, Sequence
 import torch
 
 from character_training.adapters.io import (Adapter, AdapterLike, Factors, adapter_input, adapter_label, as_adapter,
-                                            check_compatible, layer_label, module_layer, rank_range, save_adapter)
+                                            check_compatible, layer_label, module_layer, rank_range,
+                                            save_adapter)
+from character_training.adapters.outputs import check_output
 from character_training.card import ModelCard
 from character_training.errors import UserError, did_you_mean
 
@@ -152,6 +153,11 @@ def concatenate(terms: Iterable[tuple[Factors, float]]) -> Factors | None:
 
 # ------------------------------------------------------------------------------ operations
 
+def _source(item: AdapterLike):
+    return item.path if isinstance(item, Adapter) else item
+
+
+
 def compose(terms: Sequence[tuple[AdapterLike, float]], out: str | Path, *, rank: int | None = None,
             overwrite: bool = False, card: ModelCard | None = None) -> dict:
     """Write ``sum_i w_i dW_i`` as one adapter: exact (rank = the sum of the ranks) or, with
@@ -161,6 +167,7 @@ def compose(terms: Sequence[tuple[AdapterLike, float]], out: str | Path, *, rank
         raise UserError("compose: give at least one ADAPTER:WEIGHT")
     if rank is not None and rank < 1:
         raise UserError(f"--rank {rank}: a rank is a positive integer")
+    check_output(out, [_source(a) for a, _ in terms], overwrite=overwrite)
     adapters = [as_adapter(a) for a, _ in terms]
     weights = [float(w) for _, w in terms]
     for w in weights:
@@ -217,6 +224,7 @@ def orthogonalize(adapter: AdapterLike, against: Sequence[AdapterLike], out: str
         raise UserError(f"--side {side}: use output, input or both")
     if not against:
         raise UserError("orthogonalize: give at least one --against adapter")
+    check_output(out, [_source(adapter), *map(_source, against)], overwrite=overwrite)
     target = as_adapter(adapter)
     others = [as_adapter(a) for a in against]
     check_compatible([target, *others])
@@ -292,6 +300,7 @@ def scale(adapter: AdapterLike, weight: float, out: str | Path, *, layers: str |
     """Multiply the delta of the chosen modules (all, or those in ``layers`` and/or matching
     ``modules``: a module type such as ``q_proj`` or a dotted suffix) by ``weight``; the rest
     keep weight 1."""
+    check_output(out, [_source(adapter)], overwrite=overwrite)
     source = as_adapter(adapter)
     weight = float(weight)
     if not math.isfinite(weight):

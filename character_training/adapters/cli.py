@@ -6,9 +6,11 @@
     character-training adapters inspect A [B ...] [--png FILE] [--json FILE]
 
 Only adapter files are read, never the base model; every output is a PEFT adapter directory
-(see ``character_training.adapters.algebra``, ``.io`` and ``.inspect``). ``add_adapter_commands(sub)``
-registers the commands on the main parser's subparsers; each returns an exit code and raises
-UserError for user errors.
+(see ``character_training.adapters.algebra``, ``.io`` and ``.inspect``). Outputs never destroy
+anything: ``-o`` is never an input, the current directory, home or ``/``; ``--force`` replaces
+only an adapter directory this tool wrote; ``--png`` / ``--json`` never overwrite an input or a
+file ``inspect`` did not write. ``add_adapter_commands(sub)`` registers the commands on the main
+parser's subparsers; each returns an exit code and raises UserError for user errors.
 """
 from __future__ import annotations
 
@@ -84,8 +86,13 @@ def _scale(args) -> int:
 def _inspect(args) -> int:
     import json
 
-    from character_training.adapters.inspect import format_inspect, inspect
+    from character_training.adapters.inspect import check_report_path, format_inspect, inspect
 
+    if args.json:  # before anything is computed: a report never overwrites an input or a file not ours
+        check_report_path(args.json, "--json", args.adapters)
+        if args.png and Path(args.json).resolve() == Path(args.png).resolve():
+            raise UserError(f"--json {args.json}: is also the --png file; give the report and the heatmap "
+                            "different names")
     report = inspect(args.adapters, png=args.png)
     print(format_inspect(report))
     if args.json:
@@ -105,7 +112,8 @@ def add_adapter_commands(subparsers) -> None:
                    help="adapter directory and weight, e.g. pirate:1.0 formal:-0.3 (negative weights subtract)")
     p.add_argument("-o", "--output", required=True, help="output adapter directory")
     p.add_argument("--rank", type=int, help="re-compress each module to its best rank-K approximation")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (only an adapter this tool wrote)")
     p.set_defaults(func=_compose)
 
     p = sub.add_parser("orthogonalize", help="remove from an adapter the part of its delta that other adapters' "
@@ -115,7 +123,8 @@ def add_adapter_commands(subparsers) -> None:
     p.add_argument("--side", choices=["output", "input", "both"], default="output",
                    help="project out their output space (columns), input space (rows), or both")
     p.add_argument("-o", "--output", required=True, help="output adapter directory")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (only an adapter this tool wrote)")
     p.set_defaults(func=_orthogonalize)
 
     p = sub.add_parser("scale", help="turn a persona up or down, everywhere or in chosen layers and modules")
@@ -124,12 +133,15 @@ def add_adapter_commands(subparsers) -> None:
     p.add_argument("--layers", help="layers to scale, e.g. 10-20 or 3,5,7-9 (default: all)")
     p.add_argument("--modules", help="module types to scale, e.g. q_proj,v_proj (default: all)")
     p.add_argument("-o", "--output", required=True, help="output adapter directory")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (only an adapter this tool wrote)")
     p.set_defaults(func=_scale)
 
     p = sub.add_parser("inspect", help="norms and effective ranks; for two or more adapters, pairwise cosine and "
                                        "subspace overlap (table and heatmap PNG)")
     p.add_argument("adapters", nargs="+")
-    p.add_argument("--png", default="adapters_inspect.png", help="heatmap file (default: adapters_inspect.png)")
+    p.add_argument("--png", default="adapters_inspect.png",
+                   help="heatmap file (default: adapters_inspect.png); an existing file is replaced only when "
+                        "inspect wrote it")
     p.add_argument("--json", help="also write the full report (per module) as JSON")
     p.set_defaults(func=_inspect)

@@ -4,6 +4,9 @@ and the overlap of their output and input subspaces against chance. Computed fro
 (no dense deltas), printed as tables and drawn as heatmaps.
 
     report = inspect(["a", "b"], png="overlap.png"); print(format_inspect(report))
+
+A report or plot never overwrites an input or a file this command did not write
+(``check_report_path``): the PNG carries a text chunk saying who wrote it, the JSON its keys.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from character_training.adapters.io import (Adapter, AdapterLike, as_adapter, ch
                                             module_layer, module_type, rank_range)
 from character_training.errors import UserError
 
+PNG_KEY, PNG_VALUE = "character-training", "adapters inspect"  # a text chunk in the heatmap PNG: ours
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -44,9 +48,11 @@ def inspect(adapters: Sequence[AdapterLike], *, png: str | Path | None = None) -
     """Per module and per layer: each adapter's delta norm and effective rank; for every pair:
     cosine of the deltas (overall, per layer, per module) and subspace overlap of their output
     and input spaces against chance (a random k-dim subspace overlaps another by max(k)/d)."""
-    items = [as_adapter(a) for a in adapters]
-    if not items:
+    if not adapters:
         raise UserError("inspect: give at least one adapter directory")
+    if png is not None:
+        check_report_path(png, "--png", [a.path if isinstance(a, Adapter) else a for a in adapters])
+    items = [as_adapter(a) for a in adapters]
     check_compatible(items)
     labels = _unique_labels(items)
     names = sorted({n for a in items for n in a.modules}, key=_module_sort_key)
@@ -82,6 +88,61 @@ def inspect(adapters: Sequence[AdapterLike], *, png: str | Path | None = None) -
     if png is not None:
         report["png"] = str(plot_inspect(report, png))
     return report
+
+
+def _png_is_ours(path: Path) -> bool:
+    """Whether a PNG file carries the text chunk ``plot_inspect`` writes."""
+    try:
+        with path.open("rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"IDAT" or kind == b"IEND":  # text chunks this writer puts before the image
+                    return False
+                data = f.read(length)
+                f.read(4)  # CRC
+                if kind == b"tEXt" and data == PNG_KEY.encode("latin-1") + b"\0" + PNG_VALUE.encode("latin-1"):
+                    return True
+    except OSError:
+        return False
+
+
+def _json_is_ours(path: Path) -> bool:
+    """Whether a JSON file is an inspect report (what ``--json`` writes)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"adapters", "layers", "pairs", "modules"} <= set(data)
+
+
+def check_report_path(path: str | Path, flag: str, inputs: Sequence) -> None:
+    """Refuse a report or plot path that would overwrite an input (a file in an input adapter's
+    directory) or a file this command did not write; a directory is refused too."""
+    given, path = path, Path(path).expanduser()
+    resolved = path.resolve()
+    fix = f"choose another {flag} path (a new file name)"
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).expanduser().resolve()
+        if source == resolved or source in resolved.parents:
+            raise UserError(f"{flag} {given}: is in the input adapter {item}; a report never goes into an input "
+                            f"(it would overwrite or add to the adapter's files); nothing was changed; {fix}")
+    if path.is_dir():
+        raise UserError(f"{flag} {given}: is a directory; {flag} names the file to write; {fix}")
+    if path.exists():
+        ours = _png_is_ours(path) if flag == "--png" else _json_is_ours(path)
+        if not ours:
+            raise UserError(f"{flag} {given}: already exists and is not a {'heatmap' if flag == '--png' else 'report'} "
+                            f"`adapters inspect` wrote; it is never overwritten; nothing was changed; {fix}, or move "
+                            "the file away")
 
 
 def _pair_report(i: int, j: int, items: list[Adapter], spectra: list[dict], modules: dict) -> dict:
@@ -243,6 +304,6 @@ def plot_inspect(report: dict, png: str | Path) -> Path:
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, metadata={PNG_KEY: PNG_VALUE})
     plt.close(fig)
     return png

@@ -8,6 +8,10 @@ rewrite the base weights, ...). Writing puts every module in one canonical form:
 == the largest rank, so a server that ignores the patterns still applies scaling 1),
 ``use_rslora`` off, fp32 factors, ``target_modules`` listing the adapted modules by full name
 (so PEFT adapts exactly those), and a ``README.md`` model card (``character_training.card``).
+
+Bad input is refused in one line before anything is computed (``check_adapter_dir``: the config
+is a JSON object with a positive integer rank, the weights are a complete safetensors file, not
+a pickle, and every factor is finite); outputs.py says where an adapter may be written.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from character_training.util import file_sha256
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+CARD_TAG = "character-training"  # in the tags of the README.md model card of every adapter this tool writes
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 # PEFT inits that rewrite the base weights when the adapter loads: the saved factors alone are
 # not the adapter's delta, so no algebra on them is meaningful.
@@ -99,6 +105,167 @@ def module_scaling(config: dict, name: str) -> tuple[int, float]:
     return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
+# A header larger than this is not an adapter's (safetensors itself caps it at 100 MB).
+_MAX_HEADER_BYTES = 100_000_000
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_RESAVE = "re-save the adapter with PEFT's save_pretrained, or train it again"
+
+
+def _adapter_dir(path: Path, flag: str) -> str:
+    """Refuse a path that is not a directory; the prefix for messages about it."""
+    where = f"{flag} {path}" if flag else str(path)
+    if path.is_file():
+        raise UserError(f"{where}: is a file, not an adapter directory; give the directory that holds "
+                        f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+    if not path.is_dir():
+        raise UserError(f"{where}: adapter directory not found")
+    return where
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_config(path: str | Path, flag: str = "") -> dict:
+    """``adapter_config.json`` of an adapter directory, checked for what reading its factors
+    relies on: a JSON object, a positive integer rank (``r`` and ``rank_pattern``), finite alphas.
+    ``flag``: the option the path came from (``--init-adapter``), for messages."""
+    path = Path(path)
+    where = _adapter_dir(path, flag)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{where}: not a PEFT adapter directory ({CONFIG_FILE} missing)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{config_path}: not UTF-8 text; {CONFIG_FILE} is a JSON file that PEFT writes; {_RESAVE}") \
+            from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{config_path}: nested too deeply to be an adapter config; {_RESAVE}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: a JSON {type(config).__name__}, not an object; {CONFIG_FILE} is one object "
+                        f"of LoRA settings (r, lora_alpha, target_modules, ...) as PEFT writes it; {_RESAVE}")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        return config  # not a LoRA: the caller says why it cannot use it
+    fix = f"fix it in {config_path} or {_RESAVE}"
+    if "r" in config and not _positive_int(config["r"]):
+        raise UserError(f"{config_path}: r: {config['r']!r}; the LoRA rank is a positive integer (e.g. 16); {fix}")
+    if "lora_alpha" in config and not _finite_number(config["lora_alpha"]):
+        raise UserError(f"{config_path}: lora_alpha: {config['lora_alpha']!r}; LoRA's alpha is a number (e.g. 32); "
+                        f"{fix}")
+    for key, valid, what in (("rank_pattern", _positive_int, "a positive integer rank"),
+                             ("alpha_pattern", _finite_number, "a number")):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise UserError(f"{config_path}: {key}: {pattern!r}; it maps module names to {what}s, e.g. "
+                            f"{{\"q_proj\": 8}}; {fix}")
+        for name, value in pattern.items():
+            if not valid(value):
+                raise UserError(f"{config_path}: {key}.{name}: {value!r}; each value is {what}; {fix}")
+    targets = config.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or
+                                    (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise UserError(f"{config_path}: target_modules: {targets!r}; a module name or a list of them, e.g. "
+                        f"[\"q_proj\", \"v_proj\"]; {fix}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{config_path}: base_model_name_or_path: {base!r}; a model id or directory; {fix}")
+    return config
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """The header of a safetensors file, checked against the file's size without reading the
+    tensors: a truncated, empty or foreign file is refused in one line."""
+    path = Path(path)
+    size = path.stat().st_size
+    bad = f"{path}: not a complete safetensors file"
+    if size < 8:
+        raise UserError(f"{bad} ({'empty' if size == 0 else f'{size} bytes'}); the file is damaged or was never "
+                        f"written out; {_RESAVE}")
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(size - 8, _MAX_HEADER_BYTES):
+            raise UserError(f"{bad} (its first 8 bytes give a header of {length} bytes, the file has {size}): "
+                            f"truncated or not safetensors at all; {_RESAVE}")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{bad} (its header is not a JSON object): truncated or not safetensors at all; {_RESAVE}")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (all(isinstance(n, int) and n >= 0 for n in (*shape, start, stop)) and start <= stop
+                  and (dtype not in _DTYPE_BYTES or stop - start == math.prod(shape) * _DTYPE_BYTES[dtype]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{bad}: the header's entry for tensor '{name}' is malformed; {_RESAVE}")
+        end = max(end, stop)
+    if 8 + length + end > size:
+        raise UserError(f"{bad}: its header describes {8 + length + end} bytes but the file has {size}; the file is "
+                        f"truncated (an interrupted copy or download?); copy it again or {_RESAVE}")
+    return header
+
+
+def read_weights(path: str | Path, flag: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory's ``adapter_model.safetensors``: refused in one line
+    when missing (a pickle ``adapter_model.bin`` is never loaded), damaged, or not finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        hint = (f" (only {PICKLE_FILE} is there, a pickle, which is never loaded because loading a pickle runs "
+                "code: re-save it as safetensors with PEFT's save_pretrained(..., safe_serialization=True))"
+                if (path / PICKLE_FILE).is_file() else "")
+        raise UserError(f"{where}: {WEIGHTS_FILE} missing{hint}")
+    check_safetensors(weights_path)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{weights_path}: cannot be read as safetensors ({type(exc).__name__}: {exc}); "
+                        f"{_RESAVE}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            what = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise UserError(f"{weights_path}: tensor '{key}' holds {what} values; an adapter with non-finite "
+                            "weights would make the model's output NaN; train it again (lower the learning rate "
+                            "or use gradient clipping) or use another adapter")
+    return tensors
+
+
+def check_adapter_dir(path: str | Path, flag: str = "") -> dict:
+    """Check, before any model is loaded, that ``path`` is a LoRA adapter directory PEFT can
+    load: its config (``read_config``) and its weights (``read_weights``: safetensors, complete,
+    finite). Returns the config. For training on (``--init-adapter``) and evaluating adapters;
+    the algebra's stricter rules (plain LoRA only) are ``load_adapter``'s."""
+    config = read_config(path, flag)
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: a {kind} adapter (peft_type in {CONFIG_FILE}); only LoRA "
+                        "adapters are supported")
+    read_weights(path, flag)
+    return config
+
+
 def _check_config(path: Path, config: dict) -> None:
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
@@ -125,24 +292,10 @@ def _check_config(path: Path, config: dict) -> None:
 
 def load_adapter(path: str | Path) -> Adapter:
     """Read a PEFT LoRA adapter directory; refuse, with the reason, what is not a plain LoRA."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: adapter directory not found")
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise UserError(f"{path}: not a PEFT adapter directory ({CONFIG_FILE} missing)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_config(path)
     _check_config(path, config)
-    if not weights_path.is_file():
-        hint = (" (only adapter_model.bin is there: re-save it with PEFT's save_pretrained, which writes "
-                "safetensors)" if (path / "adapter_model.bin").is_file() else "")
-        raise UserError(f"{path}: {WEIGHTS_FILE} missing{hint}")
-    tensors = load_file(str(weights_path))
+    tensors = read_weights(path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     embedding: dict[str, bool] = {}
     skipped = []
@@ -180,7 +333,8 @@ def load_adapter(path: str | Path) -> Adapter:
         modules[name] = Factors(B=B.float(), A=A.float(), scaling=scaling, embedding=embedding[name])
     if not modules:
         raise UserError(f"{path}: {WEIGHTS_FILE} holds no LoRA factors")
-    return Adapter(path=path, config=config, modules=modules, sha256=file_sha256(weights_path), skipped=skipped)
+    return Adapter(path=path, config=config, modules=modules, sha256=file_sha256(path / WEIGHTS_FILE),
+                   skipped=skipped)
 
 
 def as_adapter(item: AdapterLike) -> Adapter:
@@ -227,12 +381,14 @@ def save_adapter(out: str | Path, modules: dict[str, Factors], *, like: Adapter,
                  overwrite: bool = False) -> Path:
     """Write modules (scaling 1 each) as a PEFT adapter directory with ``card`` as its model card
     (the base model, the modules' ranks and the library versions added); atomic: a half-written
-    output never takes the final name."""
+    output never takes the final name, and an output it replaces (``overwrite``, only an adapter
+    this tool wrote: ``check_output``) is removed only once the new one is in place."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose another -o path or pass --force to overwrite it")
+    from character_training.adapters.outputs import check_output  # it reads this module's file names
+
+    check_output(out, [like.path], overwrite=overwrite)
     if not modules:
         raise UserError("nothing to write: every module's weight is zero")
     for name, f in modules.items():
@@ -253,6 +409,10 @@ def save_adapter(out: str | Path, modules: dict[str, Factors], *, like: Adapter,
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if f.embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{name}.{a_key}"] = f.A.float().contiguous()
         tensors[f"{PREFIX}{name}.{b_key}"] = f.B.float().contiguous()
+        for key in (f"{PREFIX}{name}.{a_key}", f"{PREFIX}{name}.{b_key}"):
+            if not bool(torch.isfinite(tensors[key]).all()):  # e.g. a weight so large the product overflows fp32
+                raise UserError(f"module {name}: the result's factor '{key}' is not finite (overflow); nothing was "
+                                "written; use smaller weights")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -260,9 +420,13 @@ def save_adapter(out: str | Path, modules: dict[str, Factors], *, like: Adapter,
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_card(_operation_card(card, config, ranks), tmp)
+    old = None
     if out.exists():
-        shutil.rmtree(out)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 

@@ -271,6 +271,10 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     if not (Path(adapter.partition("=")[2] if "=" in adapter else adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no PEFT adapter here (adapter_config.json missing); run a training stage "
                         "(midtrain, dpo, sft) or pass --adapter DIR")
+    from character_training.adapters.io import check_adapter_dir
+
+    for item in [adapter, *extra_adapters]:  # config and weights, before any engine starts
+        check_adapter_dir(item.partition("=")[2] if "=" in item else item, "--adapter" if item == adapter else "--also")
     e = ctx.recipe.eval
     sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens)
     pairs_path = layout.data_file(ctx.run_dir, "pairs", layout.PAIRS)
@@ -298,14 +302,13 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
             started["engine"] = _eval_engine(ctx, list(named.values()))
         return started["engine"]
 
+    def judge_backend():  # the recipe's judge: another model, or HTTP servers
+        return make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines, judge=True)
+
     judge = None
     if e.judge or e.revealed_prompts:
         section = ctx.recipe.backend
-        if section.kind != "vllm" or section.judge_model:
-            def judge():
-                return make_backend(ctx.model, section, ctx.recipe.seed, ctx.engines, judge=True)
-        else:
-            judge = engine  # the same engine, the base model (no adapter)
+        judge = judge_backend if section.kind != "vllm" or section.judge_model else engine  # engine: the base model
     ctx.engines.release()  # the model-side parts come first; the engine starts when generation does
     report = evaluate(backend=engine, judge=judge, model_path=ctx.model, constitution=ctx.constitution,
                       system_prompt=ctx.teacher_prompt(), adapters=named, heldout=ctx.prompts("heldout"),
@@ -318,7 +321,9 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
 
 def _eval_engine(ctx: Context, adapters: list[str]):
     """One vLLM engine with LoRA for every condition (base requests simply carry no adapter)."""
-    configs = [json.loads((Path(a) / "adapter_config.json").read_text()) for a in adapters]
+    from character_training.adapters.io import read_config
+
+    configs = [read_config(a, "--adapter") for a in adapters]
     ctx.engines.release()
     return ctx.engines.vllm(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
                             max_lora_rank=lora_rank_for_vllm(configs))

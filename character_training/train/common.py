@@ -20,7 +20,6 @@ trainer; this module keeps the rest out of it:
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -267,14 +266,11 @@ def load_start(model_path: str, *, init_adapter: str | Path | None = None, mode:
 
 
 def check_adapter(adapter: str | Path, model_path: str) -> dict:
-    """The adapter's config; a clear error when it is not a LoRA adapter directory."""
-    config_path = Path(adapter) / "adapter_config.json"
-    if not config_path.is_file():
-        raise UserError(f"{adapter}: not a PEFT adapter directory (adapter_config.json missing)")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{adapter}: a {config.get('peft_type')} adapter; only LoRA adapters can be trained on")
-    return config
+    """The adapter's config, once its config and weights passed the adapter files' checks (a LoRA
+    adapter, complete safetensors, finite factors); a clear error otherwise."""
+    from character_training.adapters.io import check_adapter_dir
+
+    return check_adapter_dir(adapter, "--init-adapter")
 
 
 def last_checkpoint(out_dir: Path) -> str | None:

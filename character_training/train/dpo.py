@@ -1,7 +1,10 @@
 """DPO character training: TRL's DPOTrainer with a PEFT LoRA, on the CPU as on a GPU.
 
-Reads the pairs stage's ``pairs.jsonl`` (conversational preference format) and writes a PEFT
-adapter directory ``adapter/`` (loadable by PEFT and served by vLLM) with a README model card.
+Reads the pairs stage's ``pairs.jsonl`` (TRL's conversational preference format; its standard
+format, three strings a record, is converted to it), checked record by record before the model
+loads (``load_pairs``: roles, message shapes, empty turns, each error naming file, line and
+field), and writes a PEFT adapter directory ``adapter/`` (loadable by PEFT and served by vLLM)
+with a README model card.
 The trainer fields are TRL's own ``DPOConfig`` fields, so TRL's documentation applies.
 """
 from __future__ import annotations
@@ -11,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
 from character_training.train.settings import LoraSettings, check_loop_negatives
+from character_training.train.sft import check_message, read_records
 
 # Where a recipe's dpo.trainer leaves a field out (recipes/demo.yaml sets its own values for most
 # of these). The SFT term beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL of the
@@ -44,27 +49,69 @@ def check_trainer_fields(trainer: dict, where: str) -> None:
     training.check_trainer_fields(trainer, where, "dpo")
 
 
-def load_pairs(path: Path):
-    from datasets import load_dataset
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+PAIR_FORMAT = ('{"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", "content": ...}], '
+               '"rejected": [{"role": "assistant", "content": ...}]}')
 
-    if not path.is_file():
-        raise UserError(f"{path}: no pairs dataset; run the pairs stage first")
-    with path.open(encoding="utf-8") as f:
-        has_records = any(line.strip() for line in f)
-    if not has_records:  # datasets' JSON loader fails on an empty file with a bare StopIteration
-        raise UserError(f"{path}: the pairs dataset is empty (every pair was dropped; see the pairs "
-                        "stage's manifest 'drops'); raise pairs.max_tokens or use more prompts")
+
+def check_pair(path: Path, number: int, record: dict) -> dict | None:
+    """One preference record, checked field by field (errors name ``FILE:LINE: FIELD``). None for
+    a record in TRL's conversational format (message lists), used as it is; for one in TRL's
+    standard format (three strings) its conversational form: the prompt a user turn, the answers
+    assistant turns, so that the chat template renders it as the model will be used."""
+    where = f"{path}:{number}"
+    for name in PAIR_FIELDS:
+        if name not in record:
+            raise UserError(f"{where}: no '{name}' field; each record holds prompt, chosen and rejected, as message "
+                            f"lists ({PAIR_FORMAT}) or as three strings")
+    kinds = {name: type(record[name]) for name in PAIR_FIELDS}
+    if all(k is str for k in kinds.values()):
+        for name in PAIR_FIELDS:
+            if not record[name].strip():
+                raise UserError(f"{where}: {name}: an empty string; a pair needs a prompt and two answers to "
+                                "prefer between; fill it or drop the record")
+        return {**record, "prompt": [{"role": "user", "content": record["prompt"]}],
+                "chosen": [{"role": "assistant", "content": record["chosen"]}],
+                "rejected": [{"role": "assistant", "content": record["rejected"]}]}
+    strings = [n for n in PAIR_FIELDS if kinds[n] is str]
+    if strings:
+        lists = [n for n in PAIR_FIELDS if kinds[n] is not str]
+        raise UserError(f"{where}: {strings[0]} is a string but {lists[0]} is not; use one format per record: "
+                        f"all three message lists ({PAIR_FORMAT}) or all three strings")
+    for name in PAIR_FIELDS:
+        value = record[name]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: {name}: {value!r:.60} ({type(value).__name__}); a list of messages, e.g. "
+                            f"{PAIR_FORMAT}")
+        if not value:
+            raise UserError(f"{where}: {name}: an empty list; it needs at least one message ({PAIR_FORMAT})")
+    prompt = [check_message(f"{where}: prompt[{i}]", m) for i, m in enumerate(record["prompt"])]
+    if prompt[-1]["role"] != "user":
+        raise UserError(f"{where}: prompt[{len(prompt) - 1}].role: {prompt[-1]['role']!r}; the prompt ends with the "
+                        "user's turn, which chosen and rejected answer (are the roles swapped?)")
+    for name in ("chosen", "rejected"):
+        for i, m in enumerate(record[name]):
+            check_message(f"{where}: {name}[{i}]", m, roles=("assistant",))
+    return None
+
+
+def load_pairs(path: Path):
+    """The preference dataset, checked record by record before anything is loaded: TRL's
+    conversational format is used as it is, its standard (plain-string) format converted."""
+    from datasets import Dataset, load_dataset
+
+    path = Path(path)
+    fix = ("give a JSON-lines file with one {prompt, chosen, rejected} record a line (the pairs stage writes one; "
+           "if it wrote none, its manifest's 'drops' say why)")
+    records = read_records(path, "preference", fix)
+    converted = [(check_pair(path, number, record), record) for number, record in records]
+    if any(c is not None for c, _ in converted):
+        return Dataset.from_list([c if c is not None else r for c, r in converted])
     try:
         dataset = load_dataset("json", data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises several types for malformed JSON lines
-        raise UserError(f"{path}: not a JSON-lines preference dataset ({type(exc).__name__}: {exc})") from None
-    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-    if missing:
-        raise UserError(f"{path}: columns {sorted(missing)} missing; expected TRL's conversational "
-                        "preference format (prompt, chosen, rejected as message lists)")
-    if len(dataset) == 0:
-        raise UserError(f"{path}: the pairs dataset is empty (every pair was dropped; see the pairs "
-                        "stage's manifest 'drops'); raise pairs.max_tokens or use more prompts")
+    except Exception as exc:  # datasets raises several types, e.g. for fields whose type differs between lines
+        raise UserError(f"{path}: not a JSON-lines preference dataset ({type(exc).__name__}: {exc}); every record "
+                        "must have the same fields with the same types") from None
     return dataset
 
 
@@ -119,6 +166,8 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
     from trl import DPOTrainer
 
     out_dir = Path(out_dir)
+    if init_adapter is not None:  # its config and weights, before anything loads
+        check_adapter_dir(init_adapter, "init adapter")
     dataset = with_system_prompt(load_pairs(Path(pairs_path)), system_prompt)
     pairs_read = len(dataset)
     dataset, n_loops = add_loop_negatives(dataset, loop_negatives, seed)

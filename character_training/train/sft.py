@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
@@ -48,14 +49,29 @@ TRAINING_TEMPLATES = [Path(__file__).parents[1] / "templates" / "chatml_training
 ROLES = {"system", "user", "assistant"}
 
 
-def read_column(path: Path, column: str, what: str, fix: str) -> list:
-    """One column of a JSON-lines file; a clear error for a missing, empty or malformed file."""
+# Roles other tools write, and the role they mean here (for the error's "did you mean").
+ROLE_HINTS = {"human": "user", "bot": "assistant", "gpt": "assistant", "model": "assistant", "ai": "assistant",
+              "char": "assistant", "character": "assistant", "sys": "system"}
+MESSAGE_FORMAT = '{"role": "system"|"user"|"assistant", "content": "text"}'
+
+
+def read_records(path: Path, what: str, fix: str) -> list[tuple[int, dict]]:
+    """(line number, record) for each JSON object of a JSON-lines file, blank lines skipped; a clear
+    error naming the file and line for a missing file, a directory, non-UTF-8 bytes, a line that is
+    not JSON or not an object, and an empty file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a {what} file; give the JSON-lines file itself")
     if not path.is_file():
         raise UserError(f"{path}: no {what} file; {fix}")
-    values = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    records = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -63,27 +79,76 @@ def read_column(path: Path, column: str, what: str, fix: str) -> list:
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number}: not a JSON line ({exc.msg}); {what} files hold one JSON object "
                                 "a line") from None
-            if not isinstance(record, dict) or column not in record:
-                raise UserError(f"{path}:{number}: no '{column}' field; expected {what} records "
-                                f"{{\"{column}\": ...}}")
-            values.append(record[column])
-    if not values:
-        raise UserError(f"{path}: the {what} file is empty (every record was dropped? see its stage's "
-                        f"manifest 'drops'); {fix}")
+            except RecursionError:
+                raise UserError(f"{path}:{number}: nested too deeply to be a {what} record") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; {what} files hold "
+                                "one JSON object a line") from None
+            records.append((number, record))
+    if not records:
+        raise UserError(f"{path}: the {what} file is empty (no records); {fix}")
+    return records
+
+
+def read_column(path: Path, column: str, what: str, fix: str) -> list:
+    """One column of a JSON-lines file; a clear error for a missing, empty or malformed file."""
+    values = []
+    for number, record in read_records(path, what, fix):
+        if column not in record:
+            raise UserError(f"{path}:{number}: no '{column}' field; expected {what} records "
+                            f"{{\"{column}\": ...}}")
+        values.append(record[column])
     return values
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_message(where: str, message, roles=ROLES) -> dict:
+    """One chat message ``{"role", "content"}``, checked; ``where`` is "FILE:LINE: FIELD[i]"."""
+    if not isinstance(message, dict):
+        raise UserError(f"{where}: {_short(message)} ({type(message).__name__}); a message is {MESSAGE_FORMAT}")
+    role = message.get("role")
+    if role not in ROLES:
+        hint = ROLE_HINTS.get(str(role).lower()) if isinstance(role, str) else None
+        hint = f" (did you mean '{hint}'?)" if hint else ""
+        missing = "missing" if "role" not in message else _short(role)
+        raise UserError(f"{where}.role: {missing}; roles are system, user and assistant{hint}; a message is "
+                        f"{MESSAGE_FORMAT}")
+    if role not in roles:
+        raise UserError(f"{where}.role: {role!r}; here the role is {' or '.join(repr(r) for r in roles)} "
+                        "(are the roles swapped?)")
+    content = message.get("content")
+    if not isinstance(content, str):
+        missing = "missing" if "content" not in message else f"{_short(content)} ({type(content).__name__})"
+        raise UserError(f"{where}.content: {missing}; a message's content is text; a message is {MESSAGE_FORMAT}")
+    if role != "system" and not content.strip():
+        raise UserError(f"{where}.content: an empty {role} turn; an empty turn teaches nothing (or to answer with "
+                        "nothing); fill it or drop the record")
+    return {"role": role, "content": content}
+
+
 def read_conversations(path: Path) -> list[list[dict]]:
-    conversations = read_column(path, "messages", "conversation", "run the stage that writes it, or leave it out")
-    for number, messages in enumerate(conversations, 1):
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-            raise UserError(f"{path}: record {number}: 'messages' must be a list of {{\"role\": system|user|assistant, "
-                            "\"content\": text}}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{path}: record {number} has no assistant turn, so nothing in it would be trained; "
-                            "drop it or add the character's answer")
-    return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in conversations]
+    """The ``messages`` of a conversations file, each checked message by message (roles, text,
+    no empty turns, at least one assistant turn), errors naming the file, line and field."""
+    conversations = []
+    records = read_records(path, "conversation", "run the stage that writes it, or leave it out")
+    for number, record in records:
+        if "messages" not in record:
+            raise UserError(f"{path}:{number}: no 'messages' field; expected conversation records "
+                            f"{{\"messages\": [{MESSAGE_FORMAT}, ...]}}")
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise UserError(f"{path}:{number}: messages: {_short(messages)}; 'messages' must be a list of "
+                            f"{MESSAGE_FORMAT}")
+        checked = [check_message(f"{path}:{number}: messages[{i}]", m) for i, m in enumerate(messages)]
+        if not any(m["role"] == "assistant" for m in checked):
+            raise UserError(f"{path}:{number}: the conversation has no assistant turn, so nothing in it would be "
+                            "trained; drop it or add the character's answer")
+        conversations.append(checked)
+    return conversations
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -155,6 +220,8 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
         found = read_conversations(Path(path))
         per_file[Path(path).name] = len(found)
         conversations += [with_system_prompt(m, system_prompt) for m in found]
+    if init_adapter is not None:  # its config and weights, before any model loads
+        check_adapter_dir(init_adapter, "init adapter")
     config = training.make_config("sft", DEFAULT_SFT, trainer or {}, Path(out_dir) / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     lengths = [training.chat_length(tokenizer, c) for c in conversations]
@@ -219,9 +286,16 @@ def build_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: Lora
     if chat_ratio > 0 and not chat_paths:
         raise UserError("lm: chat_ratio is above 0 but no conversation files were given; give chat_paths or set "
                         "chat_ratio to 0")
-    documents = read_column(Path(documents_path), "text", "documents", "run the sdf stage first")
-    if not all(isinstance(d, str) and d.strip() for d in documents):
-        raise UserError(f"{documents_path}: every record's 'text' must be a non-empty string")
+    documents = []
+    for number, record in read_records(Path(documents_path), "documents", "run the sdf stage first"):
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            got = "missing" if "text" not in record else f"{_short(text)}"
+            raise UserError(f"{documents_path}:{number}: text: {got}; every record's 'text' must be a non-empty "
+                            "string (the document)")
+        documents.append(text)
+    if init_adapter is not None:  # its config and weights, before any model loads
+        check_adapter_dir(init_adapter, "init adapter")
     tokenizer = training.load_tokenizer(model_path)
     pool = []
     if chat_ratio > 0:
