@@ -201,10 +201,10 @@ def test_a_training_process_killed_with_sigkill_resumes_from_its_checkpoint(tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with (tmp_path / "first.log").open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 300
+        deadline = time.time() + 3600  # the event is the checkpoint on disk; this only ends a hung run
         while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 300 s"
+            assert time.time() < deadline, "no checkpoint within an hour"
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -212,7 +212,9 @@ def test_a_training_process_killed_with_sigkill_resumes_from_its_checkpoint(tmp_
     killed_at = max(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     assert killed_at < steps
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # No fixed time limit on the resumed run (it timed out at 600 s on a loaded 2-core machine): the
+    # event waited on is its exit; the guard is only there to end a hung run.
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resumed_from"] is not None and int(manifest["resumed_from"].rsplit("-", 1)[1]) >= killed_at
