@@ -271,7 +271,7 @@ def test_train_set_and_flags_build_the_stages_section():
     assert train_section(args) == DpoSection(lora=LoraSettings(r=4), trainer={"beta": 0.2}, loop_negatives=0.5,
                                              start="merge")
     assert train_section(parse(["train", "lm", "--data", "d.jsonl", "-o", "out"])) == MidtrainSection()
-    with pytest.raises(UserError, match=r"--set: lora.alpah: unknown key \(did you mean 'alpha'\?\)"):
+    with pytest.raises(UserError, match=r"--set lora.alpah=4: lora.alpah: unknown key \(did you mean 'alpha'\?\)"):
         train_section(parse(["train", "sft", "--data", "c.jsonl", "-o", "out", "--set", "lora.alpah=4"]))
     with pytest.raises(UserError, match=r"--set: loop_negatives: 2.0; give a share between 0 and 1"):
         train_section(parse(["train", "dpo", "--data", "p.jsonl", "-o", "out", "--loop-negatives", "2"]))
