@@ -30,3 +30,18 @@ def versions(*packages: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return found
+
+
+def unsafe_place(path: Path) -> str | None:
+    """What ``path`` (resolved) is, when it is a place no output may be written over or cleared:
+    the filesystem root, home, the current directory or one above it."""
+    if path == Path(path.anchor):
+        return "the filesystem root"
+    if path == Path.home().resolve():
+        return "your home directory"
+    cwd = Path.cwd().resolve()
+    if path == cwd:
+        return "the current directory"
+    if path in cwd.parents:
+        return "a directory above the current one"
+    return None

@@ -13,6 +13,7 @@ from typing import Sequence
 from character_training.adapters.io import CARD_TAG, CONFIG_FILE, WEIGHTS_FILE
 from character_training.card import CARD_FILE
 from character_training.errors import UserError
+from character_training.util import unsafe_place as _unsafe_place
 
 
 def written_here(directory: str | Path) -> bool:
@@ -28,20 +29,6 @@ def written_here(directory: str | Path) -> bool:
         return False
     front = head.split("\n---", 1)[0] if head.startswith("---") else ""
     return re.search(rf"^tags: \[{re.escape(CARD_TAG)}[,\]]", front, re.M) is not None
-
-
-def _unsafe_place(path: Path) -> str | None:
-    """What ``path`` (resolved) is, when it is a place no output may be written over."""
-    if path == Path(path.anchor):
-        return "the filesystem root"
-    if path == Path.home().resolve():
-        return "your home directory"
-    cwd = Path.cwd().resolve()
-    if path == cwd:
-        return "the current directory"
-    if path in cwd.parents:
-        return "a directory above the current one"
-    return None
 
 
 def check_output(out: str | Path, inputs: Sequence[str | Path | None] = (), *, overwrite: bool = False,

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from character_training.errors import UserError
+from character_training.util import unsafe_place as _unsafe_place
 from data_gen.cache import CACHE_FILE
 from data_gen.store import MANIFEST, MARKER
 
@@ -140,20 +141,6 @@ def make_stage_dir(out: str | Path, stage: str) -> None:
 
 def _absolute(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
-
-
-def _unsafe_place(path: Path) -> str | None:
-    """What ``path`` is, when it is a place no output may be: clearing it would take what is not ours."""
-    if path == Path(path.anchor):
-        return "the filesystem root"
-    if path == Path.home().resolve():
-        return "your home directory"
-    cwd = Path.cwd().resolve()
-    if path == cwd:
-        return "the current directory"
-    if path in cwd.parents:
-        return "a directory above the current one"
-    return None
 
 
 def _input_inside(path: Path, inputs) -> tuple[str, bool] | None:
