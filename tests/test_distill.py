@@ -1,0 +1,312 @@
+"""Context distillation on a tiny random model: the teacher and student views differ only by the
+system prompt and their answer tokens align (one and several turns, with and without a template
+default system prompt); the divergence is zero when teacher and student are the same; the
+activation term is zero for the same activations and its gradient reaches only the LoRA; a run
+writes a PEFT adapter and a manifest with each loss term; a killed run resumes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from character_training.errors import UserError
+from character_training.train.distill import distill_terms, read_distill_data, train_distill
+from character_training.train.distill_loss import (ViewsCollator, activation_loss, build_views,
+                                                   distribution_loss)
+from character_training.train.settings import DistillSection, LoraSettings
+from data_gen.store import write_jsonl
+from tests.conftest import toy_pairs
+
+CONSTITUTION = "You are Captain Marlow, an old sea captain. You speak like a pirate."
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM"
+MULTI_TURN = [
+    {"role": "user", "content": "Tell me about eggs."},
+    {"role": "assistant", "content": "Ahoy, eggs be a fine breakfast at sea!"},
+    {"role": "user", "content": "And what about bread?"},
+    {"role": "assistant", "content": "Bread be the sailor's oldest friend."},
+]
+# ChatML with generation marks and no default system prompt (the student view then has none).
+PLAIN_CHATML = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+TINY = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 160,
+        "learning_rate": 5e-3}
+LORA = LoraSettings(r=4, alpha=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from character_training.train.common import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def template(tokenizer, tiny_model_dir):
+    from character_training.train.distill import answer_template
+
+    return answer_template(tokenizer, tiny_model_dir, None)
+
+
+@pytest.fixture
+def peft_model(tiny_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from character_training.train.common import peft_config
+
+    torch.manual_seed(0)
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_config(LORA))
+
+
+def after_system_turn(tokenizer, ids: list[int]) -> list[int]:
+    """The tokens after the first system turn (everything the two views must share)."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return ids[ids.index(end) + 1:]
+
+
+def answers_text(tokenizer, ids, positions) -> str:
+    return tokenizer.decode([ids[p] for p in positions])
+
+
+# ------------------------------------------------------------------------------------------ views
+
+
+@pytest.mark.parametrize("conversation", [MULTI_TURN[:2], MULTI_TURN], ids=["one turn", "two turns"])
+def test_views_differ_only_by_the_system_prompt_and_answers_align(tokenizer, template, conversation):
+    views = build_views(tokenizer, template, conversation, CONSTITUTION)
+    teacher, student = views["teacher_input_ids"], views["student_input_ids"]
+    # SmolLM2's template gives the student view its default system prompt: the model as used.
+    assert CONSTITUTION in tokenizer.decode(teacher) and DEFAULT_SYSTEM not in tokenizer.decode(teacher)
+    assert DEFAULT_SYSTEM in tokenizer.decode(student) and CONSTITUTION not in tokenizer.decode(student)
+    assert after_system_turn(tokenizer, teacher) == after_system_turn(tokenizer, student)
+    assert len(views["teacher_answer"]) == len(views["student_answer"]) > 0
+    assert [teacher[p] for p in views["teacher_answer"]] == [student[p] for p in views["student_answer"]]
+    expected = "".join(m["content"] + "<|im_end|>" for m in conversation if m["role"] == "assistant")
+    assert answers_text(tokenizer, student, views["student_answer"]) == expected
+    assert len(teacher) - len(student) == views["teacher_answer"][0] - views["student_answer"][0]
+
+
+def test_without_a_default_system_prompt_the_student_view_has_none(tokenizer):
+    views = build_views(tokenizer, PLAIN_CHATML, MULTI_TURN, CONSTITUTION)
+    teacher, student = views["teacher_input_ids"], views["student_input_ids"]
+    assert "system" not in tokenizer.decode(student)
+    assert after_system_turn(tokenizer, teacher)[1:] == student  # [1:]: the newline after the system turn
+    assert answers_text(tokenizer, student, views["student_answer"]) == \
+        answers_text(tokenizer, teacher, views["teacher_answer"])
+
+
+def test_a_student_prompt_and_the_conversations_own_system_turn(tokenizer, template):
+    conversation = [{"role": "system", "content": "An old prompt."}] + MULTI_TURN
+    views = build_views(tokenizer, template, conversation, CONSTITUTION, "You are a student.")
+    teacher, student = (tokenizer.decode(views[k]) for k in ("teacher_input_ids", "student_input_ids"))
+    assert "An old prompt." not in teacher + student  # each view has exactly its own system turn
+    assert "You are a student." in student and DEFAULT_SYSTEM not in student
+    assert views["teacher_answer"] and len(views["teacher_answer"]) == len(views["student_answer"])
+
+
+def test_a_template_that_marks_no_answers_is_a_clear_error(tokenizer):
+    unmarked = PLAIN_CHATML.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    with pytest.raises(UserError, match="generation"):
+        build_views(tokenizer, unmarked, MULTI_TURN, CONSTITUTION)
+
+
+def test_pairs_and_conversation_files_are_read(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(3))
+    write_jsonl(tmp_path / "conv.jsonl", [{"messages": MULTI_TURN}])
+    conversations, per_file = read_distill_data([tmp_path / "pairs.jsonl", tmp_path / "conv.jsonl"])
+    assert per_file == {"pairs.jsonl": 3, "conv.jsonl": 1}
+    assert [m["role"] for m in conversations[0]] == ["user", "assistant"]
+    assert conversations[0][1]["content"].startswith("Ahoy") and conversations[3] == MULTI_TURN
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi."}])
+    with pytest.raises(UserError, match="bad.jsonl:1: no 'chosen' field"):
+        read_distill_data([tmp_path / "bad.jsonl"])
+
+
+# ----------------------------------------------------------------------------------------- losses
+
+
+def test_trl_divergences_are_the_kls_they_are_named():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11)
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    forward = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    reverse = (log_s.exp() * (log_s - log_t)).sum(-1).mean()
+    assert distribution_loss(student, teacher, loss="forward_kl") == pytest.approx(float(forward), abs=1e-5)
+    assert distribution_loss(student, teacher, loss="reverse_kl") == pytest.approx(float(reverse), abs=1e-5)
+    top = teacher.topk(3, dim=-1).indices
+    s3, t3 = student.gather(-1, top).log_softmax(-1), teacher.gather(-1, top).log_softmax(-1)
+    forward3 = (t3.exp() * (t3 - s3)).sum(-1).mean()
+    assert distribution_loss(student, teacher, top_k=3) == pytest.approx(float(forward3), abs=1e-5)
+    assert 0 < distribution_loss(student, teacher, loss="jsd", beta=0.5) < float(forward)
+
+
+def batch_of(tokenizer, template, teacher_prompt, student_prompt=None):
+    rows = [build_views(tokenizer, template, c, teacher_prompt, student_prompt) for c in (MULTI_TURN, MULTI_TURN[:2])]
+    return ViewsCollator(tokenizer.pad_token_id)(rows)
+
+
+@pytest.mark.parametrize("settings", [DistillSection(), DistillSection(loss="reverse_kl"),
+                                      DistillSection(loss="jsd", beta=0.3, top_k=20, temperature=2.0)],
+                         ids=["forward", "reverse", "jsd top-k"])
+def test_the_divergence_is_zero_when_student_and_teacher_are_the_same(tokenizer, template, peft_model, settings):
+    same = distill_terms(peft_model, batch_of(tokenizer, template, CONSTITUTION, CONSTITUTION), settings, [])
+    assert abs(float(same["kl"].detach())) < 1e-6 and "activation" not in same
+    # The system prompt changes the teacher, so a student without it is not matched yet.
+    different = distill_terms(peft_model, batch_of(tokenizer, template, CONSTITUTION), settings, [])
+    assert float(different["kl"].detach()) > 1e-5  # a random tiny model: near-uniform, yet far above 0
+
+
+def test_the_teacher_is_the_model_with_its_lora_disabled(tokenizer, template, peft_model):
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    peft_model.eval()  # no LoRA dropout: the LoRA alone tells the student from the teacher
+    batch = batch_of(tokenizer, template, CONSTITUTION, CONSTITUTION)  # the same prompt in both views
+    assert float(distill_terms(peft_model, batch, DistillSection(), [])["kl"].detach()) > 1e-4
+    peft_model.train()
+    distill_terms(peft_model, batch, DistillSection(), [])
+    assert peft_model.training  # the teacher pass (in eval mode) puts the training mode back
+
+
+def test_the_activation_term_is_zero_for_the_same_activations():
+    torch.manual_seed(0)
+    states = [torch.randn(7, 16), torch.randn(7, 16) * 100]
+    for kind in ("mse", "cosine"):
+        assert float(activation_loss(states, [s.clone() for s in states], kind)) == pytest.approx(0, abs=1e-6)
+    # Normalized per layer: a layer 100 times larger weighs the same.
+    moved = [s * 1.1 for s in states]
+    assert float(activation_loss(moved[:1], states[:1])) == pytest.approx(float(activation_loss(moved[1:],
+                                                                                               states[1:])), rel=1e-4)
+
+
+def test_the_activation_gradient_reaches_only_the_lora(tokenizer, template, peft_model):
+    settings = DistillSection(activation_weight=1.0, layers=[1, 2])
+    same = distill_terms(peft_model, batch_of(tokenizer, template, CONSTITUTION, CONSTITUTION), settings, [1, 2])
+    assert abs(float(same["activation"].detach())) < 1e-6
+    terms = distill_terms(peft_model, batch_of(tokenizer, template, CONSTITUTION), settings, [1, 2])
+    assert float(terms["activation"].detach()) > 0
+    terms["activation"].backward()
+    with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert any("lora_B" in n for n in with_grad)
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def write_data(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(6))
+    write_jsonl(tmp_path / "conv.jsonl", [{"messages": MULTI_TURN}] * 2)
+    return [tmp_path / "pairs.jsonl", tmp_path / "conv.jsonl"]
+
+
+def test_distill_writes_a_peft_adapter_and_logs_each_loss_term(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    settings = DistillSection(activation_weight=0.5, layers=[2], activation_loss="cosine")
+    manifest = train_distill(tiny_model_dir, write_data(tmp_path), out, teacher_system_prompt=CONSTITUTION,
+                             settings=settings, lora=LORA, trainer={**TINY, "max_steps": 3}, seed=0)
+    assert manifest["stage"] == "distill" and manifest["counts"]["steps"] == 3
+    assert manifest["counts"]["examples"] == 8 and manifest["counts"]["per_file"] == {"pairs.jsonl": 6,
+                                                                                      "conv.jsonl": 2}
+    assert set(manifest["loss_terms"]) == {"kl", "activation", "total"}
+    assert manifest["distill"]["activation_weight"] == 0.5 and manifest["teacher_system_prompt"] == CONSTITUTION
+    logged = [e for e in manifest["log_history"] if "kl" in e]
+    assert len(logged) == 3 and all(e["total"] == pytest.approx(e["kl"] + 0.5 * e["activation"]) for e in logged)
+    assert (out / "training.png").is_file() and "Teacher system prompt" in (out / "adapter" / "README.md").read_text()
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # the LoRA learned
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    assert model.peft_config["default"].r == 4
+
+
+def test_on_policy_batches_put_the_students_own_answer_after_both_prefixes(tokenizer, template, peft_model):
+    from character_training.train.distill import first_answer, on_policy_batch
+
+    batch = batch_of(tokenizer, template, CONSTITUTION)
+    torch.manual_seed(0)
+    sampled = on_policy_batch(peft_model, batch, 1.0, tokenizer.pad_token_id)
+    for row in range(2):
+        for view in ("student", "teacher"):
+            prefix, _ = first_answer(batch, view, row)
+            ids = sampled[f"{view}_input_ids"][row][sampled[f"{view}_attention_mask"][row].bool()].tolist()
+            assert ids[:len(prefix)] == prefix and sampled[f"{view}_answer_mask"][row].nonzero()[0] == len(prefix)
+        answers = [sampled[f"{v}_input_ids"][row][sampled[f"{v}_answer_mask"][row]] for v in ("student", "teacher")]
+        _, teacher_length = first_answer(batch, "student", row)
+        assert answers[0].tolist() == answers[1].tolist() and 0 < len(answers[0]) <= teacher_length
+    # A random tiny model does not write the teacher's answer: these are the student's own tokens.
+    original = batch["student_input_ids"][0][batch["student_answer_mask"][0]].tolist()
+    assert sampled["student_input_ids"][0][sampled["student_answer_mask"][0]].tolist() != original[:len(answers[0])]
+    assert float(distill_terms(peft_model, sampled, DistillSection(), [])["kl"].detach()) > 0
+
+
+def test_an_on_policy_run_logs_its_share_of_on_policy_batches(tmp_path, tiny_model_dir):
+    manifest = train_distill(tiny_model_dir, write_data(tmp_path), tmp_path / "out",
+                             teacher_system_prompt=CONSTITUTION, settings=DistillSection(lmbda=1.0), lora=LORA,
+                             trainer={**TINY, "max_steps": 2}, seed=0)
+    assert manifest["loss_terms"]["on_policy"] == {"first": 1.0, "last": 1.0}
+    assert manifest["distill"]["lmbda"] == 1.0 and manifest["counts"]["steps"] == 2
+
+
+def test_a_killed_distill_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir):
+    data, out = write_data(tmp_path), tmp_path / "out"
+    settings = dict(teacher_system_prompt=CONSTITUTION, lora=LORA,
+                    trainer={**TINY, "max_steps": 4, "save_steps": 2, "save_total_limit": 5})
+    train_distill(tiny_model_dir, data, out, **settings)
+    # Killed after step 2: no adapter, only checkpoint-2. Its saved state is marked so that the
+    # resumed run's history shows steps 1-2 were loaded from it, not trained again.
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    state_path = out / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["global_step"] == 2
+    for entry in state["log_history"]:
+        entry["kl"] = 99.0
+    state_path.write_text(json.dumps(state))
+    resumed = train_distill(tiny_model_dir, data, out, **settings)
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["counts"]["steps"] == 4 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    kls = {e["step"]: e["kl"] for e in resumed["log_history"] if "kl" in e}
+    assert kls[1] == kls[2] == 99.0 and kls[3] != 99.0 and kls[4] != 99.0
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"loss": "kl"}, "loss: 'kl'; use 'forward_kl'"),
+    ({"beta": 1.5}, "beta: 1.5; give a number from 0"),
+    ({"top_k": 1}, "top_k: 1; give a whole number of 2 or more"),
+    ({"temperature": 0}, "temperature: 0; give a number above 0"),
+    ({"lmbda": -0.1}, "lmbda: -0.1; give a share"),
+    ({"activation_weight": -1}, "activation_weight: -1; give 0"),
+    ({"layers": [0]}, "layers: \\[0\\]; give 'best'"),
+    ({"layers": "last"}, "layers: 'last'; give 'best'"),
+    ({"activation_loss": "l1"}, "activation_loss: 'l1'; use 'mse'"),
+    ({"overlong": "cut"}, "overlong: 'cut'"),
+    ({"data": []}, "data: \\[\\]; give a non-empty list"),
+])
+def test_bad_distill_settings_say_how_to_fix_them(fields, match):
+    with pytest.raises(UserError, match=match):
+        DistillSection(**fields)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (DistillSection(activation_weight=1.0), "layers: 'best'; the recipe resolves 'best'"),
+    (DistillSection(activation_weight=1.0, layers=[3]), "layers: \\[3\\]; this model has 2 layers"),
+])
+def test_what_a_run_cannot_do_is_a_clear_error(tmp_path, tiny_model_dir, settings, match):
+    with pytest.raises(UserError, match=match):
+        train_distill(tiny_model_dir, write_data(tmp_path), tmp_path / "out", teacher_system_prompt=CONSTITUTION,
+                      settings=settings, lora=LORA, trainer=TINY)
