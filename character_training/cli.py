@@ -78,7 +78,10 @@ def _load_recipe(args):
         overrides.append(f"model={args.model}")
     if getattr(args, "run_dir", None):
         overrides.append(f"run_dir={args.run_dir}")
-    return load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)
+    if getattr(args, "model", None):  # --model is the student, over a recipe's models.student.model too
+        recipe.models.student.model = None
+    return recipe
 
 
 def _run_dir_flag(args) -> str | None:
@@ -143,9 +146,9 @@ def _eval_output(args, recipe) -> Path:
 
 def _generate(args) -> int:
     from character_training.config.constitution import load_constitution
-    from character_training.run.generation import (GEN_STAGES, BackendSection, make_backend, read_prompt_file,
-                                                   run_generation_stage)
-    from character_training.config.models import resolve_model
+    from character_training.run.generation import (GEN_STAGES, BackendSection, ModelsSection, RoleSection,
+                                                   read_prompt_file, resolve_roles, run_generation_stage,
+                                                   stage_backends)
     from character_training.config.recipe import apply_overrides, gen_section, locate_override
     from character_training.run import layout
     from data_gen.backends import Engines
@@ -175,17 +178,16 @@ def _generate(args) -> int:
         prompts = read_prompt_file(args.prompts) if args.prompts else [
             q for t in constitution.traits for q in t.questions]
     backend_section = BackendSection(kind=args.backend, base_urls=args.base_url or [],
-                                     served_model=args.served_model, judge_model=args.judge_model,
-                                     max_concurrency=args.max_concurrency)
-    model = resolve_model(args.model) if args.backend == "vllm" else (args.model or "default")
+                                     served_model=args.served_model, max_concurrency=args.max_concurrency)
+    models = ModelsSection(student=RoleSection(args.model), teacher=RoleSection(args.teacher_model),
+                           judge=RoleSection(args.judge_model))
+    roles = resolve_roles(None, models, backend_section, local_student=False)
     layout.clear_stage_dir(out, keep_resume=not args.force)  # an unfinished earlier attempt keeps its caches
     layout.make_stage_dir(out, args.stage)
     with Engines() as engines:
-        backend = make_backend(model, backend_section, args.seed, engines, enable_lora=bool(args.adapter))
-        judge = make_backend(model, backend_section, args.seed, engines, judge=True) if args.judge_model else None
-        manifest = run_generation_stage(args.stage, backend=backend, constitution=constitution, out=out,
-                                        section=section, seed=args.seed, prompts=prompts, judge=judge,
-                                        adapter=args.adapter)
+        backends = stage_backends(args.stage, roles, args.seed, engines, adapter=args.adapter)
+        manifest = run_generation_stage(args.stage, constitution=constitution, out=out, section=section,
+                                        seed=args.seed, prompts=prompts, adapter=args.adapter, **backends)
     manifest.update(constitution=str(args.constitution), constitution_sha256=constitution.sha256)
     write_manifest(out, manifest)
     print(f"[{args.stage}] counts: {manifest.get('counts')}\n[{args.stage}] drops: {manifest.get('drops')}")
@@ -226,7 +228,7 @@ def _train_grpo(args, model: str, section, common: dict) -> dict:
     from dataclasses import replace
 
     from character_training.config.constitution import load_constitution
-    from character_training.run.generation import BackendSection, make_backend
+    from character_training.run.generation import BackendSection, ModelsSection, RoleSection, make_backend, resolve_roles
     from character_training.train.grpo import train_grpo
     from data_gen.backends import Engines, Sampling
 
@@ -237,12 +239,12 @@ def _train_grpo(args, model: str, section, common: dict) -> dict:
         raise UserError("train grpo: --constitution is required (the judge scores answers against its traits "
                         "and principles)")
     constitution = load_constitution(args.constitution)
-    backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model,
-                             judge_model=args.judge_model)
+    backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model)
+    judge_role = resolve_roles(model, ModelsSection(judge=RoleSection(args.judge_model)), backend)["judge"]
     common["card"] = replace(common["card"], persona=args.persona or constitution.name,
                              constitution=str(args.constitution), constitution_sha256=constitution.sha256)
     with Engines() as engines:  # the judge's engine, when it runs in this process
-        judge = make_backend(model, backend, args.seed, engines, judge=True)
+        judge = make_backend(judge_role, args.seed, engines)
         manifest = train_grpo(model, Path(args.data[0]), Path(args.output), judge_backend=judge,
                               constitution=constitution, system_prompt=section.system_prompt,
                               judge_retries=section.judge_retries,
@@ -409,7 +411,10 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--base-url", action="append", help="OpenAI-compatible server URL, e.g. "
                                                        "http://127.0.0.1:8000/v1 (repeatable: requests are spread)")
     p.add_argument("--served-model", help="openai backend: the model name the servers serve")
-    p.add_argument("--judge-model", help="judge with another model (rlaif, sdf); default: the same model")
+    p.add_argument("--teacher-model", help="answer with the constitution with another model (the teacher: sdf, "
+                                           "critique's revisions, reflection/interaction without --adapter); "
+                                           "default: --model")
+    p.add_argument("--judge-model", help="judge with another model (rlaif, sdf); default: the teacher")
     p.add_argument("--max-concurrency", type=int, default=8, help="openai backend: requests in flight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="generate again even if finished (clears the output directory "

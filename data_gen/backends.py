@@ -95,13 +95,15 @@ class VLLMBackend:
     """vLLM's offline engine. Build it through ``Engines``, which shares and releases it.
 
     The seed is given to the engine, not per request: per-request seeds with prefix caching
-    crash vLLM's CPU build ("CPU Generator does not use offset").
+    crash vLLM's CPU build ("CPU Generator does not use offset"). ``engine``: vLLM's own engine
+    options (``EngineArgs`` fields, checked by ``check_engine_options``), given over the
+    defaults set here; on the CPU the ones with no meaning there are left out with a note.
     """
 
     def __init__(self, model: str, *, seed: int = 0, max_model_len: int = 2048,
                  enable_lora: bool = False, max_lora_rank: int = 64, dtype: str = "auto",
                  kv_cache_gib: int | None = None, gpu_memory_utilization: float = 0.85,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, engine: dict | None = None):
         try:
             import vllm
         except ImportError as exc:
@@ -109,9 +111,15 @@ class VLLMBackend:
                                "requirements/gpu.txt on a GPU machine") from exc
         import torch
 
+        options = check_engine_options(engine or {})
+        if options.get("data_parallel_size", 1) > 1:
+            raise UserError(f"data_parallel_size: {options['data_parallel_size']} asks for several engines, and "
+                            "a VLLMBackend is one; build it with Engines().vllm(model, engine=...), which starts one "
+                            "engine per GPU set (data_gen/parallel.py)")
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _cpu_defaults(kv_cache_gib)
+        dtype = options.pop("dtype", dtype)  # "auto" in a recipe means this class's choice, below
         if dtype == "auto":
             # bf16 on a CPU without AVX512-BF16/AMX falls back to slow kernels (measured here:
             # under 1 token/s vs 83 in fp32); fp32 is the safe CPU default.
@@ -128,6 +136,8 @@ class VLLMBackend:
         else:
             # torch.compile on a small CPU costs minutes at start and gained nothing here.
             kwargs["enforce_eager"] = True
+            options = _applicable_on_cpu(options)
+        kwargs.update(options)  # the recipe's engine options win over the defaults above
         self.llm = vllm.LLM(**kwargs)
 
     def close(self) -> None:
@@ -159,6 +169,11 @@ class VLLMBackend:
 
         if not conversations:
             return []
+        if getattr(self, "llm", None) is None:
+            raise RuntimeError(
+                f"the vLLM engine of {self.model} was closed (Engines releases an engine when another one starts, "
+                "and before training) and then asked to generate; hold the backend as engines.lazy(model, ...), "
+                "which starts the engine again when it is asked, or ask engines.vllm(...) again after a release")
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens,
                                 repetition_penalty=sampling.repetition_penalty,
@@ -220,28 +235,180 @@ def _progress(desc: str):
     return bar
 
 
+# EngineArgs fields this framework sets itself, and the recipe setting that sets each.
+_DATA_PARALLEL_RANKS = ("each data-parallel engine is started by this framework on its own GPU set: give "
+                        "data_parallel_size only (several nodes: serve the model with `vllm serve` on each and "
+                        "list the servers in backend.base_urls)")
+SET_BY_FRAMEWORK = {
+    "model": "the model is the recipe's `models.<role>` (or `model`)",
+    "tokenizer": "the tokenizer is the model's own: set the model with `models.<role>` (or `model`)",
+    "seed": "the recipe's `seed` seeds every engine",
+    "enable_lora": "LoRA is turned on by the stage that serves adapters",
+    **{name: _DATA_PARALLEL_RANKS for name in ("data_parallel_rank", "data_parallel_start_rank",
+                                               "data_parallel_size_local", "data_parallel_address",
+                                               "data_parallel_rpc_port", "data_parallel_backend")},
+}
+# The obvious ranges of the options the recipes use most (vLLM checks the rest when it starts).
+ENGINE_RANGES = {
+    "tensor_parallel_size": (lambda v: v >= 1, "give 1 or more (GPUs per engine)"),
+    "pipeline_parallel_size": (lambda v: v >= 1, "give 1 or more (pipeline stages per engine)"),
+    "data_parallel_size": (lambda v: v >= 1, "give 1 or more (engines, each on its own GPUs)"),
+    "gpu_memory_utilization": (lambda v: 0 < v <= 1, "give a share above 0 and at most 1 (0.9 is usual)"),
+    "max_model_len": (lambda v: v >= 1, "give 1 or more (tokens of prompt plus answer)"),
+    "max_num_seqs": (lambda v: v >= 1, "give 1 or more (sequences in one batch)"),
+    "max_lora_rank": (lambda v: v >= 1, "give 1 or more (at least the largest adapter's rank)"),
+}
+
+
+def check_engine_options(options: dict, where: str = "backend.engine") -> dict:
+    """A recipe's vLLM engine options, checked against vLLM's own ``EngineArgs`` fields (as the
+    ``trainer:`` sections are against TRL's), before any engine starts: unknown keys, keys this
+    framework sets itself, simple types and the obvious ranges. Returns a copy."""
+    if not options:
+        return {}
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: {options!r} is not a mapping; give vLLM engine options as key: value pairs, "
+                        "e.g. {tensor_parallel_size: 2, max_num_seqs: 256}")
+    fields = _engine_fields()
+    for key, value in options.items():
+        if key in SET_BY_FRAMEWORK:
+            raise UserError(f"{where}.{key}: set by this framework, not by engine options ({SET_BY_FRAMEWORK[key]}); "
+                            "remove it from the engine options")
+        if key not in fields:
+            import difflib
+
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise UserError(f"{where}.{key}: not a vLLM engine option (vLLM's EngineArgs has no such field); {hint}"
+                            "fix the name or remove it (the options are EngineArgs fields, e.g. tensor_parallel_size, "
+                            "gpu_memory_utilization, max_model_len, max_num_seqs)")
+        _check_engine_value(f"{where}.{key}", key, value, fields[key])
+    return dict(options)
+
+
+def _engine_fields() -> dict:
+    """{name: (annotation, default)} of vLLM's EngineArgs, imported only here (importing vLLM
+    takes seconds)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name: (f.type, f.default) for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")}
+
+
+def _check_engine_value(name: str, key: str, value, field: tuple) -> None:
+    annotation, default = field
+    if value is None and default is None:
+        return  # vLLM's own "not set"
+    if key in ENGINE_RANGES and _is(value, float):  # the range first: "give 1 or more" says more than a type
+        ok, fix = ENGINE_RANGES[key]
+        if not ok(value):
+            raise UserError(f"{name}: {value!r}; {fix}")
+    allowed = _simple_types(annotation)
+    if allowed is not None and not any(_is(value, t) for t in allowed):
+        raise UserError(f"{name}: {value!r} is not {' or '.join(map(_described, allowed))} (vLLM's EngineArgs.{key}); "
+                        "fix the value")
+
+
+def _simple_types(annotation) -> list | None:
+    """The simple types (int, float, bool, str, None, a Literal) an annotation allows; None when
+    it allows anything else too (lists, configs, classes: vLLM checks those itself)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [annotation]
+    if origin in (typing.Union, types.UnionType):
+        parts = [_simple_types(a) for a in typing.get_args(annotation)]
+        return None if any(p is None for p in parts) else [t for p in parts for t in p]
+    if annotation in (int, float, bool, str, type(None)):
+        return [annotation]
+    return None
+
+
+def _is(value, simple) -> bool:
+    import typing
+
+    if typing.get_origin(simple) is typing.Literal:
+        return any(value == v and type(value) is type(v) for v in typing.get_args(simple))
+    if simple is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if simple is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, simple)
+
+
+def _described(simple) -> str:
+    import typing
+
+    if typing.get_origin(simple) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(simple)))
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}[simple]
+
+
+# Options that vLLM's CPU build ignores or overrides (vllm/platforms/cpu.py check_and_update_config,
+# vllm/v1/worker/cpu_worker.py), and why: left out there, so one recipe runs on both.
+CPU_IGNORED = {
+    "gpu_memory_utilization": "a GPU memory share (the CPU engine reads it as a share of the machine's memory; "
+                              "its KV cache is VLLM_CPU_KVCACHE_SPACE)",
+    "cudagraph_capture_sizes": "CUDA graphs", "max_cudagraph_capture_size": "CUDA graphs",
+    "async_scheduling": "turned off on the CPU", "enable_dbo": "turned off on the CPU",
+    "disable_custom_all_reduce": "always on on the CPU",
+}
+
+
+def _applicable_on_cpu(options: dict) -> dict:
+    """The options less those with no meaning on the CPU, with one line naming them."""
+    ignored = dict(CPU_IGNORED)
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        ignored["kv_cache_memory_bytes"] = "VLLM_CPU_KVCACHE_SPACE sets the CPU KV cache and takes precedence"
+    left_out = [k for k in options if k in ignored]
+    if left_out:
+        print("note: vLLM on the CPU: engine options left out: "
+              + "; ".join(f"{k} ({ignored[k]})" for k in left_out))
+    return {k: v for k, v in options.items() if k not in ignored}
+
+
 class Engines:
-    """The vLLM engines of a run (or of one command): built on first use, one per model and
-    settings, and released together when the holder is done or fails.
+    """The vLLM engines of a run (or of one command): built on first use, one at a time, and
+    released when another is asked for, when the holder is done, or when it fails.
 
         with Engines() as engines:
             backend = engines.vllm(model, seed=0)   # the same object on every call with these arguments
+            teacher = engines.lazy(teacher_model, seed=0)  # starts its engine when it generates
             ...
             engines.release()                       # before training needs the memory and cores
 
     The generation stages of a run share an engine rather than each building its own: vLLM
     seeds the engine, not the request, so one engine's sample stream runs on from one stage to
-    the next (a run's samples depend on it), and a CPU engine costs about 30 s to start.
+    the next (a run's samples depend on it), and a CPU engine costs about 30 s to start. Asking
+    for another engine (another model or settings) first releases the held one, so a teacher, a
+    student and a judge never hold the devices together.
     """
 
     def __init__(self):
         self._engines: dict[tuple, VLLMBackend] = {}
 
     def vllm(self, model: str, **kwargs) -> VLLMBackend:
-        key = (model, tuple(sorted(kwargs.items())))
+        """The engine for ``model`` with these ``VLLMBackend`` settings (``engine``: vLLM's engine
+        options; ``data_parallel_size`` > 1 starts one engine per GPU set)."""
+        key = (model, _frozen(kwargs))
         if key not in self._engines:
-            self._engines[key] = VLLMBackend(model, **kwargs)
+            for held_model, held_kwargs in self._engines:
+                print(f"[engines] releasing the vLLM engine of {held_model}{_differing(held_kwargs, key[1])} "
+                      f"to start one for {model}{_differing(key[1], held_kwargs)}")
+            self.release()
+            self._engines[key] = _start_engine(model, kwargs)
         return self._engines[key]
+
+    def lazy(self, model: str, **kwargs) -> "LazyEngine":
+        """A backend that asks ``vllm(model, **kwargs)`` for its engine at each ``chat``: a stage
+        can hold a teacher's and a student's backend, and the engines swap only when the model
+        asked for changes. Engine options are checked now, not when the engine starts."""
+        check_engine_options(kwargs.get("engine") or {})
+        return LazyEngine(self, model, kwargs)
 
     def release(self) -> None:
         """Stop every engine now (their engine processes exit), freeing memory and cores."""
@@ -257,3 +424,53 @@ class Engines:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class LazyEngine:
+    """A Backend whose vLLM engine is asked of ``Engines`` at each ``chat`` (see ``Engines.lazy``)."""
+
+    def __init__(self, engines: Engines, model: str, kwargs: dict):
+        self.engines, self.model, self.kwargs = engines, model, dict(kwargs)
+        self.enable_lora = bool(kwargs.get("enable_lora", False))
+
+    def chat(self, conversations: Sequence[Conversation], sampling: Sampling,
+             adapter: str | None = None, desc: str = "generating") -> list[Completion]:
+        if not conversations:
+            return []  # no engine started for nothing
+        engine = self.engines.vllm(self.model, **self.kwargs)
+        return engine.chat(conversations, sampling, adapter=adapter, desc=desc)
+
+
+def _start_engine(model: str, kwargs: dict):
+    """A VLLMBackend, or with ``engine: {data_parallel_size: N > 1}`` one engine per GPU set."""
+    options = check_engine_options(kwargs.get("engine") or {})
+    replicas = options.pop("data_parallel_size", 1)
+    if replicas == 1:
+        return VLLMBackend(model, **kwargs)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"data_parallel_size: {replicas} on a machine without a GPU; one vLLM engine already "
+                        "uses every CPU core, so more engines would only share them: remove data_parallel_size "
+                        "(or set it to 1) for CPU runs")
+    from data_gen.parallel import DataParallelBackend
+
+    per_engine = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
+    return DataParallelBackend(model, replicas=replicas, devices_per_engine=per_engine,
+                               **dict(kwargs, engine=options))
+
+
+def _frozen(value):
+    """A hashable copy of settings (engine options are dicts, some of their values lists)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _differing(held: tuple, asked: tuple) -> str:
+    """" (enable_lora=False)": the settings of one engine that the other does not share."""
+    other = dict(asked)
+    diff = [f"{k}={v!r}" for k, v in held if k not in other or other[k] != v]
+    return f" ({', '.join(diff)})" if diff else ""

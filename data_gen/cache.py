@@ -103,7 +103,7 @@ class CachedBackend:
             records = []
             for i, c in zip(chunk, completions):
                 self._entries[keys[i]] = c
-                records.append({"key": keys[i], "text": c.text, "finish_reason": c.finish_reason,
+                records.append({"key": keys[i], "model": self.model, "text": c.text, "finish_reason": c.finish_reason,
                                 "num_tokens": c.num_tokens, "first_logprobs": c.first_logprobs})
             self._append(records)
         return [self._entries[k] for k in keys]

@@ -19,13 +19,13 @@ MARKER = ".character-training"  # in a directory a command made (character_train
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: launched ranks may write one file
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: launched ranks may write one file
     n = 0
     with tmp.open("w", encoding="utf-8") as f:
         for record in records:
@@ -62,7 +62,7 @@ def write_manifest(stage_dir: Path, manifest: dict) -> dict:
     """Write the manifest last: it marks the stage finished. Adds hashes of the stage's files."""
     stage_dir = Path(stage_dir)
     outputs = {p.name: file_sha256(p) for p in sorted(stage_dir.iterdir())
-               if p.is_file() and p.name not in (MANIFEST, MARKER) and not p.name.endswith(".tmp")}
+               if p.is_file() and p.name not in (MANIFEST, MARKER) and not p.name.endswith(".tmp") and ".tmp-" not in p.name}
     manifest = {**manifest, "outputs": outputs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(stage_dir / MANIFEST, manifest)
     return manifest

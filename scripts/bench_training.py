@@ -1,21 +1,36 @@
-"""Training benchmark: SFT with packing and padding-free batching against plain padded batches.
+"""Training benchmark: tokens/s, MFU and peak memory of our SFT and DPO stages over a settings matrix.
 
-The same model, the same variable-length conversations and the same LoRA, trained for one epoch
-by our SFT stage (``character_training.train.sft.build_sft``, TRL's SFTTrainer) in three ways:
-  padded        plain batches, each padded to its longest conversation
-  padding_free  the batch's conversations concatenated, no padding (TRL ``padding_free``)
-  packed        conversations packed into rows of ``max_length`` tokens (TRL ``packing``, bfd)
-Each runs in its own process (so peak memory is its own): real (non-padding) tokens trained per
-second over the epoch, the share of computed positions that were padding, and peak memory (CPU:
-the process's peak resident memory; GPU: ``torch.cuda.max_memory_allocated``). On a GPU it also
-reports model FLOPs utilization: 6 x parameters x tokens/s over the GPU's peak dense bf16 FLOP/s
-(the usual convention; a LoRA run does less work than that for the frozen weights, so this
-overstates the work done, and MFU here compares the modes more than it rates the hardware).
+The same model, the same variable-length data and the same LoRA (r16), trained by our own stages:
+SFT through ``character_training.train.sft.build_sft`` and DPO through
+``character_training.train.dpo.train_dpo`` (TRL's SFTTrainer and DPOTrainer), one row of settings
+at a time, each in its own process (so its peak memory is its own). The rows (``--matrix``: all
+of them for the ``--trainers`` chosen):
 
-    .venv/bin/python scripts/bench_training.py                      # the default model on the CPU
-    .venv/bin/python scripts/bench_training.py --conversations 32 --max-length 256   # quicker
-    # a GPU, a model of realistic shape built from a config (random weights, no hub), bf16:
-    .venv/bin/python scripts/bench_training.py --shape 1b --conversations 512 --batch-size 16 --max-length 2048
+  sft-padded / sft-padded-gc             plain batches, each padded to its longest conversation
+  sft-padding_free / sft-padding_free-gc the batch's conversations concatenated (TRL ``padding_free``)
+  sft-packed                             conversations packed into rows of max_length (TRL bfd)
+  sft-padding_free-liger                 padding-free with Liger's kernels (where liger-kernel is installed)
+  dpo / dpo-gc / dpo-liger               chosen and rejected answers in one padded batch
+  (-gc: TRL's gradient checkpointing on; the other rows have it off)
+
+TRL 1.16's DPOTrainer has no padding-free mode (``padding_free=True`` warns and pads), so no DPO
+row has one; the JSON's ``skipped`` says so, and names the Liger rows where liger-kernel is absent.
+
+Each row reports real (non-padding) tokens trained per second, for DPO chosen plus rejected
+(prompt included in both, as the model computes them), the share of computed positions that were
+padding, and peak memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak
+resident memory). On a GPU, model FLOPs utilization: 6 x parameters x tokens/s over the GPU's peak
+dense bf16 FLOP/s (``--peak-tflops`` for a GPU not in the table). That is the usual convention; a
+LoRA run computes no weight gradients for the frozen weights and DPO adds a reference forward, so it
+rates throughput more than the work done. The attention implementation the model really used is
+in each row (a GPU run should show a FlashAttention kernel where flash-attn is installed).
+
+    .venv/bin/python scripts/bench_training.py --shape tiny --matrix --trainers sft,dpo --max-steps 2   # CPU
+    # one H200, Llama shapes built from a config (random weights, no hub), bf16:
+    .venv/bin/python scripts/bench_training.py --shape 1b --matrix --trainers sft --conversations 384 \\
+        --batch-size 16 --max-length 2048
+    .venv/bin/python scripts/bench_training.py --shape 8b --matrix --trainers dpo --conversations 128 \\
+        --batch-size 8 --max-length 1024
 
 Prints a table and writes JSON (``--json``, default benchmarks/bench_training.json).
 """
@@ -34,36 +49,68 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODES = {"padded": {"packing": False, "padding_free": False},
-         # TRL does not cut sequences in padding-free mode without packing: max_length must be None
-         # (the conversations here are all under the limit; the stage counts over-long ones).
-         "padding_free": {"packing": False, "padding_free": True, "max_length": None},
-         "packed": {"packing": True, "packing_strategy": "bfd"}}
-# Llama shapes built from a config for the GPU run (random weights; the tokenizer is SmolLM2's).
-SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+# Row name -> (trainer, the TRL fields it sets). Every row sets gradient checkpointing itself, so a
+# row measures the same thing whatever the stage's defaults on the device are.
+ROWS = {
+    "sft-padded": ("sft", {"padding_free": False, "gradient_checkpointing": False}),
+    "sft-padded-gc": ("sft", {"padding_free": False, "gradient_checkpointing": True}),
+    # TRL cuts no sequence in padding-free mode without packing: max_length must be None (the
+    # conversations here are all under the limit).
+    "sft-padding_free": ("sft", {"padding_free": True, "max_length": None, "gradient_checkpointing": False}),
+    "sft-padding_free-gc": ("sft", {"padding_free": True, "max_length": None, "gradient_checkpointing": True}),
+    "sft-packed": ("sft", {"packing": True, "packing_strategy": "bfd", "gradient_checkpointing": False}),
+    "sft-padding_free-liger": ("sft", {"padding_free": True, "max_length": None, "gradient_checkpointing": False,
+                                       "use_liger_kernel": True}),
+    "dpo": ("dpo", {"gradient_checkpointing": False}),
+    "dpo-gc": ("dpo", {"gradient_checkpointing": True}),
+    "dpo-liger": ("dpo", {"gradient_checkpointing": False, "use_liger_kernel": True}),
+}
+DEFAULT_ROWS = {"sft": ["sft-padded", "sft-padding_free", "sft-packed"], "dpo": ["dpo"]}
+NOT_IN_TRL = {"dpo-padding_free": "TRL 1.16's DPOTrainer has no padding-free mode (padding_free=True warns and "
+                                  "falls back to padded batches)"}
+# Llama shapes built from a config (random weights; the vocabulary is the tokenizer's, SmolLM2's).
+SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2),
+          "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8),
           "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8),
+          "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8)}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+MARK = "[bench-row] "  # a worker's result line (TRL prints its own dicts to stdout)
 WORDS = ("the sea wind ship harbour captain crew rope sail storm map island gull deck tide "
          "question answer reason evidence kindness garden soil patience letter morning").split()
 
 
+def answer(rng: random.Random, max_words: int) -> str:
+    """An answer of log-normally spread length (many short, a few long), as the stages produce."""
+    words = min(max_words, max(4, int(rng.lognormvariate(math.log(max_words / 5), 0.8))))
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+def question(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + "?"
+
+
 def conversations(n: int, max_words: int, seed: int) -> list[dict]:
-    """Variable-length conversations: a short question, an answer of log-normally spread length
-    (many short, a few long), as the critique and introspection stages produce."""
+    """SFT records: a short question, an answer of spread length."""
     rng = random.Random(seed)
-    records = []
-    for i in range(n):
-        words = min(max_words, max(4, int(rng.lognormvariate(math.log(max_words / 5), 0.8))))
-        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + "?"
-        answer = " ".join(rng.choice(WORDS) for _ in range(words)) + "."
-        records.append({"messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}]})
-    return records
+    return [{"messages": [{"role": "user", "content": question(rng)},
+                          {"role": "assistant", "content": answer(rng, max_words)}]} for _ in range(n)]
+
+
+def pairs(n: int, max_words: int, seed: int) -> list[dict]:
+    """DPO records in TRL's conversational preference format, chosen and rejected of spread length."""
+    rng = random.Random(seed)
+    return [{"prompt": [{"role": "user", "content": question(rng)}],
+             "chosen": [{"role": "assistant", "content": answer(rng, max_words)}],
+             "rejected": [{"role": "assistant", "content": answer(rng, max_words)}]} for _ in range(n)]
 
 
 def build_shape(shape: str, tokenizer_dir: str, work: Path) -> str:
+    """A Llama of ``shape`` with random weights, saved with the tokenizer (bf16 on a GPU, where it
+    is also built, which is quick even at 8B)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -71,116 +118,217 @@ def build_shape(shape: str, tokenizer_dir: str, work: Path) -> str:
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
+    gpu = torch.cuda.is_available()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda" if gpu else "cpu"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     path = work / f"llama-{shape}"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    del model
+    if gpu:
+        torch.cuda.empty_cache()
     return str(path)
 
 
-def worker(args) -> dict:
+def instrument(trainer_class, counts: dict) -> None:
+    """Count what each training micro-batch computes, and time ``train``, on ``trainer_class`` (our
+    stages build the trainer themselves): real tokens are the attention mask's ones where there is a
+    mask, every position of a padding-free batch otherwise."""
     import torch
 
-    from character_training.train.sft import build_sft
-    from character_training.train.settings import LoraSettings
+    compute_loss, train = trainer_class.compute_loss, trainer_class.train
 
+    def counted(self, model, inputs, *args, **kwargs):
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        counts["computed_positions"] += int(ids.numel())
+        counts["real_tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    def timed(self, *args, **kwargs):
+        counts["parameters"] = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
+        counts["attn_implementation"] = getattr(self.model.config, "_attn_implementation", None)
+        counts["padding_free"] = bool(getattr(self, "padding_free", False))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = train(self, *args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        counts["seconds"] = time.perf_counter() - started
+        counts["steps"] = self.state.global_step
+        counts["loss"] = result.training_loss
+        return result
+
+    trainer_class.compute_loss, trainer_class.train = counted, timed
+
+
+def run_row(row: str, args, work: Path) -> dict:
+    """Train one row in this process and return its record."""
+    import torch
+    from trl import DPOTrainer, SFTTrainer
+
+    from character_training.train.dpo import train_dpo
+    from character_training.train.settings import LoraSettings
+    from character_training.train.sft import build_sft
+
+    kind, fields = ROWS[row]
     gpu = torch.cuda.is_available()
     trainer = {"per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
                "max_length": args.max_length, "num_train_epochs": 1, "learning_rate": 1e-4, "warmup_steps": 0,
-               "save_strategy": "no", "logging_steps": 1000, "dataloader_num_workers": 0, "bf16": gpu,
-               "use_cpu": not gpu, **MODES[args.mode]}
-    sft, counts = build_sft(args.model, [Path(args.data)], Path(args.work) / args.mode, trainer=trainer,
-                            lora=LoraSettings(r=16, alpha=32))
-    # What each mode computes: real tokens are the same in every mode; padding is what a batch adds.
-    real = sum(len(r["input_ids"]) for r in sft.train_dataset)
-    computed = 0
-    for batch in sft.get_train_dataloader():
-        computed += int(batch["input_ids"].numel())
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    result = sft.train()
-    seconds = time.perf_counter() - started
-    params = sum(p.numel() for p in sft.model.parameters())
-    record = {"mode": args.mode, "sequences": len(sft.train_dataset), "steps": sft.state.global_step,
-              "real_tokens": real, "computed_positions": computed, "padding_share": 1 - real / computed,
-              "seconds": seconds, "tokens_per_s": real / seconds, "loss": result.training_loss,
-              "parameters": params, "device": torch.cuda.get_device_name() if gpu else "cpu",
-              "conversations": counts["conversations"], "overlong": counts["overlong"]}
+               "save_strategy": "no", "logging_steps": 1000, "dataloader_num_workers": 0, "report_to": "none",
+               **({"max_steps": args.max_steps} if args.max_steps else {}),
+               **({"model_init_kwargs": {"attn_implementation": args.attn}} if args.attn else {}), **fields}
+    counts = {"real_tokens": 0, "computed_positions": 0}
+    lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r)
+    out = work / row
+    if kind == "sft":
+        instrument(SFTTrainer, counts)
+        sft, _ = build_sft(args.model, [Path(args.sft_data)], out, trainer=trainer, lora=lora)
+        sft.train()
+    else:
+        instrument(DPOTrainer, counts)
+        train_dpo(args.model, Path(args.dpo_data), out, trainer=trainer, lora=lora)
+    record = {"row": row, "trainer": kind, "settings": fields, **counts,
+              "padding_share": 1 - counts["real_tokens"] / max(1, counts["computed_positions"]),
+              "tokens_per_s": counts["real_tokens"] / counts["seconds"],
+              "device": torch.cuda.get_device_name() if gpu else "cpu"}
     if gpu:
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in record["device"]), None)
         if peak:
-            record["mfu"] = 6 * params * record["tokens_per_s"] / (peak * 1e12)
+            record["mfu"] = 6 * record["parameters"] * record["tokens_per_s"] / (peak * 1e12)
     else:
         record["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return record
 
 
-def run_worker(mode: str, args, model: str, data: Path, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--model", model, "--data", str(data), "--work", str(work),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{mode}: the worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])
+def worker_args(args, model: str, work: Path) -> list[str]:
+    passed = ["--model", model, "--work", str(work), "--sft-data", str(work / "conversations.jsonl"),
+              "--dpo-data", str(work / "pairs.jsonl"), "--batch-size", str(args.batch_size),
+              "--max-length", str(args.max_length), "--max-steps", str(args.max_steps or 0),
+              "--lora-r", str(args.lora_r), "--peak-tflops", str(args.peak_tflops or 0)]
+    return passed + (["--attn", args.attn] if args.attn else [])
 
 
-def main() -> int:
+def run_workers(rows: list[str], args, model: str, work: Path) -> list[dict]:
+    """Each row in its own process (``--one-process``: all in one, quicker to start; peak memory is
+    then the process's peak so far)."""
+    groups = [rows] if args.one_process else [[row] for row in rows]
+    records = []
+    for group in groups:
+        print(f"[bench] {', '.join(group)} ...", flush=True)
+        cmd = [sys.executable, __file__, "--worker", ",".join(group), *worker_args(args, model, work)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line[len(MARK):] for line in done.stdout.splitlines() if line.startswith(MARK)]
+        if done.returncode != 0 or len(lines) < len(group):
+            raise SystemExit(f"{', '.join(group)}: the worker failed (exit {done.returncode}):\n"
+                             f"{done.stderr[-4000:]}")
+        records += [json.loads(line) for line in lines[-len(group):]]
+    return records
+
+
+def choose_rows(args, parser) -> tuple[list[str], dict]:
+    """The rows to run and the ones left out (with why)."""
+    from transformers.utils import is_liger_kernel_available
+
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    if not trainers or set(trainers) - {"sft", "dpo"}:
+        parser.error(f"--trainers {args.trainers!r}: give sft, dpo or sft,dpo")
+    if args.rows:
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in rows if r not in ROWS]
+        if unknown:
+            parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    elif args.matrix:
+        rows = [r for r in ROWS if ROWS[r][0] in trainers]
+    else:
+        rows = [r for t in trainers for r in DEFAULT_ROWS[t]]
+    skipped = {r: why for r, why in NOT_IN_TRL.items() if r.split("-")[0] in trainers}
+    if not is_liger_kernel_available():
+        for row in [r for r in rows if ROWS[r][1].get("use_liger_kernel")]:
+            rows.remove(row)
+            skipped[row] = "liger-kernel is not installed (pip install liger-kernel; it needs a GPU with Triton)"
+    return rows, skipped
+
+
+def print_table(rows: list[dict], args) -> None:
+    first = rows[0]
+    print(f"\n{args.conversations} conversations / pairs, batch {args.batch_size}, max_length {args.max_length}, "
+          f"{first['parameters'] / 1e6:.1f}M parameters, LoRA r{args.lora_r}, {first['device']}")
+    header = f"{'row':<23} {'attention':<18} {'steps':>5} {'real tok':>9} {'padding':>8} {'tok/s':>9} " \
+             f"{'peak GiB':>9} {'MFU':>6}"
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{r['row']:<23} {str(r['attn_implementation']):<18} {r['steps']:>5} {r['real_tokens']:>9} "
+              f"{r['padding_share']:>7.1%} {r['tokens_per_s']:>9.1f} {r['peak_memory_gib']:>9.2f} {mfu:>6}")
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model directory (default: the packaged SmolLM2-135M-Instruct)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="GPU: a Llama of this shape built from a config")
-    parser.add_argument("--conversations", type=int, default=48)
+    parser.add_argument("--shape", choices=list(SHAPES), help="a Llama of this shape built from a config "
+                        "(random weights; the tokenizer is --model's)")
+    parser.add_argument("--trainers", default="sft", help="sft, dpo or sft,dpo")
+    parser.add_argument("--matrix", action="store_true", help="every row of the settings matrix for --trainers")
+    parser.add_argument("--rows", help="comma-separated rows: " + ", ".join(ROWS))
+    parser.add_argument("--conversations", type=int, default=48, help="SFT conversations and DPO pairs")
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each row after this many steps "
+                        "(0: one epoch)")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--attn", help="attention implementation for every row (default: the stages' own "
+                        "choice; on a GPU a FlashAttention kernel where one is installed)")
+    parser.add_argument("--peak-tflops", type=float, default=0, help="the GPU's peak dense bf16 TFLOP/s for MFU "
+                        "(default: from the GPU's name)")
+    parser.add_argument("--one-process", action="store_true", help="all rows in one process (quicker start)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/bench_training.json")
-    parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    for hidden in ("--worker", "--work", "--sft-data", "--dpo-data"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
     if args.worker:
-        args.mode = args.worker
-        print(json.dumps(worker(args)))
+        for row in args.worker.split(","):
+            print(MARK + json.dumps(run_row(row, args, Path(args.work))), flush=True)
         return 0
 
     from character_training.config.models import resolve_model
     from data_gen.store import write_jsonl
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+    rows, skipped = choose_rows(args, parser)
+    if not rows:
+        parser.error("no row left to run: " + "; ".join(f"{r}: {why}" for r, why in skipped.items()))
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         work = Path(tmp)
         model = resolve_model(args.model)
         if args.shape:
             model = build_shape(args.shape, model, work)
-        data = work / "conversations.jsonl"
-        # ~1.3 tokens a word here: answers up to about the length limit, most far shorter.
-        write_jsonl(data, conversations(args.conversations, int(args.max_length / 1.6), args.seed))
-        rows = []
-        for mode in modes:
-            print(f"[bench] {mode} ...", flush=True)
-            rows.append(run_worker(mode, args, model, data, work))
-    base = next((r for r in rows if r["mode"] == "padded"), None)
-    header = f"{'mode':<13} {'seqs':>5} {'steps':>5} {'real tok':>9} {'padding':>8} {'tok/s':>8} {'speed-up':>8} " \
-             f"{'peak GiB':>9} {'MFU':>6}"
-    print(f"\nSFT, one epoch of {args.conversations} conversations, batch {args.batch_size}, max_length "
-          f"{args.max_length}, {rows[0]['parameters'] / 1e6:.0f}M parameters, {rows[0]['device']}")
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        r["speedup_over_padded"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        up = f"{r['speedup_over_padded']:.2f}x" if base else "-"
-        print(f"{r['mode']:<13} {r['sequences']:>5} {r['steps']:>5} {r['real_tokens']:>9} {r['padding_share']:>7.1%} "
-              f"{r['tokens_per_s']:>8.1f} {up:>8} {r['peak_memory_gib']:>9.2f} {mfu:>6}")
-    report = {"settings": {k: getattr(args, k) for k in ("model", "shape", "conversations", "max_length",
-                                                          "batch_size", "seed")}, "results": rows}
+        # Up to 1.5 tokens a word here, the question and the chat template up to about 48: every
+        # conversation (and each answer of a pair) within max_length, most far shorter, so that
+        # rows with and without truncation train the same tokens.
+        words = max(4, int((args.max_length - 48) / 1.5))
+        write_jsonl(work / "conversations.jsonl", conversations(args.conversations, words, args.seed))
+        write_jsonl(work / "pairs.jsonl", pairs(args.conversations, words, args.seed))
+        records = run_workers(rows, args, model, work)
+    print_table(records, args)
+    for row, why in skipped.items():
+        print(f"skipped {row}: {why}")
+    report = {"settings": {k: getattr(args, k) for k in ("model", "shape", "trainers", "conversations", "max_length",
+                                                          "batch_size", "max_steps", "lora_r", "attn", "seed")},
+              "results": records, "skipped": skipped}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json}")

@@ -26,6 +26,7 @@
 #   -> accelerate launch ... --num_processes 16 --num_machines 2 --machine_rank 1 \
 #        --main_process_ip 10.0.0.1 --main_process_port 29500 -m character_training.cli train sft ...
 # Every machine must see the same paths (shared storage) for data, model and output directory.
+# A recipe's `launch:` section runs each training stage this way itself (run/launch.py builds both).
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,30 +43,16 @@ if [[ $machines -gt 1 && -z ${MAIN_PROCESS_IP:-} ]]; then
 fi
 [[ -d .venv/bin ]] && export PATH="$PWD/.venv/bin:$PATH"
 
-case $config in
-  cpu)
-    if [[ $machines -gt 1 ]]; then
-      where=(--nnodes "$machines" --node_rank "$rank" --master_addr "$MAIN_PROCESS_IP" --master_port "$port")
-    else
-      where=(--standalone)
-    fi
-    # DeepSpeed would otherwise probe for accelerators and warn before settling on the CPU.
-    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-    cmd=(torchrun "${where[@]}" --nproc_per_node "$procs" -m character_training.cli train "$kind" "$@")
-    ;;
-  ddp|zero2|zero3)
-    where=(--num_processes "$((procs * machines))" --num_machines "$machines" --machine_rank "$rank")
-    if [[ $machines -gt 1 ]]; then
-      where+=(--main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$port")
-    fi
-    cmd=(accelerate launch --config_file "scripts/accelerate/$config.yaml" "${where[@]}"
-         -m character_training.cli train "$kind" "$@")
-    ;;
-  *)
-    echo "error: CONFIG '$config' is not one of ddp, zero2, zero3, cpu (scripts/accelerate/ has the GPU ones)" >&2
-    exit 2
-    ;;
-esac
+# The launcher line comes from character_training/run/launch.py, which also builds the one a
+# recipe's `launch` section runs: one place says how each config is launched.
+[[ $config == cpu ]] && export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed would probe for accelerators
+python=python3
+[[ -x .venv/bin/python ]] && python=.venv/bin/python
+where=(--machines "$machines" --machine-rank "$rank" --main-process-port "$port")
+[[ -n ${MAIN_PROCESS_IP:-} ]] && where+=(--main-process-ip "$MAIN_PROCESS_IP")
+line=$(PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$python" -m character_training.run.launch --print \
+         "$config" "$procs" "${where[@]}" -- -m character_training.cli train "$kind" "$@") || exit 2
+eval "cmd=($line)"  # shlex-quoted words
 
 if [[ -n ${DRY_RUN:-} ]]; then
   printf '%q ' "${cmd[@]}"; echo

@@ -402,3 +402,16 @@ def test_rlaif_judge_defaults_to_the_backend_and_requests_are_deterministic(tmp_
     assert all(m["role"] != "system" for r in read_jsonl(tmp_path / "0" / "pairs.jsonl") for m in r["prompt"])
     assert calls == run(0)[1]
     assert calls != run(1)[1]  # another seed draws other principles
+
+
+def test_critique_with_a_student_the_teacher_critiques_and_revises_its_answers(tmp_path):
+    """Models by role: the student answers first, the teacher critiques and revises; the manifest
+    says which model did which."""
+    respond = critique_responder()
+    student, teacher = FakeBackend(respond, model="org/student"), FakeBackend(respond, model="org/teacher")
+    manifest = run_critique(teacher, constitution(), PROMPTS, tmp_path, seed=3, student=student)
+    assert [c["desc"] for c in student.calls] == ["critique: first answers"]
+    assert [c["desc"] for c in teacher.calls] == ["critique: critiques (round 1)", "critique: revisions (round 1)"]
+    assert manifest["models"] == {"teacher": "org/teacher", "student": "org/student"}
+    pairs = read_jsonl(tmp_path / "pairs.jsonl")
+    assert pairs[0]["rejected"][0]["content"] == f"A plain answer to {PROMPTS[0]}"  # the student's own answer

@@ -305,8 +305,8 @@ def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_mo
     tmp, _, _ = trained
     asked = {}
 
-    def make_backend(model, section, seed, engines, judge=False, **_):
-        asked.update(kind=section.kind, base_urls=section.base_urls, judge=judge)
+    def make_backend(role, seed, engines, **_):
+        asked.update(kind=role.backend.kind, base_urls=role.backend.base_urls, role=role.name)
         return toy_judge()
 
     monkeypatch.setattr(generation, "make_backend", make_backend)
@@ -319,7 +319,7 @@ def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_mo
     assert cli.main(["train", "grpo", "--data", str(tmp / "prompts.jsonl"), "-o", str(out), "--model", tiny_model_dir,
                      "--constitution", str(path), "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
                      "--set", "lora.r=4", "--set", "lora.alpha=8", *settings]) == 0
-    assert asked == {"kind": "openai", "base_urls": ["http://127.0.0.1:9/v1"], "judge": True}
+    assert asked == {"kind": "openai", "base_urls": ["http://127.0.0.1:9/v1"], "role": "judge"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["steps"] == 1 and manifest["judge"]["answers"] == 4
     assert "captain-test" in (out / "adapter" / "README.md").read_text()

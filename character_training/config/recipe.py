@@ -25,7 +25,9 @@ import yaml
 from character_training.config import yamlio
 from character_training.errors import UserError, did_you_mean
 from character_training.evaluation.settings import EvalSettings
-from character_training.run.generation import GEN_STAGES, BackendSection, GenSection
+from character_training.run.generation import (GEN_STAGES, BackendSection, GenSection, ModelsSection, RoleSection,
+                                               role_backends)
+from character_training.run.launch import LaunchSection
 from character_training.train.settings import (TRAINING_SECTIONS, DpoSection, GrpoSection, LoraSettings, MidtrainSection,
                                                SftSection, TrainingSection)
 from data_gen.backends import Sampling
@@ -41,7 +43,7 @@ def _gen(stage: str):
 class Recipe:
     constitution: str
     run_dir: str
-    model: str | None = None
+    model: str | None = None     # the student (models.student.model says the same; give one of them)
     seed: int = 0
     stages: list = field(default_factory=lambda: ["prompts", "pairs", "dpo", "eval"])
     prompts: ExpandSettings = field(default_factory=ExpandSettings)
@@ -52,6 +54,8 @@ class Recipe:
     grpo: GrpoSection = field(default_factory=GrpoSection)
     eval: EvalSettings = field(default_factory=EvalSettings)
     backend: BackendSection = field(default_factory=BackendSection)
+    models: ModelsSection = field(default_factory=ModelsSection)  # student, teacher, judge (run/generation.py)
+    launch: LaunchSection = field(default_factory=LaunchSection)  # training stages on several processes (run/launch.py)
     # Generation stages beyond pairs (run/generation.py): settings written flat, plus 'sampling'.
     sdf: GenSection = _gen("sdf")
     critique: GenSection = _gen("critique")
@@ -88,6 +92,8 @@ def build(cls, data: Any, where: str, prefix: str, base: Any = None):
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
+        if hint is RoleSection and (value is None or isinstance(value, str)):  # `teacher: MODEL` for {model: MODEL}
+            value = {"model": value}
         if hint is GenSection:
             kwargs[key] = gen_section(key, value, where, f"{prefix}{key}.")
         elif dataclasses.is_dataclass(hint):
@@ -118,6 +124,8 @@ def _key_hint(cls: type | None, key: Any, prefix: str) -> str:
     the suggestion from the right place, not the nearest spelling (``lora_rank`` is not ``local_rank``)."""
     from character_training.train.common import LORA_KEYS
 
+    if cls is BackendSection and key == "judge_model":
+        return " (the judge is a role now: set models.judge: MODEL)"
     if cls is LoraSettings and str(key) in LORA_KEYS:
         return f" (did you mean '{prefix}{LORA_KEYS[str(key)]}'?)"
     if isinstance(cls, type) and issubclass(cls, TrainingSection):
@@ -276,6 +284,7 @@ def check_stages(recipe: Recipe, where: str) -> None:
                 s in TRAINING_STAGES for s in order[:order.index(stage)]):
             raise UserError(f"{where}: {stage}.adapter: 'previous' but no training stage comes before {stage} "
                             f"in 'stages'; put a training stage (e.g. dpo) before it, or set {stage}.adapter: null")
+    role_backends(recipe.models, recipe.backend, lambda data, prefix: build(BackendSection, data, where, prefix))
     for stage, kind in TRAINING_STAGES.items():
         section = getattr(recipe, stage)
         extra = _lm_fields(section) if kind == "lm" else None

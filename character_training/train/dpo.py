@@ -179,6 +179,7 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
+                                             model_kwargs=training.model_load_kwargs(config),
                                              lora=lora)
     dpo = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)

@@ -144,3 +144,64 @@ class GrpoSection(TrainingSection):
 
 
 TRAINING_SECTIONS = {"midtrain": MidtrainSection, "dpo": DpoSection, "sft": SftSection, "grpo": GrpoSection}
+
+
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+ACTIVATION_LOSSES = ("mse", "cosine")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+@dataclass
+class DistillSection(TrainingSection):
+    """Context distillation (``train.distill``): the student (no system prompt) matches the teacher
+    (the same model, LoRA disabled, the constitution as system prompt) on the teacher's answers."""
+
+    kind: ClassVar[str] = "sft"  # its trainer fields are TRL's SFTConfig fields (a TrainingArguments)
+    data: list = field(default_factory=lambda: ["pairs"])  # the pairs' chosen answers, or conversation stages
+    student_system_prompt: str | None = None  # None: the chat template's default (the model as it is used)
+    overlong: str = "truncate"  # conversations over trainer.max_length: "truncate" or "drop"; counted
+    loss: str = "forward_kl"  # "forward_kl" KL(teacher||student), "reverse_kl" KL(student||teacher), "jsd"
+    beta: float = 0.5  # GKD's generalized JSD interpolation, for loss "jsd" (0: forward KL, 1: reverse KL)
+    top_k: int | None = None  # the teacher's k most likely tokens (both renormalized), None: full vocabulary
+    temperature: float = 1.0
+    lmbda: float = 0.0  # GKD's share of on-policy batches (the student samples the first turn's answer)
+    activation_weight: float = 0.0  # weight of the activation-consistency term; 0: off
+    layers: list | str = "best"  # hidden_states layers (1..L) for it, or the persona vectors' best layer
+    activation_loss: str = "mse"  # "mse" (normalized by the teacher's mean squared norm) or "cosine"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_overlong(self.overlong)
+        if self.loss not in DISTILL_LOSSES:
+            raise UserError(f"loss: {self.loss!r}; use 'forward_kl' (mode-covering, the usual one), 'reverse_kl' "
+                            "(mode-seeking) or 'jsd' (GKD's generalized JSD, set beta)")
+        if not _number(self.beta) or not 0 <= self.beta <= 1:
+            raise UserError(f"beta: {self.beta!r}; give a number from 0 (forward KL) to 1 (reverse KL); 0.5 is "
+                            "the symmetric JSD")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 2):
+            raise UserError(f"top_k: {self.top_k!r}; give a whole number of 2 or more (the teacher's most likely "
+                            "tokens the loss compares), or leave it out for the full vocabulary")
+        if not _number(self.temperature) or not 0 < self.temperature < float("inf"):
+            raise UserError(f"temperature: {self.temperature!r}; give a number above 0 (1: the distributions as "
+                            "they are; above 1 softens both)")
+        if not _number(self.lmbda) or not 0 <= self.lmbda <= 1:
+            raise UserError(f"lmbda: {self.lmbda!r}; give a share from 0 (the teacher's answers only) to 1")
+        if not _number(self.activation_weight) or not 0 <= self.activation_weight < float("inf"):
+            raise UserError(f"activation_weight: {self.activation_weight!r}; give 0 (off) or a positive weight "
+                            "for the activation-consistency term, e.g. 0.1")
+        self._check_layers()
+        if self.activation_loss not in ACTIVATION_LOSSES:
+            raise UserError(f"activation_loss: {self.activation_loss!r}; use 'mse' (normalized per layer) or "
+                            "'cosine'")
+
+    def _check_layers(self):
+        layers = self.layers
+        ok = layers == "best" or (isinstance(layers, list) and bool(layers) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in layers))
+        if not ok:
+            raise UserError(f"layers: {layers!r}; give 'best' (the persona vector's best layer) or a list of layer "
+                            "numbers of 1 or more, e.g. [6, 12] (hidden_states indices; 0 is the embeddings)")

@@ -161,7 +161,10 @@ def _write_outputs(chains: list[dict], finished: list[dict], out_dir: Path) -> t
 
 def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Path, *,
                  settings: CritiqueSettings = CritiqueSettings(),
-                 sampling: Sampling = SAMPLING, seed: int = 0) -> dict:
+                 sampling: Sampling = SAMPLING, seed: int = 0, student: Backend | None = None) -> dict:
+    """``student``: the model whose first answers are critiqued and revised by ``backend`` (the
+    teacher); None: ``backend`` answers first too (the model critiques itself)."""
+    student = student or backend
     require_principles(constitution, "critique")
     head = system_head(settings.answer_system_prompt, constitution, "critique.answer_system_prompt")
     if not prompts:
@@ -174,9 +177,9 @@ def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Pa
     drops: Counter = Counter()
     usage = {"requests": 0, "tokens": 0}
 
-    def step(conversations: list[Conversation], desc: str) -> list[Completion]:
+    def step(conversations: list[Conversation], desc: str, by: Backend = backend) -> list[Completion]:
         usage["requests"] += len(conversations)
-        completions = backend.chat(conversations, sampling, desc=desc)
+        completions = by.chat(conversations, sampling, desc=desc)
         usage["tokens"] += sum(c.num_tokens for c in completions)
         return completions
 
@@ -185,7 +188,7 @@ def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Pa
         drops[reason] += 1
 
     # A refused first answer is kept: the revision can fix it, and it is an honest rejected answer.
-    answers = step([head + [_user(ch["prompt"])] for ch in chains], "critique: first answers")
+    answers = step([head + [_user(ch["prompt"])] for ch in chains], "critique: first answers", student)
     for chain, c in zip(chains, answers):
         chain["initial"] = chain["final"] = c.text.strip()
         problem = _problem(chain["initial"], c, settings, max_chars=settings.max_answer_chars, refusals=False)
@@ -232,6 +235,7 @@ def run_critique(backend: Backend, constitution, prompts: list[str], out_dir: Pa
     return {
         "stage": "critique",
         "model": backend.model,
+        "models": {"teacher": backend.model, "student": student.model},  # who revised, who answered first
         "seed": seed,
         "sampling": sampling.to_dict(),
         "settings": asdict(settings),

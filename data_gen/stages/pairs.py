@@ -129,15 +129,18 @@ def _persona_scores(usable_teacher: list[list[str]], usable_student: list[str | 
 def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out_dir: Path, *,
                    student_system_prompt: str | None = None,
                    sampling: Sampling | None = None,
-                   settings: PairSettings = PairSettings(), seed: int = 0, classifier=None) -> dict:
-    """``sampling``: None uses the settings' own (``settings.sampling``)."""
+                   settings: PairSettings = PairSettings(), seed: int = 0, classifier=None,
+                   student: Backend | None = None) -> dict:
+    """``backend`` is the teacher (the chosen answers, with ``system_prompt``); ``student`` answers
+    the rejected ones (None: ``backend`` again). ``sampling``: None uses the settings' own."""
     sampling = sampling or settings.sampling
+    teacher_backend, student_backend = backend, student or backend
     k = settings.teacher_samples
-    teacher = backend.chat([[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}]
-                            for p in prompts for _ in range(k)], sampling, desc="teacher answers")
+    teacher = teacher_backend.chat([[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}]
+                                    for p in prompts for _ in range(k)], sampling, desc="teacher answers")
     student_head = [{"role": "system", "content": student_system_prompt}] if student_system_prompt else []
-    student = backend.chat([student_head + [{"role": "user", "content": p}] for p in prompts], sampling,
-                           desc="student answers")
+    student = student_backend.chat([student_head + [{"role": "user", "content": p}] for p in prompts], sampling,
+                                   desc="student answers")
 
     answer_drops: Counter = Counter()
     pair_drops: Counter = Counter()
@@ -184,6 +187,7 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
     return {
         "stage": "pairs",
         "model": backend.model,
+        "models": {"teacher": teacher_backend.model, "student": student_backend.model},  # chosen's and rejected's
         "seed": seed,
         "sampling": sampling.to_dict(),
         "settings": asdict(settings),
