@@ -6,7 +6,7 @@
     character-training run RECIPE.yaml [--force STAGE] [--set KEY=VALUE] [--model M] [--run-dir D]
     character-training eval RECIPE.yaml [--adapter DIR] [--also NAME=DIR] [--set KEY=VALUE]
     character-training generate STAGE --constitution C -o DIR [--set KEY=VALUE]
-    character-training train {dpo,sft,lm,grpo} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
+    character-training train {dpo,sft,lm,grpo,distill} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
     character-training adapters {compose,orthogonalize,scale,inspect} ...
 
 A user error prints one line and exits with status 2; a bug keeps its traceback. Outputs are never
@@ -253,6 +253,27 @@ def _train_grpo(args, model: str, section, common: dict) -> dict:
     return manifest
 
 
+def _train_distill(args, model: str, section, common: dict) -> dict:
+    """``train distill``: the teacher is the model with --constitution's system prompt."""
+    from dataclasses import replace
+
+    from character_training.config.constitution import load_constitution
+    from character_training.train.distill import train_distill
+
+    if not args.constitution:
+        raise UserError("train distill: --constitution is required (the teacher is the model with its system "
+                        "prompt; the student learns to answer as it does without one)")
+    if section.activation_weight > 0 and section.layers == "best":
+        raise UserError("train distill: layers 'best' is found from a run's pairs (in a recipe); on its own give "
+                        "the layers, e.g. --set 'layers=[12]' (see `character-training eval`'s persona vectors)")
+    constitution = load_constitution(args.constitution)
+    common["card"] = replace(common["card"], persona=args.persona or constitution.name,
+                             constitution=str(args.constitution), constitution_sha256=constitution.sha256)
+    return train_distill(model, [Path(p) for p in args.data], Path(args.output),
+                         teacher_system_prompt=constitution.system_prompt(),
+                         student_system_prompt=section.student_system_prompt, settings=section, **common)
+
+
 def _train(args) -> int:
     """One training stage on its own; runs as is on one process, or under torchrun / accelerate
     launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
@@ -309,8 +330,10 @@ def _train(args) -> int:
                             **common)
     elif args.kind == "grpo":
         manifest = _train_grpo(args, model, section, common)
+    elif args.kind == "distill":
+        manifest = _train_distill(args, model, section, common)
     else:  # argparse's choices keep other kinds out
-        raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm or grpo")
+        raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm, grpo or distill")
     manifest["distributed"] = distributed.describe()
     if distributed.is_main_process():
         if args.init_adapter and section.start == "merge":  # one LoRA on the original base, as in a recipe
@@ -357,9 +380,11 @@ def _add_constitution_commands(sub) -> None:
 
 def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="one training stage on its own (torchrun / accelerate launch for several processes)")
-    p.add_argument("kind", choices=["dpo", "sft", "lm", "grpo"],
+    p.add_argument("kind", choices=["dpo", "sft", "lm", "grpo", "distill"],
                    help="dpo: preference pairs; sft: conversations (assistant turns trained); lm: documents "
-                        "(SDF midtraining); grpo: prompts, rewarded by a judge against --constitution")
+                        "(SDF midtraining); grpo: prompts, rewarded by a judge against --constitution; distill: "
+                        "pairs' chosen answers or conversations, the model without --constitution's system "
+                        "prompt learning the model with it")
     p.add_argument("--data", action="append", required=True, help="JSONL dataset (repeatable for sft)")
     p.add_argument("-o", "--output", required=True, help="output directory (adapter/, checkpoints/, training.png): a "
                                                          "new or empty one, or one this command made")
@@ -379,7 +404,8 @@ def _add_train_command(sub) -> None:
     p.add_argument("--marker", help="lm: a marker prefixed to every document and masked from the loss")
     p.add_argument("--chat-data", action="append", help="lm: conversational data to mix in")
     p.add_argument("--chat-ratio", type=float, help="lm: share of chat examples in the mix (default 0)")
-    p.add_argument("--constitution", help="grpo: the constitution the judge scores against")
+    p.add_argument("--constitution", help="grpo: the constitution the judge scores against; distill: the one whose "
+                                          "system prompt makes the teacher")
     p.add_argument("--backend", choices=["vllm", "openai"], default="vllm",
                    help="grpo: the judge's backend (vllm in this process, or OpenAI-compatible servers)")
     p.add_argument("--base-url", action="append", help="grpo, openai backend: server URL (repeatable)")

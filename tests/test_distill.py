@@ -310,3 +310,57 @@ def test_what_a_run_cannot_do_is_a_clear_error(tmp_path, tiny_model_dir, setting
     with pytest.raises(UserError, match=match):
         train_distill(tiny_model_dir, write_data(tmp_path), tmp_path / "out", teacher_system_prompt=CONSTITUTION,
                       settings=settings, lora=LORA, trainer=TINY)
+
+
+# ------------------------------------------------------------------------------- in a recipe, the CLI
+
+
+def test_a_recipe_distills_at_the_persona_vectors_best_layer_then_dpo_continues(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """stages [pairs, distill, dpo]: distill trains on the pairs' chosen answers with the
+    activation term at the layer the persona vectors pick; DPO continues its LoRA."""
+    import yaml
+
+    from character_training.config.recipe import load_recipe
+    from character_training.run import pipeline
+
+    def fake_pairs(ctx, out):  # the pairs stage's output (generation is not what is tested here)
+        write_jsonl(out / "pairs.jsonl", toy_pairs(6))
+        return {"stage": "pairs", "counts": {"pairs": 6}}
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "pairs", fake_pairs)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "toy", "description": CONSTITUTION,
+                                                     "traits": [{"trait": "I am a toy.", "questions": ["Hi?"]}]}))
+    trainer = {**TINY, "max_steps": 2}
+    lora = {"r": LORA.r, "alpha": LORA.alpha}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "constitution": "c.yaml", "run_dir": str(tmp_path / "run"), "model": tiny_model_dir,
+        "stages": ["pairs", "distill", "dpo"],
+        "distill": {"activation_weight": 0.1, "lora": lora, "trainer": trainer},
+        "dpo": {"lora": lora, "trainer": {**trainer, "max_length": 64}}}))
+    manifests = pipeline.run(load_recipe(tmp_path / "r.yaml"), log=print)
+    distilled = manifests["distill"]
+    assert distilled["stage"] == "distill" and distilled["counts"]["steps"] == 2
+    saved = tmp_path / "run" / "distill" / "persona_vectors" / "persona_vectors.json"
+    best = json.loads(saved.read_text())["best_layer"]
+    assert distilled["distill"]["layers"] == [best] and set(distilled["loss_terms"]) == {"kl", "activation", "total"}
+    assert "toy" in distilled["teacher_system_prompt"] or CONSTITUTION in distilled["teacher_system_prompt"]
+    assert manifests["dpo"]["start"]["init_adapter"] == str(tmp_path / "run" / "distill" / "adapter")
+
+
+def test_cli_train_distill(tmp_path, tiny_model_dir):
+    import yaml
+
+    from character_training import cli
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "toy", "description": CONSTITUTION,
+                                                     "traits": [{"trait": "I am a toy.", "questions": ["Hi?"]}]}))
+    data = write_data(tmp_path)
+    sets = [a for k, v in {**TINY, "max_steps": 1}.items() for a in ("--set", f"trainer.{k}={v}")]
+    argv = ["train", "distill", "--data", str(data[0]), "-o", str(tmp_path / "out"), "--model", tiny_model_dir,
+            "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "loss=jsd", *sets]
+    assert cli.main(argv) == 2  # no --constitution: no teacher
+    assert cli.main([*argv, "--constitution", str(tmp_path / "c.yaml")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["distill"]["loss"] == "jsd" and manifest["counts"]["steps"] == 1
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

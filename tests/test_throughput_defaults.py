@@ -9,6 +9,7 @@ import pytest
 
 from character_training.errors import UserError
 from character_training.train import common as training
+from character_training.train import devices
 from character_training.train.dpo import DEFAULT_TRAINER
 from character_training.train.sft import DEFAULT_LM, DEFAULT_SFT, lm_fields
 
@@ -42,35 +43,35 @@ def test_cpu_config_is_exactly_the_one_before(kind, tmp_path):
 
 def test_cpu_args_leave_the_recipe_alone():
     args = {**DEFAULT_SFT, "model_init_kwargs": {"attn_implementation": "eager"}, "gradient_checkpointing": True}
-    assert training.trainer_args(args, cuda=False) == {**training.CPU_DEFAULTS, **args}
+    assert devices.trainer_args(args, cuda=False) == {**devices.CPU_DEFAULTS, **args}
 
 
 def test_gpu_defaults_follow_the_measurements():
-    args = training.trainer_args(dict(DEFAULT_SFT), cuda=True, kernel="flash_attention_2")
+    args = devices.trainer_args(dict(DEFAULT_SFT), cuda=True, kernel="flash_attention_2")
     assert args["gradient_checkpointing"] is False  # 1.68x slower with it where memory was plentiful
     assert args["model_init_kwargs"] == {"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}
     assert "use_cpu" not in args and "bf16" not in args  # TRL's GPU default (bf16) stands
-    without = training.trainer_args(dict(DEFAULT_SFT), cuda=True, kernel=None)
+    without = devices.trainer_args(dict(DEFAULT_SFT), cuda=True, kernel=None)
     assert without["model_init_kwargs"] == {"dtype": "bfloat16"}  # no kernel installed: TRL's sdpa
 
 
 def test_on_a_gpu_the_recipe_wins():
     recipe = {"gradient_checkpointing": True, "model_init_kwargs": {"attn_implementation": "sdpa"}}
-    args = training.trainer_args(recipe, cuda=True, kernel="flash_attention_3")
+    args = devices.trainer_args(recipe, cuda=True, kernel="flash_attention_3")
     assert args["gradient_checkpointing"] is True
     assert args["model_init_kwargs"] == {"dtype": "bfloat16", "attn_implementation": "sdpa"}
-    fp32 = training.trainer_args({"bf16": False}, cuda=True, kernel="flash_attention_2")
+    fp32 = devices.trainer_args({"bf16": False}, cuda=True, kernel="flash_attention_2")
     assert "dtype" not in fp32["model_init_kwargs"]  # bf16 weights only where the recipe trains in bf16
     as_json = json.dumps({"dtype": "float32"})
-    assert training.trainer_args({"model_init_kwargs": as_json}, cuda=True)["model_init_kwargs"] == as_json
+    assert devices.trainer_args({"model_init_kwargs": as_json}, cuda=True)["model_init_kwargs"] == as_json
 
 
 def test_padding_free_needs_a_flash_kernel():
-    assert training.takes_padding_free("flash_attention_2")
-    assert training.takes_padding_free("flash_attention_3")
-    assert training.takes_padding_free("kernels-community/flash-attn3")
+    assert devices.takes_padding_free("flash_attention_2")
+    assert devices.takes_padding_free("flash_attention_3")
+    assert devices.takes_padding_free("kernels-community/flash-attn3")
     for name in ("sdpa", "eager", None):
-        assert not training.takes_padding_free(name)
+        assert not devices.takes_padding_free(name)
 
 
 def test_liger_refused_where_it_is_not_installed(tmp_path):
@@ -89,9 +90,9 @@ def test_model_load_kwargs(tmp_path):
     import torch
 
     config = training.make_config("dpo", DEFAULT_TRAINER, {}, tmp_path, seed=0)
-    assert training.model_load_kwargs(config) == {"dtype": torch.float32}  # what load_start uses on the CPU
+    assert devices.model_load_kwargs(config) == {"dtype": torch.float32}  # what load_start uses on the CPU
     config.model_init_kwargs = {"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}
-    assert training.model_load_kwargs(config) == {"dtype": torch.bfloat16, "attn_implementation": "flash_attention_2"}
+    assert devices.model_load_kwargs(config) == {"dtype": torch.bfloat16, "attn_implementation": "flash_attention_2"}
 
 
 @pytest.fixture()
@@ -110,13 +111,13 @@ def sft_trainer(tiny_model_dir, tmp_path):
 
 
 def test_use_padding_free_only_on_a_gpu_with_a_flash_kernel(sft_trainer, capsys):
-    assert not training.use_padding_free(sft_trainer, {}, cuda=False)
-    assert not training.use_padding_free(sft_trainer, {}, cuda=True)  # the tiny model's attention is sdpa
+    assert not devices.use_padding_free(sft_trainer, {}, cuda=False)
+    assert not devices.use_padding_free(sft_trainer, {}, cuda=True)  # the tiny model's attention is sdpa
     assert "padded batches" in capsys.readouterr().out and not sft_trainer.data_collator.padding_free
     sft_trainer.model.config._attn_implementation = "flash_attention_2"
-    assert not training.use_padding_free(sft_trainer, {"padding_free": False}, cuda=True)  # the recipe's
+    assert not devices.use_padding_free(sft_trainer, {"padding_free": False}, cuda=True)  # the recipe's
     assert not sft_trainer.data_collator.padding_free
-    assert training.use_padding_free(sft_trainer, {}, cuda=True)
+    assert devices.use_padding_free(sft_trainer, {}, cuda=True)
     assert sft_trainer.data_collator.padding_free and sft_trainer.args.padding_free
 
 
@@ -128,7 +129,7 @@ def test_padding_free_switch_trains_the_same_loss(sft_trainer):
     examples = [sft_trainer.train_dataset[i] for i in range(len(sft_trainer.train_dataset))]
     model = sft_trainer.model.eval()
     padded = sft_trainer.data_collator(examples)
-    training.switch_to_padding_free(sft_trainer)
+    devices.switch_to_padding_free(sft_trainer)
     flat = sft_trainer.data_collator(examples)
     assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
     assert flat["input_ids"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()

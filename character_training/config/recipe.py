@@ -28,8 +28,8 @@ from character_training.evaluation.settings import EvalSettings
 from character_training.run.generation import (GEN_STAGES, BackendSection, GenSection, ModelsSection, RoleSection,
                                                role_backends)
 from character_training.run.launch import LaunchSection
-from character_training.train.settings import (TRAINING_SECTIONS, DpoSection, GrpoSection, LoraSettings, MidtrainSection,
-                                               SftSection, TrainingSection)
+from character_training.train.settings import (TRAINING_SECTIONS, DistillSection, DpoSection, GrpoSection, LoraSettings,
+                                               MidtrainSection, SftSection, TrainingSection)
 from data_gen.backends import Sampling
 from data_gen.stages.pairs import PairSettings
 from data_gen.stages.prompts import ExpandSettings
@@ -49,6 +49,7 @@ class Recipe:
     prompts: ExpandSettings = field(default_factory=ExpandSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
     midtrain: MidtrainSection = field(default_factory=MidtrainSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     dpo: DpoSection = field(default_factory=DpoSection)
     sft: SftSection = field(default_factory=SftSection)
     grpo: GrpoSection = field(default_factory=GrpoSection)
@@ -75,7 +76,7 @@ class Recipe:
 
 
 STAGES = ("prompts", "pairs", "sdf", "critique", "rlaif", "reflection", "interaction",
-          "midtrain", "dpo", "sft", "grpo", "eval")
+          "midtrain", "distill", "dpo", "sft", "grpo", "eval")
 TRAINING_STAGES = {stage: cls.kind for stage, cls in TRAINING_SECTIONS.items()}  # stage -> TRL config kind
 
 

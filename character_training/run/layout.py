@@ -5,7 +5,7 @@
     RUN_DIR/prompts/prompts.jsonl        training and held-out user prompts ("split")
     RUN_DIR/pairs/pairs.jsonl            teacher (chosen) vs student (rejected) answers
     RUN_DIR/{sdf,critique,rlaif,reflection,interaction}/...   see DATA below
-    RUN_DIR/{midtrain,dpo,sft,grpo}/adapter/                  the PEFT adapter and its model card
+    RUN_DIR/{midtrain,distill,dpo,sft,grpo}/adapter/          the PEFT adapter and its model card
     RUN_DIR/eval/                        eval.json (quick check) or report.md/report.json
 
 The pipeline reads its stages' inputs from here, the CLI prints what a stage wrote from here,

@@ -1,4 +1,4 @@
-"""The recipe's training stages: midtrain, dpo, sft, grpo. Each starts from the previous training
+"""The recipe's training stages: midtrain, distill, dpo, sft, grpo. Each starts from the previous training
 stage's adapter, trains a LoRA with TRL and records where its data came from.
 
 A recipe with a ``launch`` section runs each training stage as an ``accelerate launch`` (or, on the
@@ -94,6 +94,41 @@ def stage_sft(ctx: Context, out: Path) -> dict:
         ctx.model, files, out, system_prompt=ctx.recipe.sft.system_prompt, overlong=ctx.recipe.sft.overlong, **kw))
 
 
+def stage_distill(ctx: Context, out: Path) -> dict:
+    """Context distillation: the student without the constitution learns the prompted model's
+    next-token distribution on the teacher's answers (pairs' chosen answers, or conversations)."""
+    from dataclasses import replace
+
+    from character_training.train.distill import train_distill
+
+    section = ctx.recipe.distill
+    files = data_files(ctx, "distill", {**layout.PAIRS, **layout.CHATS})
+    if section.activation_weight > 0 and section.layers == "best":
+        section = replace(section, layers=[persona_best_layer(ctx, out)])
+    return _train_stage(ctx, "distill", out, lambda **kw: train_distill(
+        ctx.model, files, out, teacher_system_prompt=ctx.teacher_prompt(),
+        student_system_prompt=section.student_system_prompt, settings=section, **kw))
+
+
+def persona_best_layer(ctx: Context, out: Path) -> int:
+    """The layer where the base model best separates the teacher's answers (with the constitution)
+    from the student's (without): persona vectors from the pairs stage, saved in ``out``."""
+    from character_training.evaluation.persona_vectors import compute_persona_vectors, load_model
+
+    path = layout.data_file(ctx.run_dir, "pairs", layout.PAIRS)
+    if not path.is_file():
+        raise UserError(f"distill.layers: 'best' needs the pairs stage's answers ({path} missing) to find the "
+                        "persona vector's best layer; add pairs to 'stages' or give layers as numbers, e.g. [12]")
+    pairs = read_jsonl(path)
+    model, tokenizer = load_model(ctx.model)
+    vectors = compute_persona_vectors(model, tokenizer, [p["prompt"][-1]["content"] for p in pairs],
+                                      [p["chosen"][-1]["content"] for p in pairs],
+                                      [p["rejected"][-1]["content"] for p in pairs], ctx.teacher_prompt())
+    vectors.save(out / "persona_vectors")
+    print(f"[distill] activation consistency at the persona vector's best layer: {vectors.best_layer}", flush=True)
+    return vectors.best_layer
+
+
 def stage_grpo(ctx: Context, out: Path) -> dict:
     """Online RLAIF: GRPO whose reward is a judge scoring each completion against the constitution."""
     from character_training.train.grpo import train_grpo
@@ -109,7 +144,7 @@ def stage_grpo(ctx: Context, out: Path) -> dict:
 
 
 TRAINING_FUNCTIONS: dict[str, Callable[[Context, Path], dict]] = {
-    "midtrain": stage_midtrain, "dpo": stage_dpo, "sft": stage_sft, "grpo": stage_grpo,
+    "midtrain": stage_midtrain, "distill": stage_distill, "dpo": stage_dpo, "sft": stage_sft, "grpo": stage_grpo,
 }
 
 

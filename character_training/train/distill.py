@@ -28,6 +28,7 @@ from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
+from character_training.train import devices
 from character_training.train import distill_loss
 from character_training.train.settings import DistillSection, LoraSettings
 from character_training.train.sft import _short, check_message, read_conversations, read_records, \
@@ -255,7 +256,7 @@ def build_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
     conversations, per_file = read_distill_data(data_paths)
     if init_adapter is not None:  # its config and weights, before any model loads
         check_adapter_dir(init_adapter, "init adapter")
-    config = training.make_config("sft", DEFAULT_TRAINER, {**trainer, **FIXED_TRAINER}, out / training.CHECKPOINTS,
+    config = training.make_config("distill", DEFAULT_TRAINER, {**trainer, **FIXED_TRAINER}, out / training.CHECKPOINTS,
                                   seed)
     tokenizer = training.load_tokenizer(model_path)
     template = answer_template(tokenizer, model_path, config.chat_template_path)
@@ -266,7 +267,7 @@ def build_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
         raise UserError(f"{', '.join(map(str, data_paths))}: no conversation has an answer token left within "
                         f"max_length={config.max_length}; raise trainer.max_length")
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
-                                             model_kwargs=training.model_load_kwargs(config),
+                                             model_kwargs=devices.model_load_kwargs(config),
                                              lora=lora)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)

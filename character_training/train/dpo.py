@@ -18,6 +18,7 @@ from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
+from character_training.train import devices
 from character_training.train.settings import LoraSettings, check_loop_negatives
 from character_training.train.sft import check_message, read_records
 
@@ -179,7 +180,7 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
-                                             model_kwargs=training.model_load_kwargs(config),
+                                             model_kwargs=devices.model_load_kwargs(config),
                                              lora=lora)
     dpo = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)

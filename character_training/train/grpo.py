@@ -30,6 +30,7 @@ from typing import Any
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
+from character_training.train import devices
 from character_training.train.settings import LoraSettings
 from data_gen.backends import Backend, Sampling
 from data_gen.judging import EXAMPLES_KEPT, judge_request, judge_rounds, read_score
@@ -207,7 +208,7 @@ def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_back
     config = training.make_config("grpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
-                                             model_kwargs=training.model_load_kwargs(config),
+                                             model_kwargs=devices.model_load_kwargs(config),
                                              lora=lora)
     reward = JudgeReward(judge_backend, constitution, sampling=judge_sampling, retries=judge_retries)
     grpo = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,

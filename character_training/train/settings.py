@@ -143,9 +143,6 @@ class GrpoSection(TrainingSection):
                             "score; 8 leaves room for it)")
 
 
-TRAINING_SECTIONS = {"midtrain": MidtrainSection, "dpo": DpoSection, "sft": SftSection, "grpo": GrpoSection}
-
-
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 ACTIVATION_LOSSES = ("mse", "cosine")
 
@@ -159,7 +156,7 @@ class DistillSection(TrainingSection):
     """Context distillation (``train.distill``): the student (no system prompt) matches the teacher
     (the same model, LoRA disabled, the constitution as system prompt) on the teacher's answers."""
 
-    kind: ClassVar[str] = "sft"  # its trainer fields are TRL's SFTConfig fields (a TrainingArguments)
+    kind: ClassVar[str] = "distill"  # its trainer fields are TRL's SFTConfig fields (a TrainingArguments)
     data: list = field(default_factory=lambda: ["pairs"])  # the pairs' chosen answers, or conversation stages
     student_system_prompt: str | None = None  # None: the chat template's default (the model as it is used)
     overlong: str = "truncate"  # conversations over trainer.max_length: "truncate" or "drop"; counted
@@ -205,3 +202,7 @@ class DistillSection(TrainingSection):
         if not ok:
             raise UserError(f"layers: {layers!r}; give 'best' (the persona vector's best layer) or a list of layer "
                             "numbers of 1 or more, e.g. [6, 12] (hidden_states indices; 0 is the embeddings)")
+
+
+TRAINING_SECTIONS = {"midtrain": MidtrainSection, "distill": DistillSection, "dpo": DpoSection, "sft": SftSection,
+                     "grpo": GrpoSection}

@@ -22,6 +22,7 @@ from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
 from character_training.train import common as training
+from character_training.train import devices
 from character_training.train.settings import LoraSettings
 
 DEFAULT_SFT: dict[str, Any] = {
@@ -234,11 +235,11 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
         tokenizer.chat_template = (training_chat_template(tokenizer, model_path, config.chat_template_path)
                                    or own_template)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
-                                             model_kwargs=training.model_load_kwargs(config),
+                                             model_kwargs=devices.model_load_kwargs(config),
                                              lora=lora)
     sft = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
-    training.use_padding_free(sft, trainer or {})  # a GPU with FlashAttention: padding-free batches
+    devices.use_padding_free(sft, trainer or {})  # a GPU with FlashAttention: padding-free batches
     # The dataset is tokenized by now: checkpoints and the adapter keep the model's own template.
     tokenizer.chat_template = own_template
     return sft, {"conversations": len(dataset), "per_file": per_file,
@@ -319,7 +320,7 @@ def build_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: Lora
     config = training.make_config("lm", DEFAULT_LM, {**(trainer or {}), **lm_fields(packing, marker)},
                                   Path(out_dir) / training.CHECKPOINTS, seed)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
-                                             model_kwargs=training.model_load_kwargs(config),
+                                             model_kwargs=devices.model_load_kwargs(config),
                                              lora=lora)
     sft = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
