@@ -12,7 +12,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Sequence
 
 from data_gen.errors import UserError
@@ -85,10 +85,8 @@ class DataParallelBackend:
         workers, self._workers = self._workers, None
         atexit.unregister(self.close)
         for process, conn in workers or []:
-            try:
+            with suppress(BrokenPipeError, OSError):  # a worker already gone needs no message
                 conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass  # already gone
         for process, conn in workers or []:
             process.join(60)
             if process.is_alive():

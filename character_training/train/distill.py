@@ -31,23 +31,12 @@ from character_training.train import common as training
 from character_training.train import devices
 from character_training.train import distill_loss
 from character_training.train.settings import DistillSection, LoraSettings
-from character_training.train.sft import _short, check_message, read_conversations, read_records, \
+from character_training.train.sft import DEFAULT_SFT, _short, check_message, read_conversations, read_records, \
     training_chat_template
 
-DEFAULT_TRAINER: dict[str, Any] = {
-    "learning_rate": 2e-4,
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 2,
-    "max_length": 512,           # tokens per view (the teacher's is the longer one)
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 2,
-    "logging_steps": 1,
-    "save_strategy": "steps",    # checkpoints/: a killed run resumes from the last one
-    "save_steps": 10,
-    "save_total_limit": 2,
-    "report_to": "none",
-}
+# SFT's defaults less its loss mask: the answer tokens are picked from the two views here. max_length
+# is per view (the teacher's, with the constitution, is the longer one).
+DEFAULT_TRAINER: dict[str, Any] = {k: v for k, v in DEFAULT_SFT.items() if k != "assistant_only_loss"}
 # The batches are the two views, not the model's inputs: the trainer must keep every column.
 FIXED_TRAINER = {"remove_unused_columns": False, "label_names": []}
 TERMS = ("kl", "activation", "total", "on_policy")
