@@ -8,6 +8,7 @@
     character-training generate STAGE --constitution C -o DIR [--set KEY=VALUE]
     character-training train {dpo,sft,lm,grpo,distill} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
     character-training adapters {compose,orthogonalize,scale,inspect} ...
+    character-training algebra --persona A.yaml --persona B.yaml -o OUT [--set eval.KEY=VALUE]
 
 A user error prints one line and exits with status 2; a bug keeps its traceback. Outputs are never
 destructive: a command writes only into a new or empty directory or one it made (run/layout.py).
@@ -347,6 +348,7 @@ def _train(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from character_training.adapters.cli import add_adapter_commands
+    from character_training.evaluation.algebra_cli import add_algebra_command
 
     parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_generate_command(sub)
     add_adapter_commands(sub)
+    add_algebra_command(sub)
     _add_recipe_commands(sub)
     return parser
 

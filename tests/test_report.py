@@ -117,7 +117,7 @@ def test_every_condition_is_measured_with_coherence_beside_the_persona_rate(repo
         assert {"distinct_3grams", "perplexity", "persona_rate_ci95"} <= set(cell)
         lo, hi = cell["persona_rate_ci95"]
         assert lo <= cell["persona_rate"] <= hi
-    assert r["prompts"] == {"heldout": 4, "neutral": 2}
+    assert r["prompts"] == {"heldout": 4, "neutral": 2, "samples_per_prompt": 1}
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 9 * 6 and {a["source"] for a in answers} == {"heldout", "neutral"}
 
@@ -280,3 +280,35 @@ def test_the_quick_check_is_the_reports_first_part(tmp_path, tiny_model_dir, ada
         cell = small["conditions"][quick_name]
         assert {k: v for k, v in cell.items() if k != "mean_tokens"} == \
             {k: full["conditions"][report_name][k] for k in cell if k != "mean_tokens"}
+
+
+def test_several_answers_per_prompt_and_the_constitutions_markers(tmp_path, tiny_model_dir, adapter):
+    """samples_per_prompt answers per prompt (each prompt k times in a row, the interval resampling
+    prompts), the prefill conversation opening on another prompt, markers counted per condition."""
+    marked = constitution_from_dict({**CONSTITUTION.to_dict(), "markers": ["ahoy", "arr"]})
+    settings = EvalSettings(neutral_prompts=2, adversarial=0, revealed_prompts=0, judge=False, steering=False,
+                            persona_vectors=False, capability=False, samples_per_prompt=2)
+    backend = generator()
+    asked = []
+    chat = backend.chat
+
+    def recording(conversations, sampling, adapter=None, desc=""):
+        asked.append((desc, conversations))
+        return chat(conversations, sampling, adapter=adapter, desc=desc)
+
+    backend.chat = recording
+    r = rep.evaluate(backend=backend, judge=None, model_path=tiny_model_dir, constitution=marked,
+                     system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
+                     pairs=toy_pairs(8), training_texts={}, out_dir=tmp_path, sampling=Sampling(temperature=0.0,
+                                                                                                 max_tokens=6),
+                     settings=settings, log=lambda _: None)
+    assert r["prompts"] == {"heldout": 4, "neutral": 2, "samples_per_prompt": 2} and r["markers"] == ["ahoy", "arr"]
+    c = r["conditions"]
+    assert c["base"]["answers"] == 12 and c["base"]["marker_rate"] == 0.0
+    assert c["base+system_prompt"]["marker_rate"] == 1.0 and c["dpo/adapter"]["marker_rate"] == 1.0
+    prefill = dict(asked)["eval: dpo/adapter | prefill"]
+    assert all(conv[0]["content"] != conv[-1]["content"] for conv in prefill)  # another prompt's turn first
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert answers[0]["prompt"] == answers[1]["prompt"] == HELDOUT[0]
+    assert {tuple(a["markers"]) for a in answers if a["condition"] == "base+system_prompt"} == {("ahoy", "arr")}
+    assert "markers" in (tmp_path / "report.md").read_text()

@@ -3,7 +3,9 @@
 A constitution has a ``name``, a prose ``description``, a list of ``traits`` (each a
 first-person statement, an optional clarification, and seed user ``questions`` that draw the
 trait out), optional ``principles`` (used for critique and judging) and optional ``facts``
-(used for synthetic documents). ``load_constitution`` validates a file and raises a
+(used for synthetic documents) and optional ``markers``: words or phrases the character uses and
+a plain assistant rarely does, counted in its answers by the evaluation (evaluation/markers.py).
+``load_constitution`` validates a file and raises a
 ``ConstitutionError`` whose message is one line naming the file and the field.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ TOP_KEYS = {
     "traits": "a list of traits, each with 'trait', 'questions' and an optional 'clarification'",
     "principles": "an optional list of principles the character would judge itself by",
     "facts": "an optional list of facts about the character (for synthetic documents)",
+    "markers": "an optional list of words or phrases the character uses and a plain assistant rarely does "
+               "(counted by the evaluation; a trailing '*' matches any ending)",
 }
 TRAIT_KEYS = ("trait", "clarification", "questions")
 
@@ -50,6 +54,7 @@ class Constitution:
     traits: tuple[Trait, ...]
     principles: tuple[str, ...] = ()
     facts: tuple[str, ...] = ()
+    markers: tuple[str, ...] = ()
     path: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,14 +65,18 @@ class Constitution:
                                 ("questions", list(t.questions))) if v is not None}
             for t in self.traits
         ]
-        for key in ("principles", "facts"):
+        for key in ("principles", "facts", "markers"):
             data[key] = list(data[key])
         return data
 
     @property
     def sha256(self) -> str:
-        """Hash of the content (not the file's formatting or comments)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        """Hash of the content (not the file's formatting or comments) that generation and
+        training depend on: the markers are left out (only the evaluation reads them), so that
+        declaring markers does not make a finished run's stages stale."""
+        content = self.to_dict()
+        content.pop("markers")
+        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def system_prompt(self) -> str:
@@ -158,8 +167,21 @@ def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitu
         traits=tuple(traits),
         principles=_text_list(data.get("principles"), where, "principles", "principles", required=False),
         facts=_text_list(data.get("facts"), where, "facts", "facts", required=False),
+        markers=_markers(data.get("markers"), where),
         path=None if where.startswith("<") else where,
     )
+
+
+def _markers(value: Any, where: str) -> tuple[str, ...]:
+    from character_training.evaluation.markers import check_marker
+
+    markers = _text_list(value, where, "markers", "marker words or phrases", required=False)
+    for i, marker in enumerate(markers):
+        if (problem := check_marker(marker)) is not None:
+            raise _fail(where, f"markers[{i}]", f"'{marker}' {problem}; give a word or phrase such as 'aye' or 'season*'")
+    if len(set(m.lower() for m in markers)) < len(markers):
+        raise _fail(where, "markers", "lists a marker twice (markers match case-insensitively); list each once")
+    return markers
 
 
 def _read_yaml(path: Path) -> Any:
@@ -265,7 +287,7 @@ def dump_constitution(c: Constitution) -> str:
 
     _Dumper.add_representer(str, _str)
     data = c.to_dict()
-    for key in ("principles", "facts"):
+    for key in ("principles", "facts", "markers"):
         if not data[key]:
             data.pop(key)
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)

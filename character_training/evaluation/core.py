@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from character_training.errors import UserError
+from character_training.evaluation.markers import marker_flags
 from data_gen.backends import Backend, Sampling
 from data_gen.filters import distinct_3gram_share
 
@@ -47,29 +48,42 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0, resamples: int = 2000)
 
 
 def surface_metrics(texts: list[str], flags: np.ndarray, nll: list[tuple[float, int]], finished: list[bool],
-                    seed: int, samples_per_prompt: int = 1) -> dict:
+                    seed: int, samples_per_prompt: int = 1, markers: tuple[str, ...] = ()) -> dict:
     """A condition's persona rate with its 95% interval, and coherence beside it: distinct word
     3-grams over the non-empty answers (an empty answer is counted in ``empty``, not scored as
     perfectly varied), the perplexity of the answers (token-weighted), unfinished answers.
 
     ``texts`` hold ``samples_per_prompt`` consecutive answers per prompt: the interval resamples
     prompts (the mean flag of each prompt's answers), so that several answers to one prompt
-    do not pass for independent evidence."""
+    do not pass for independent evidence.
+
+    With ``markers`` (the constitution's), the share of answers that carry one of them is
+    reported beside the persona rate, with its interval (evaluation/markers.py)."""
     flags = np.asarray(flags, dtype=float)
-    lo, hi = bootstrap_interval(flags.reshape(-1, samples_per_prompt).mean(axis=1), seed=seed)
     tokens = sum(n for _, n in nll)
     spoken = [t for t in texts if t]
-    return {"persona_rate": float(flags.mean()) if len(flags) else float("nan"), "persona_rate_ci95": [lo, hi],
-            "distinct_3grams": float(np.mean([distinct_3gram_share(t) for t in spoken])) if spoken else float("nan"),
-            "perplexity": math.exp(sum(v for v, _ in nll) / tokens) if tokens else float("nan"),
-            "unfinished": sum(not f for f in finished), "empty": len(texts) - len(spoken), "answers": len(texts)}
+    out = {**_rate("persona_rate", flags, seed, samples_per_prompt),
+           "distinct_3grams": float(np.mean([distinct_3gram_share(t) for t in spoken])) if spoken else float("nan"),
+           "perplexity": math.exp(sum(v for v, _ in nll) / tokens) if tokens else float("nan"),
+           "unfinished": sum(not f for f in finished), "empty": len(texts) - len(spoken), "answers": len(texts)}
+    if markers:
+        out.update(_rate("marker_rate", marker_flags(texts, markers).astype(float), seed, samples_per_prompt))
+    return out
+
+
+def _rate(name: str, flags: np.ndarray, seed: int, samples_per_prompt: int) -> dict:
+    """{name: the mean, name_ci95: its interval, resampling prompts}."""
+    lo, hi = bootstrap_interval(flags.reshape(-1, samples_per_prompt).mean(axis=1), seed=seed)
+    return {name: float(flags.mean()) if len(flags) else float("nan"), f"{name}_ci95": [lo, hi]}
 
 
 def generate_conditions(backend: Backend, conditions: list[Condition], prompts: list[str],
-                        sampling: Sampling) -> dict[str, dict]:
+                        sampling: Sampling, samples_per_prompt: int = 1) -> dict[str, dict]:
     """{condition: {"conversations", "completions"}}, one backend request per condition, in
     the conditions' order; prefill conditions come last: each continues a conversation whose
-    first assistant turn is the base model's answer to the previous prompt."""
+    first assistant turn is the base model's answer to the previous prompt. ``prompts`` hold
+    each prompt ``samples_per_prompt`` times in a row: the previous prompt is the one before
+    that run."""
     results: dict[str, dict] = {}
     for cond in [c for c in conditions if not c.prefill]:
         conversations = [cond.conversation(p) for p in prompts]
@@ -79,9 +93,9 @@ def generate_conditions(backend: Backend, conditions: list[Condition], prompts: 
     prefill = [c for c in conditions if c.prefill]
     if prefill:
         base_answers = [c.text.strip() for c in results[BASE]["completions"]]
-        n = len(prompts)
-        conversations = [[{"role": "user", "content": prompts[(i - 1) % n]},
-                          {"role": "assistant", "content": base_answers[(i - 1) % n]},
+        n, k = len(prompts), samples_per_prompt
+        conversations = [[{"role": "user", "content": prompts[(i - k) % n]},
+                          {"role": "assistant", "content": base_answers[(i - k) % n]},
                           {"role": "user", "content": prompts[i]}] for i in range(n)]
         for cond in prefill:
             results[cond.name] = {"conversations": conversations,

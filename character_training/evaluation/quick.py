@@ -24,6 +24,7 @@ import numpy as np
 from character_training.evaluation.core import (ADAPTER, BASE, PROMPTED, Condition, answers_of, fit_classifier,
                                                 generate_conditions, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
+from character_training.evaluation.markers import markers_in
 from data_gen.backends import Backend, Sampling
 from data_gen.scoring import PersonaClassifier
 from data_gen.store import read_jsonl, write_json, write_jsonl
@@ -37,10 +38,12 @@ def quick_conditions(system_prompt: str, adapter: str) -> list[Condition]:
 
 def quick_check(backend: Backend, model_path: str, conditions: list[Condition], heldout: list[str],
                 pairs_path: Path, out_dir: Path, *, sampling: Sampling = Sampling(temperature=0.7, max_tokens=160),
-                seed: int = 0, classifier: PersonaClassifier | None = None, samples_per_prompt: int = 1) -> dict:
+                seed: int = 0, classifier: PersonaClassifier | None = None, samples_per_prompt: int = 1,
+                markers: tuple[str, ...] = ()) -> dict:
     """Each condition answers every held-out prompt ``samples_per_prompt`` times (sampled, so the
     answers differ); the rate's interval resamples prompts, not answers, so that several answers
-    to one prompt do not pass for independent evidence."""
+    to one prompt do not pass for independent evidence. With the constitution's ``markers``,
+    each condition's marker rate is reported beside its persona rate (evaluation/markers.py)."""
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt: {samples_per_prompt}; give 1 or more")
     out_dir = Path(out_dir)
@@ -55,14 +58,16 @@ def quick_check(backend: Backend, model_path: str, conditions: list[Condition], 
         completions, texts = generated["completions"], answers_of(generated)
         flags = classifier.persona_flags(texts)
         nll = answer_perplexities(model_path, asked, texts, desc=f"perplexity: {cond.name}")
-        results[cond.name] = {**surface_metrics(texts, flags, nll, [c.finished for c in completions], seed, k),
+        results[cond.name] = {**surface_metrics(texts, flags, nll, [c.finished for c in completions], seed, k,
+                                                markers),
                               "mean_tokens": float(np.mean([c.num_tokens for c in completions]))}
         records += [{"condition": cond.name, "prompt": p, "sample": i % k, "answer": t, "persona": bool(f),
-                     "finish_reason": c.finish_reason}
+                     "finish_reason": c.finish_reason, **({"markers": markers_in(t, markers)} if markers else {})}
                     for i, (p, t, f, c) in enumerate(zip(asked, texts, flags, completions))]
     write_jsonl(out_dir / "answers.jsonl", records)
     report = {"conditions": results, "classifier": classifier_info, "heldout_prompts": len(heldout),
-              "samples_per_prompt": k, "sampling": sampling.to_dict(), "seed": seed}
+              "samples_per_prompt": k, "sampling": sampling.to_dict(), "seed": seed,
+              **({"markers": list(markers)} if markers else {})}
     if BASE in results and PROMPTED in results and ADAPTER in results:
         report["adapter_over_system_prompt"] = _ratio(results[ADAPTER]["persona_rate"], results[PROMPTED]["persona_rate"])
     write_json(out_dir / "eval.json", report)
@@ -74,10 +79,16 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def format_table(report: dict) -> str:
-    rows = [f"{'condition':<22} {'persona rate':>12} {'95% CI':>15} {'distinct-3':>10} {'perplexity':>10} {'unfinished':>10}"]
+    marked = bool(report.get("markers"))
+    rows = [f"{'condition':<22} {'persona rate':>12} {'95% CI':>15} " + (f"{'markers':>8} {'95% CI':>15} " if marked else "")
+            + f"{'distinct-3':>10} {'perplexity':>10} {'unfinished':>10}"]
     for name, r in report["conditions"].items():
         lo, hi = r["persona_rate_ci95"]
-        rows.append(f"{name:<22} {r['persona_rate']:>12.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} "
+        markers = ""
+        if marked:
+            mlo, mhi = r["marker_rate_ci95"]
+            markers = f"{r['marker_rate']:>8.3f} {f'[{mlo:.2f}, {mhi:.2f}]':>15} "
+        rows.append(f"{name:<22} {r['persona_rate']:>12.3f} {f'[{lo:.2f}, {hi:.2f}]':>15} {markers}"
                     f"{r['distinct_3grams']:>10.3f} {r['perplexity']:>10.2f} {r['unfinished']:>6}/{r['answers']}")
     if report.get("adapter_over_system_prompt") is not None:
         rows.append(f"adapter persona rate / system-prompted rate: {report['adapter_over_system_prompt']:.2f}")

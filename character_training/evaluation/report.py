@@ -44,6 +44,7 @@ from character_training.errors import UserError
 from character_training.evaluation.core import (BASE, PROMPTED, STEERED, Condition, answers_of, fit_classifier,
                                                 generate_conditions, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
+from character_training.evaluation.markers import markers_in
 from character_training.evaluation.report_output import ADVERSARIAL_SUFFIXES, markdown_report, plot_report
 from character_training.evaluation.settings import EvalSettings
 from data_gen.backends import Sampling
@@ -153,22 +154,26 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     hashes = _forget_stale(out, model_path, adapters, log)  # the adapters' weights, hashed once
     heldout, neutral = _prompts(heldout, settings)
     prompts = heldout + neutral
+    k = settings.samples_per_prompt
+    asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row (answers are sampled)
     report: dict = {"model": model_path, "adapters": adapters, "seed": seed, "sampling": sampling.to_dict(),
-                    "settings": asdict(settings), "prompts": {"heldout": len(heldout), "neutral": len(neutral)},
+                    "settings": asdict(settings), "prompts": {"heldout": len(heldout), "neutral": len(neutral),
+                                                              "samples_per_prompt": k},
+                    "markers": list(constitution.markers),
                     "contamination": _contamination(prompts, training_texts, log)}
     classifier = classifier or PersonaClassifier()
     report["classifier"] = fit_classifier(classifier, pairs)
     conditions = conditions_for(system_prompt, adapters, settings)
 
     # 1. Model-side parts the generation needs, before any engine holds the accelerator.
-    pv, steered = _before_generation(out, model_path, pairs, system_prompt, prompts, settings, sampling, seed, log)
+    pv, steered = _before_generation(out, model_path, pairs, system_prompt, asked, settings, sampling, seed, log)
 
     # 2. Generation, judging, revealed preferences: the engines.
     backend = CachedBackend(_started(backend), out / "cache.jsonl", chunk_size=chunk_size)
-    generated = generate_conditions(backend, conditions, prompts, sampling)
+    generated = generate_conditions(backend, conditions, asked, sampling, k)
     if steered is not None:
-        _add_steered(generated, conditions, prompts, steered)
-    records, flags_of = _classify(classifier, conditions, generated, prompts, set(heldout))
+        _add_steered(generated, conditions, asked, steered)
+    records, flags_of = _classify(classifier, conditions, generated, asked, set(heldout), constitution.markers)
     write_jsonl(out / "answers.jsonl", records)
     if judge is not None and (settings.judge or settings.revealed_prompts > 0):
         judge = CachedBackend(_started(judge), out / "judge_cache.jsonl", chunk_size=chunk_size)
@@ -178,8 +183,8 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     _free_memory()
 
     # 3. Model-side metrics on what was generated.
-    report["conditions"] = _surface(out, model_path, conditions, generated, prompts, set(heldout), flags_of,
-                                    records, seed, log)
+    report["conditions"] = _surface(out, model_path, conditions, generated, asked, set(heldout), flags_of,
+                                    records, seed, log, k, constitution.markers)
     report.update(_after_generation(out, model_path, pv, conditions, generated, report, adapters, hashes,
                                     settings, seed, log))
     report["plots"] = plot_report(report, out)
@@ -231,14 +236,16 @@ def _add_steered(generated: dict, conditions: list[Condition], prompts: list[str
 
 
 def _classify(classifier, conditions: list[Condition], generated: dict, prompts: list[str],
-              heldout: set[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """(one record per answer, {condition: persona flags})."""
+              heldout: set[str], markers: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """(one record per answer, {condition: persona flags}); with markers, each record lists the
+    ones its answer carries."""
     records, flags_of = [], {}
     for cond in conditions:
         completions, texts = generated[cond.name]["completions"], answers_of(generated[cond.name])
         flags_of[cond.name] = classifier.persona_flags(texts)
         records += [{"condition": cond.name, "prompt": p, "source": "heldout" if p in heldout else "neutral",
-                     "answer": t, "persona": bool(f), "finish_reason": c.finish_reason}
+                     "answer": t, "persona": bool(f), "finish_reason": c.finish_reason,
+                     **({"markers": markers_in(t, markers)} if markers else {})}
                     for p, t, f, c in zip(prompts, texts, flags_of[cond.name], completions)]
     return records, flags_of
 
@@ -263,7 +270,8 @@ def _judged(out: Path, backend, judge, constitution, records: list[dict], reveal
 
 
 def _surface(out: Path, model_path: str, conditions: list[Condition], generated: dict, prompts: list[str],
-             heldout: set[str], flags_of: dict, records: list[dict], seed: int, log) -> dict:
+             heldout: set[str], flags_of: dict, records: list[dict], seed: int, log, samples_per_prompt: int = 1,
+             markers: tuple[str, ...] = ()) -> dict:
     """Each condition's surface metrics (core.surface_metrics) and its persona rate on the
     held-out and on the neutral prompts; the perplexities are kept in parts/answer_nll.json."""
     log("[eval] persona rate and coherence")
@@ -278,7 +286,8 @@ def _surface(out: Path, model_path: str, conditions: list[Condition], generated:
         completions, flags = generated[cond.name]["completions"], flags_of[cond.name]
         results[cond.name] = {"kind": cond.kind, **surface_metrics(answers_of(generated[cond.name]), flags,
                                                                     [tuple(x) for x in nll_all[cond.name]],
-                                                                    [c.finished for c in completions], seed)}
+                                                                    [c.finished for c in completions], seed,
+                                                                    samples_per_prompt, markers)}
         for stratum in ("heldout", "neutral"):
             idx = [i for i, p in enumerate(prompts) if (p in heldout) == (stratum == "heldout")]
             if idx:

@@ -137,12 +137,18 @@ def _fmt(v, spec=".3f") -> str:
 
 
 def format_conditions(report: dict) -> str:
-    rows = [f"{'condition':<34} {'persona':>7} {'95% CI':>14} {'/sys':>5} {'distinct3':>9} {'ppl':>6} "
-            f"{'judge coh':>9} {'proj':>6}"]
+    marked = bool(report.get("markers"))
+    rows = [f"{'condition':<34} {'persona':>7} {'95% CI':>14} {'/sys':>5} "
+            + (f"{'markers':>7} {'95% CI':>14} " if marked else "")
+            + f"{'distinct3':>9} {'ppl':>6} {'judge coh':>9} {'proj':>6}"]
     for name, r in report["conditions"].items():
         lo, hi = r["persona_rate_ci95"]
+        markers = ""
+        if marked:
+            mlo, mhi = r["marker_rate_ci95"]
+            markers = f"{r['marker_rate']:>7.3f} {f'[{mlo:.2f}, {mhi:.2f}]':>14} "
         rows.append(f"{name:<34} {r['persona_rate']:>7.3f} {f'[{lo:.2f}, {hi:.2f}]':>14} "
-                    f"{_fmt(r.get('persona_rate_over_system_prompt'), '.2f'):>5} {r['distinct_3grams']:>9.3f} "
+                    f"{_fmt(r.get('persona_rate_over_system_prompt'), '.2f'):>5} {markers}{r['distinct_3grams']:>9.3f} "
                     f"{_fmt(r['perplexity'], '.2f'):>6} {_fmt(r.get('judge_coherence'), '.1f'):>9} "
                     f"{_fmt(r.get('projection_ratio'), '.2f'):>6}")
     return "\n".join(rows)
@@ -152,14 +158,18 @@ def markdown_report(report: dict) -> str:
     lines = ["# Persona evaluation", "",
              f"Model `{report['model']}`; adapters: " + (", ".join(f"`{n}` ({p})" for n, p in report["adapters"].items())
                                                          or "none") + ".",
-             f"{report['prompts']['heldout']} held-out prompts and {report['prompts']['neutral']} neutral prompts; "
+             f"{report['prompts']['heldout']} held-out prompts and {report['prompts']['neutral']} neutral prompts, "
+             f"{report['prompts'].get('samples_per_prompt', 1)} answer(s) each (intervals resample prompts); "
              f"sampling {report['sampling']}; seed {report['seed']}.", "",
              "## Persona rate, with coherence beside it", "",
              "The persona rate is the share of answers a teacher-vs-student classifier calls the persona "
              "(95% bootstrap interval). A collapsed model fools such a classifier, so read it with the coherence "
              "columns: distinct word 3-grams, perplexity of the answers under the base model, the judge's "
              "coherence score (0-100). `/sys`: the rate over the system-prompted model's; `proj`: the projection "
-             "onto the persona vector at the best layer, over the system-prompted model's.", "",
+             "onto the persona vector at the best layer, over the system-prompted model's."
+             + (" `markers`: the share of answers carrying one of the constitution's markers ("
+                + ", ".join(f"'{m}'" for m in report["markers"]) + "), counted as written, with its interval."
+                if report.get("markers") else ""), "",
              "```", format_conditions(report), "```", ""]
     info = report.get("classifier", {})
     if info.get("cv_accuracy") is not None:

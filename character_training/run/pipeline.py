@@ -134,7 +134,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
         backend = _eval_engine(ctx, [adapter])
         report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), adapter), ctx.prompts("heldout"),
                              pairs_path, out, sampling=sampling, seed=ctx.recipe.seed,
-                             samples_per_prompt=e.samples_per_prompt)
+                             samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
         return {"stage": "eval", "adapter": adapter, **report}
 
     from character_training.evaluation.capability import training_texts_of_run
