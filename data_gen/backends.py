@@ -218,11 +218,15 @@ def _cpu_has_bf16() -> bool:
 
 def _cpu_defaults(kv_cache_gib: int | None) -> None:
     """vLLM's CPU build keeps one core for the front end by default; on a small machine the
-    engine is the only thing working during generation, so let it use every core (1.6x here)."""
+    engine is the only thing working during generation, so let it use every core (1.6x here).
+    One engine step may take minutes on a small CPU shared with other work (measured: a LoRA step
+    of the algebra report beside a DPO run passed vLLM's 300 s and the engine was declared dead),
+    so the step timeout is 30 minutes unless set."""
     if kv_cache_gib is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     cores = os.cpu_count() or 1
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")
 
 
 def _progress(desc: str):

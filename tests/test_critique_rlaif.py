@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from character_training.config.constitution import constitution_from_dict
-from data_gen.backends import Completion, Sampling
+from data_gen.backends import Completion
 from data_gen.errors import UserError
 from data_gen.judging import choice_verdict, letter_from_logprobs, letter_from_text
 from data_gen.stages.critique import CritiqueSettings, clean_critique, clean_revision, run_critique
