@@ -59,7 +59,10 @@ def test_demo_recipe_values():
     assert recipe.dpo.lora.r == 16 and recipe.dpo.lora.target_modules == "all-linear"
     # parsed as a number (PyYAML's YAML 1.1 alone would leave "5.0e-4"-style values as text)
     assert isinstance(recipe.dpo.trainer["learning_rate"], float) and 0 < recipe.dpo.trainer["learning_rate"] < 1e-2
-    assert recipe.stages == ["prompts", "pairs", "dpo", "eval"]
+    assert recipe.stages == ["prompts", "pairs", "distill", "eval"]
+    assert recipe.distill.activation_weight == 0.1 and recipe.distill.layers == "best"
+    assert recipe.distill.trainer["max_length"] == 448 and recipe.distill.lora == recipe.dpo.lora
+    assert recipe.backend.engine == {"dtype": "float32"}  # the same samples on every CPU
     assert recipe.dpo.loop_negatives == 0.5 and recipe.dpo.trainer["ld_alpha"] == 0.5
     assert recipe.pairs.frequency_penalty == 0.5
     assert recipe.pairs.unfinished == "trim" and recipe.eval.samples_per_prompt == 2
