@@ -121,9 +121,11 @@ class VLLMBackend:
             _cpu_defaults(kv_cache_gib)
         dtype = options.pop("dtype", dtype)  # "auto" in a recipe means this class's choice, below
         if dtype == "auto":
-            # bf16 on a CPU without AVX512-BF16/AMX falls back to slow kernels (measured here:
-            # under 1 token/s vs 83 in fp32); fp32 is the safe CPU default.
-            dtype = "bfloat16" if on_gpu or _cpu_has_bf16() else "float32"
+            # On the CPU, fp32: bf16 without AVX512-BF16/AMX falls back to slow kernels (measured:
+            # under 1 token/s vs 83 in fp32), and with them it is faster but draws other samples, so
+            # the same recipe gave other prompts, pairs and results on such a CPU. fp32 gives the
+            # same numbers on every CPU measured; ask for bf16 with backend.engine.dtype.
+            dtype = "bfloat16" if on_gpu else "float32"
         self.model = model
         self.enable_lora = enable_lora
         self._adapter_ids: dict[str, int] = {}
@@ -206,14 +208,6 @@ def _first_logprobs(output) -> dict[str, float] | None:
         text = lp.decoded_token if lp.decoded_token is not None else str(token_id)
         found[text] = max(found.get(text, float("-inf")), float(lp.logprob))
     return found
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cpu_defaults(kv_cache_gib: int | None) -> None:

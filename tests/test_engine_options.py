@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from data_gen import backends
 from data_gen.backends import Completion, Engines, Sampling, VLLMBackend, check_engine_options
 from data_gen.errors import UserError
 from data_gen.parallel import DataParallelBackend, contiguous_shards, gpu_sets
@@ -121,17 +120,23 @@ class RecordingLLM:
 
 @pytest.fixture
 def recorder(monkeypatch, engine_args):
-    """vllm.LLM recorded, on a CPU without AVX512-BF16 (the env vars the CPU path sets, restored)."""
+    """vllm.LLM recorded, on a CPU (the env vars the CPU path sets, restored)."""
     import torch
     import vllm
 
     RecordingLLM.built, RecordingLLM.shutdowns = [], []
     monkeypatch.setattr(vllm, "LLM", RecordingLLM)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(backends, "_cpu_has_bf16", lambda: False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     return RecordingLLM
+
+
+def test_the_cpu_default_dtype_is_fp32_and_a_recipe_may_ask_for_bf16(recorder):
+    """fp32 on every CPU: a CPU with AVX512-BF16 picked bf16 under "auto" and drew other samples."""
+    VLLMBackend("m", seed=0, kv_cache_gib=2)
+    VLLMBackend("m", seed=0, kv_cache_gib=2, engine={"dtype": "bfloat16"})
+    assert [b["dtype"] for b in recorder.built] == ["float32", "bfloat16"]
 
 
 def test_without_engine_options_vllm_gets_exactly_what_it_got_before(recorder, monkeypatch, capsys):
