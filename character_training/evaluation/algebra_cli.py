@@ -121,18 +121,16 @@ def check_pair(paths: list[str], loaded: list) -> None:
 
 
 def lora_engine(ctx, adapters: list[str]):
-    """One vLLM engine of the student with LoRA, large enough for every condition's adapter."""
+    """The eval stage's LoRA engine of the student (run/pipeline.py ``eval_engine``), once every
+    condition's adapter is known to fit vLLM's largest LoRA rank."""
     from character_training.adapters.io import read_config
-    from character_training.run.generation import engine_kwargs
-    from character_training.run.pipeline import lora_rank_for_vllm
+    from character_training.run.pipeline import eval_engine, lora_rank_for_vllm
 
     rank = lora_rank_for_vllm([read_config(a) for a in adapters])
     if rank > VLLM_MAX_LORA_RANK:
         raise UserError(f"an algebra adapter needs LoRA rank {rank}, above the {VLLM_MAX_LORA_RANK} vLLM serves; "
                         "(A+B)-B has the rank of A plus twice B's: train the personas with a smaller lora.r")
-    ctx.engines.release()
-    return ctx.engines.lazy(ctx.model, **engine_kwargs(ctx.role("student").backend, ctx.recipe.seed,
-                                                       enable_lora=True, max_lora_rank=rank))
+    return eval_engine(ctx, adapters)
 
 
 def run_algebra(args) -> int:

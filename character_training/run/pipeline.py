@@ -131,7 +131,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     if e.report == "quick":
         if extra_adapters:
             raise UserError("eval.report: quick evaluates one adapter; use the full report for several")
-        backend = _eval_engine(ctx, [adapter])
+        backend = eval_engine(ctx, [adapter])
         report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), adapter), ctx.prompts("heldout"),
                              pairs_path, out, sampling=sampling, seed=ctx.recipe.seed,
                              samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
@@ -148,7 +148,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
 
     def engine():  # one engine, started once: generation and (without a judge model) judging share it
         if "engine" not in started:
-            started["engine"] = _eval_engine(ctx, list(named.values()))
+            started["engine"] = eval_engine(ctx, list(named.values()))
         return started["engine"]
 
     def judge_backend():  # the recipe's judge: another model, or HTTP servers
@@ -167,7 +167,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
             "report": "report.md"}
 
 
-def _eval_engine(ctx: Context, adapters: list[str]):
+def eval_engine(ctx: Context, adapters: list[str]):
     """One vLLM engine of the student with LoRA for every condition (base requests simply carry no
     adapter), with the student's engine options."""
     from character_training.adapters.io import read_config
