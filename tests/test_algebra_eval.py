@@ -226,6 +226,20 @@ def test_one_engine_serves_every_adapter_and_ranks_beyond_vllm_are_refused(built
         algebra_cli.lora_engine(ctx, [str(huge)])
 
 
+def test_each_rank_gets_its_own_engine_and_the_plain_conditions_go_first(report):
+    from character_training.adapters.io import read_config
+    from character_training.run.pipeline import lora_rank_for_vllm
+
+    _, r, holder, _ = report
+    engines = holder["engines"]  # the personas' rank is 4: every adapter but (A+B)-B (rank 12) fits rank 8
+    ranks = [{lora_rank_for_vllm([read_config(a)]) for a in e} for e in engines]
+    assert ranks == [{8}, {16}]
+    assert engines[1] == [r["conditions"]["(A+B)-B"]["adapter"]]
+    assert len(engines[0]) == len(set(engines[0])) == 20
+    first, second = (b.calls for b in holder["backends"])
+    assert first.count(None) == 3 and second == [engines[1][0]]  # base and both prompts, then (A+B)-B alone
+
+
 def test_paired_bootstrap():
     x, y = np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])
     d = paired("difference", [x, y], seed=0)
@@ -303,9 +317,9 @@ def report(runs, tmp_path_factory):
     holder = {}
 
     def engine(ctx, adapters):
-        holder["adapters"] = adapters
-        holder["backend"] = AlgebraBackend({k: str(v) for k, v in runs["adapters"].items()})
-        return holder["backend"]
+        holder.setdefault("engines", []).append(adapters)
+        holder.setdefault("backends", []).append(AlgebraBackend({k: str(v) for k, v in runs["adapters"].items()}))
+        return holder["backends"][-1]
 
     patch = pytest.MonkeyPatch()
     patch.setattr(algebra_cli, "lora_engine", engine)
@@ -325,7 +339,7 @@ def test_the_report_is_written_with_every_condition(report):
     for name in ("heatmap.png", "dose_response.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(r["conditions"]) == 24 and not r["skipped"]
-    assert set(holder["adapters"]) == {c["adapter"] for c in r["conditions"].values() if c["adapter"]}
+    assert {a for e in holder["engines"] for a in e} == {c["adapter"] for c in r["conditions"].values() if c["adapter"]}
     md = (out / "algebra.md").read_text()
     for heading in ("Additivity", "Interference", "Orthogonalization", "Negation", "Dose-response", "Exactness",
                     "Projections", "Contamination"):
