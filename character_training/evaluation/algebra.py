@@ -24,9 +24,6 @@ projections) are reused by a rerun; OUT/adapters/ holds the built adapters.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,8 +34,8 @@ from character_training.errors import UserError
 from character_training.evaluation.algebra_conditions import (PERSONAS, Spec, algebra_specs, build_adapters,
                                                               weight_check)
 from character_training.evaluation.algebra_output import analyses, markdown_report, plot_report
-from character_training.evaluation.core import (Condition, answers_of, fit_classifier, generate_conditions,
-                                                surface_metrics)
+from character_training.evaluation.core import (PARTS, Condition, answers_of, fit_classifier, forget_stale,
+                                                generate_conditions, input_key, kept_part, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
 from character_training.evaluation.markers import markers_in
 from character_training.evaluation.settings import EvalSettings
@@ -46,7 +43,6 @@ from character_training.util import file_sha256
 from data_gen.backends import Backend, Sampling
 from data_gen.store import write_json, write_jsonl
 
-PARTS = "parts"
 CACHE = "cache.jsonl"
 
 
@@ -112,7 +108,7 @@ def algebra_report(*, engine: Callable[[list[str]], Backend], model_path: str, p
     texts = {c.name: answers_of(generated[c.name]) for c in conditions}
     flags = {c.name: {p.key: np.asarray(classifiers[p.key].persona_flags(texts[c.name]), dtype=float)
                       for p in personas} for c in conditions}
-    nll = _part(out, "answer_nll", _key(model_path, asked, texts),
+    nll = kept_part(out, "answer_nll", input_key(model_path, asked, texts),
                 lambda: {name: answer_perplexities(model_path, asked, t, desc=f"perplexity: {name}")
                          for name, t in texts.items()})
     cells = _cells(specs, generated, texts, flags, nll, personas, adapters, seed, k)
@@ -251,36 +247,13 @@ def _records(conditions, generated, asked, sources, texts, flags, personas, k) -
 
 # --------------------------------------------------------------------- parts kept between runs
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _part(out: Path, name: str, key: str, compute: Callable[[], dict]) -> dict:
-    """A model-side part, kept in parts/NAME.json with its inputs' key and reused while they hold."""
-    path = out / PARTS / f"{name}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return saved["value"]
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"key": key, "value": value})
-    return value
-
-
 def _forget_stale(out: Path, model_path: str, personas: list[Persona], log) -> None:
-    """The generation cache is keyed by adapter *paths*: when a persona's adapter was retrained in
-    place (or the model changed), the cache and parts go."""
+    """A persona's adapter retrained in place, or another model, starts the report afresh."""
     from character_training.adapters.io import WEIGHTS_FILE
 
     inputs = {"model": model_path, "adapters": {p.key: file_sha256(Path(p.adapter) / WEIGHTS_FILE) for p in personas}}
-    path = out / PARTS / "inputs.json"
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != inputs:
-        log("[algebra] the model or a persona's adapter changed since the last report here: generating afresh")
-        (out / CACHE).unlink(missing_ok=True)
-        shutil.rmtree(out / PARTS, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, inputs)
+    forget_stale(out, inputs, (CACHE,), "[algebra] the model or a persona's adapter changed since the last report "
+                                        "here: generating afresh", log)
 
 
 # --------------------------------------------------------------------------- persona vectors
@@ -299,7 +272,7 @@ def _persona_vectors(out: Path, model_path: str, personas: list[Persona], log) -
     for p in personas:
         prompts, persona, plain = ([_user_turn(x) for x in p.pairs], [x["chosen"][-1]["content"] for x in p.pairs],
                                    [x["rejected"][-1]["content"] for x in p.pairs])
-        key = _key(model_path, prompts, persona, plain, p.system_prompt)
+        key = input_key(model_path, prompts, persona, plain, p.system_prompt)
         where = out / PARTS / f"persona_vectors_{p.key}"
 
         def compute(p=p, prompts=prompts, persona=persona, plain=plain, where=where):
@@ -312,10 +285,10 @@ def _persona_vectors(out: Path, model_path: str, personas: list[Persona], log) -
                     "pairs": len(p.pairs)}
 
         meta = f"persona_vectors_{p.key}_meta"
-        value = _part(out, meta, key, compute)
+        value = kept_part(out, meta, key, compute)
         if not (where / pvm.TENSORS_FILE).is_file():  # the summary outlived the tensors: compute again
             (out / PARTS / f"{meta}.json").unlink()
-            value = _part(out, meta, key, compute)
+            value = kept_part(out, meta, key, compute)
         found[p.key] = {**value, "key": key, "path": str(where)}
     return found
 
@@ -327,7 +300,7 @@ def _projections(out: Path, model_path: str, conditions: list[Condition], genera
     to that persona's system-prompt condition."""
     from character_training.evaluation import persona_vectors as pvm
 
-    key = _key({p: v["key"] for p, v in vectors.items()},
+    key = input_key({p: v["key"] for p, v in vectors.items()},
                [(c.name, c.adapter, generated[c.name]["conversations"], answers_of(generated[c.name]))
                 for c in conditions])
 
@@ -354,7 +327,7 @@ def _projections(out: Path, model_path: str, conditions: list[Condition], genera
         return found
 
     log("[algebra] projections onto each persona's vector")
-    return _part(out, "projections", key, compute)
+    return kept_part(out, "projections", key, compute)
 
 
 def _add_projection_ratios(cells: dict, projections: dict) -> None:

@@ -2,13 +2,20 @@
 the conditions a model is asked under, how their answers are generated, the persona
 classifier's training, the surface metrics of a condition's answers and the bootstrap.
 
+Also the parts a report keeps between runs (``input_key``, ``kept_part``, ``forget_stale``):
+the full report and the algebra report reuse what a killed or repeated run computed already.
+
 The log-likelihood scorer the perplexities come from is in likelihood.py.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -119,3 +126,46 @@ def check_adapter_dir(name: str, path) -> None:
     if not (Path(path) / "adapter_config.json").is_file():
         raise UserError(f"adapter '{name}': {path} has no adapter_config.json; pass a directory written "
                         "by a training stage (or PEFT's save_pretrained)")
+
+
+# ------------------------------------------------------------------ parts kept between runs
+
+PARTS = "parts"
+
+
+def input_key(*parts) -> str:
+    """A short hash of what a part is computed from."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def kept_part(out: Path, name: str, key: str, compute: Callable[[], dict]) -> dict:
+    """A part computed outside the generation cache (perplexities, persona vectors, projections),
+    kept in OUT/parts/NAME.json with its inputs' key and reused while the key holds."""
+    from data_gen.store import write_json
+
+    path = Path(out) / PARTS / f"{name}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return saved["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "value": value})
+    return value
+
+
+def forget_stale(out: Path, inputs: dict, caches: tuple[str, ...], message: str, log) -> None:
+    """Caches and parts are keyed by adapter *paths*: an adapter retrained in place (or another
+    model) must not be answered from them. ``inputs`` (the model, the adapters' weight hashes) are
+    recorded in OUT/parts/inputs.json; when they differ from the last run's, the ``caches`` files
+    and the parts go, and ``message`` is logged."""
+    from data_gen.store import write_json
+
+    path = Path(out) / PARTS / "inputs.json"
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != inputs:
+        log(message)
+        for name in caches:
+            (Path(out) / name).unlink(missing_ok=True)
+        shutil.rmtree(Path(out) / PARTS, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, inputs)

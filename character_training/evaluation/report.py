@@ -33,7 +33,6 @@ plots and Markdown are written by report_output.py.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -42,7 +41,8 @@ import numpy as np
 
 from character_training.errors import UserError
 from character_training.evaluation.core import (BASE, PROMPTED, STEERED, Condition, answers_of, fit_classifier,
-                                                generate_conditions, surface_metrics)
+                                                forget_stale, generate_conditions, input_key, kept_part,
+                                                surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
 from character_training.evaluation.markers import markers_in
 from character_training.evaluation.report_output import ADVERSARIAL_SUFFIXES, markdown_report, plot_report
@@ -82,37 +82,11 @@ def adapter_names(paths: list[str]) -> dict[str, str]:
     return named
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _part(out: Path, name: str, key: str, compute: Callable[[], dict]) -> dict:
-    """A part computed outside the generation cache, kept in parts/NAME.json with its inputs' key."""
-    path = out / "parts" / f"{name}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["value"]
-    value = compute()
-    write_json(path, {"key": key, "value": value})
-    return value
-
-
 def _forget_stale(out: Path, model_path: str, adapters: dict[str, str], log) -> dict[str, str]:
-    """Caches and parts are keyed by adapter *paths*; an adapter retrained in place must not be
-    answered from them. Their inputs (model, adapters' weight hashes) are recorded; when they
-    change, the caches and parts go."""
+    """An adapter retrained in place, or another model, starts the evaluation afresh (core.forget_stale)."""
     inputs = {"model": model_path, "adapters": _adapter_hashes(adapters)}
-    path = out / "parts" / "inputs.json"
-    if path.is_file() and json.loads(path.read_text()) != inputs:
-        log("[eval] the model or an adapter changed since the last evaluation here: starting afresh")
-        import shutil
-
-        for name in ("cache.jsonl", "judge_cache.jsonl"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "parts", ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, inputs)
+    forget_stale(out, inputs, ("cache.jsonl", "judge_cache.jsonl"),
+                 "[eval] the model or an adapter changed since the last evaluation here: starting afresh", log)
     return inputs["adapters"]
 
 
@@ -275,7 +249,7 @@ def _surface(out: Path, model_path: str, conditions: list[Condition], generated:
     """Each condition's surface metrics (core.surface_metrics) and its persona rate on the
     held-out and on the neutral prompts; the perplexities are kept in parts/answer_nll.json."""
     log("[eval] persona rate and coherence")
-    nll_all = _part(out, "answer_nll", _key(model_path, prompts, [r["answer"] for r in records]),
+    nll_all = kept_part(out, "answer_nll", input_key(model_path, prompts, [r["answer"] for r in records]),
                     lambda: {"nll": {c.name: answer_perplexities(model_path, prompts,
                                                                  [r["answer"] for r in records
                                                                   if r["condition"] == c.name],
@@ -312,10 +286,10 @@ def _after_generation(out: Path, model_path: str, pv: dict | None, conditions: l
         _add_projection_ratios(results, found["persona_vectors"])
     if settings.capability:
         log("[eval] capability: perplexity on neutral text, multiple choice")
-        found["capability"] = _part(out, "capability", _key(model_path, hashes),
+        found["capability"] = kept_part(out, "capability", input_key(model_path, hashes),
                                     lambda: capability.capability_report(model_path, adapters))
     if settings.lm_eval_tasks:
-        found["lm_eval"] = _part(out, "lm_eval", _key(model_path, hashes, settings.lm_eval_tasks),
+        found["lm_eval"] = kept_part(out, "lm_eval", input_key(model_path, hashes, settings.lm_eval_tasks),
                                  lambda: {name: capability.run_lm_eval(model_path, path, list(settings.lm_eval_tasks))
                                           for name, path in {BASE: None, **adapters}.items()})
     if (ref := results.get(PROMPTED)) and ref["persona_rate"]:
@@ -350,7 +324,7 @@ def _steered(out: Path, model_path: str, pv: dict, prompts: list[str], settings:
                                               settings.steering_coefficient, sampling.max_tokens,
                                               temperature=sampling.temperature, seed=seed)}
 
-    return _part(out, "steered", _key(model_path, prompts, pv["key"], settings.steering_coefficient,
+    return kept_part(out, "steered", input_key(model_path, prompts, pv["key"], settings.steering_coefficient,
                                       sampling.to_dict(), seed), steer)["texts"]
 
 
@@ -375,7 +349,7 @@ def _persona_vectors(out: Path, model_path: str, pairs: list[dict], system_promp
     prompts = [user(p) for p in pairs]
     persona = [p["chosen"][-1]["content"] for p in pairs]
     plain = [p["rejected"][-1]["content"] for p in pairs]
-    key = _key(model_path, prompts, persona, plain, system_prompt)
+    key = input_key(model_path, prompts, persona, plain, system_prompt)
 
     def compute():
         log("[eval] persona vectors from the teacher/student pairs")
@@ -385,10 +359,10 @@ def _persona_vectors(out: Path, model_path: str, pairs: list[dict], system_promp
         return {"best_layer": int(pv.best_layer), "separation": [float(s) for s in pv.separation],
                 "norms": [float(v) for v in pv.vectors.norm(dim=-1)], "pairs": len(pairs)}
 
-    value = _part(out, "persona_vectors_meta", key, compute)
+    value = kept_part(out, "persona_vectors_meta", key, compute)
     if not (out / "parts" / "persona_vectors").exists():  # the meta outlived the tensors: recompute
         (out / "parts" / "persona_vectors_meta.json").unlink()
-        value = _part(out, "persona_vectors_meta", key, compute)
+        value = kept_part(out, "persona_vectors_meta", key, compute)
     return {**value, "key": key}
 
 
@@ -400,7 +374,7 @@ def _projections(out: Path, model_path: str, pv: dict, conditions: list[Conditio
 
     vectors = pvm.PersonaVectors.load(out / "parts" / "persona_vectors")
     wanted = [c for c in conditions if c.kind != "steered"]
-    key = _key(pv["key"], [(c.name, c.adapter, generated[c.name]["conversations"],
+    key = input_key(pv["key"], [(c.name, c.adapter, generated[c.name]["conversations"],
                             [x.text for x in generated[c.name]["completions"]]) for c in wanted])
 
     def compute():
@@ -424,7 +398,7 @@ def _projections(out: Path, model_path: str, pv: dict, conditions: list[Conditio
             return {"skipped": f"the {PROMPTED} condition gave no answer to project", "best_layer": pv["best_layer"]}
         return pvm.projection_report(activations, vectors, reference=PROMPTED, seed=seed)
 
-    return _part(out, "projections", key, compute)
+    return kept_part(out, "projections", key, compute)
 
 
 def _adapter_name(conditions: list[Condition], adapter: str) -> str:
