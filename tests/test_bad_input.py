@@ -548,6 +548,11 @@ def world(tmp_path, monkeypatch, tiny_model_dir, valid_adapters) -> World:
         d.mkdir()
         (d / SENTINEL).write_text(f"sentinel in {d.name}: must survive\n")
     monkeypatch.setenv("HOME", str(w.home))
+    # `datasets` reads its cache directory from $HOME when first imported: if an earlier test
+    # imported it, load_dataset would cache the pairs under the real $HOME (an outside write).
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", w.home / ".cache" / "huggingface" / "datasets")
     monkeypatch.chdir(w.cwd)
     return w
 
