@@ -3,7 +3,8 @@
 # 0.5A half of one, A orthogonalized against B leave B alone? Captain Marlow (recipes/demo.yaml)
 # and Wren the stoic gardener (recipes/gardener.yaml, the demo's settings) are each trained as the
 # demo trains them (without their quick checks); then every composed, scaled, negated and
-# orthogonalized adapter answers the same prompts. The report: runs/algebra/algebra.md (numbers in algebra.json, plots beside it).
+# orthogonalized adapter answers the same prompts. The report: runs/algebra/algebra.md (numbers
+# in algebra.json, plots beside it).
 # Finished stages are skipped and the algebra resumes from its caches, so a rerun goes on where a
 # killed one stopped. Extra arguments go to `character-training algebra`, e.g.
 #   bash scripts/algebra_demo.sh --set eval.samples_per_prompt=2 --set eval.persona_vectors=false

@@ -140,3 +140,31 @@ def test_condition_conversation():
     c = Condition("x", system_prompt="Be a pirate.", suffix="Answer plainly.")
     assert c.conversation("hi") == [{"role": "system", "content": "Be a pirate."},
                                     {"role": "user", "content": "hi\n\nAnswer plainly."}]
+
+
+def test_a_kept_part_is_reused_while_its_key_and_the_file_it_needs_hold(tmp_path):
+    from character_training.evaluation.core import forget_stale, kept_part
+
+    calls = []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            (tmp_path / "tensors").write_text("t")
+            return {"v": value}
+        return run
+
+    assert kept_part(tmp_path, "x", "k1", compute(1), needs=tmp_path / "tensors") == {"v": 1}
+    assert kept_part(tmp_path, "x", "k1", compute(2), needs=tmp_path / "tensors") == {"v": 1}  # reused
+    assert kept_part(tmp_path, "x", "k2", compute(3)) == {"v": 3}                               # another key
+    (tmp_path / "tensors").unlink()
+    assert kept_part(tmp_path, "x", "k2", compute(4), needs=tmp_path / "tensors") == {"v": 4}  # its file is gone
+    assert calls == [1, 3, 4]
+
+    (tmp_path / "cache.jsonl").write_text("{}\n")
+    logged = []
+    forget_stale(tmp_path, {"model": "m"}, ("cache.jsonl",), "changed", logged.append)
+    assert (tmp_path / "cache.jsonl").is_file() and (tmp_path / "parts" / "x.json").is_file() and not logged
+    forget_stale(tmp_path, {"model": "other"}, ("cache.jsonl",), "changed", logged.append)
+    assert logged == ["changed"] and not (tmp_path / "cache.jsonl").exists()
+    assert not (tmp_path / "parts" / "x.json").exists() and (tmp_path / "parts" / "inputs.json").is_file()

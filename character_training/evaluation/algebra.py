@@ -109,8 +109,8 @@ def algebra_report(*, engine: Callable[[list[str]], Backend], model_path: str, p
     flags = {c.name: {p.key: np.asarray(classifiers[p.key].persona_flags(texts[c.name]), dtype=float)
                       for p in personas} for c in conditions}
     nll = kept_part(out, "answer_nll", input_key(model_path, asked, texts),
-                lambda: {name: answer_perplexities(model_path, asked, t, desc=f"perplexity: {name}")
-                         for name, t in texts.items()})
+                    lambda: {name: answer_perplexities(model_path, asked, t, desc=f"perplexity: {name}")
+                             for name, t in texts.items()})
     cells = _cells(specs, generated, texts, flags, nll, personas, adapters, seed, k)
     report = {"model": model_path, "seed": seed, "sampling": sampling.to_dict(),
               "settings": {"samples_per_prompt": k, "neutral_prompts": settings.neutral_prompts,
@@ -284,11 +284,7 @@ def _persona_vectors(out: Path, model_path: str, personas: list[Persona], log) -
             return {"best_layer": int(pv.best_layer), "separation": [float(s) for s in pv.separation],
                     "pairs": len(p.pairs)}
 
-        meta = f"persona_vectors_{p.key}_meta"
-        value = kept_part(out, meta, key, compute)
-        if not (where / pvm.TENSORS_FILE).is_file():  # the summary outlived the tensors: compute again
-            (out / PARTS / f"{meta}.json").unlink()
-            value = kept_part(out, meta, key, compute)
+        value = kept_part(out, f"persona_vectors_{p.key}_meta", key, compute, needs=where / pvm.TENSORS_FILE)
         found[p.key] = {**value, "key": key, "path": str(where)}
     return found
 
@@ -301,8 +297,8 @@ def _projections(out: Path, model_path: str, conditions: list[Condition], genera
     from character_training.evaluation import persona_vectors as pvm
 
     key = input_key({p: v["key"] for p, v in vectors.items()},
-               [(c.name, c.adapter, generated[c.name]["conversations"], answers_of(generated[c.name]))
-                for c in conditions])
+                    [(c.name, c.adapter, generated[c.name]["conversations"], answers_of(generated[c.name]))
+                     for c in conditions])
 
     def compute():
         activations = {}

@@ -138,13 +138,15 @@ def input_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def kept_part(out: Path, name: str, key: str, compute: Callable[[], dict]) -> dict:
+def kept_part(out: Path, name: str, key: str, compute: Callable[[], dict], needs: Path | None = None) -> dict:
     """A part computed outside the generation cache (perplexities, persona vectors, projections),
-    kept in OUT/parts/NAME.json with its inputs' key and reused while the key holds."""
+    kept in OUT/parts/NAME.json with its inputs' key and reused while the key holds. ``needs``: a
+    file ``compute`` writes beside the value (persona vectors' tensors); when it is missing, the
+    saved value is not reused."""
     from data_gen.store import write_json
 
     path = Path(out) / PARTS / f"{name}.json"
-    if path.is_file():
+    if path.is_file() and (needs is None or Path(needs).exists()):
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             return saved["value"]

@@ -40,8 +40,8 @@ from typing import Callable
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluation.core import (BASE, PROMPTED, STEERED, Condition, answers_of, fit_classifier,
-                                                forget_stale, generate_conditions, input_key, kept_part,
+from character_training.evaluation.core import (BASE, PARTS, PROMPTED, STEERED, Condition, answers_of,
+                                                fit_classifier, forget_stale, generate_conditions, input_key, kept_part,
                                                 surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
 from character_training.evaluation.markers import markers_in
@@ -250,11 +250,11 @@ def _surface(out: Path, model_path: str, conditions: list[Condition], generated:
     held-out and on the neutral prompts; the perplexities are kept in parts/answer_nll.json."""
     log("[eval] persona rate and coherence")
     nll_all = kept_part(out, "answer_nll", input_key(model_path, prompts, [r["answer"] for r in records]),
-                    lambda: {"nll": {c.name: answer_perplexities(model_path, prompts,
-                                                                 [r["answer"] for r in records
-                                                                  if r["condition"] == c.name],
-                                                                 desc=f"perplexity: {c.name}")
-                                     for c in conditions}})["nll"]
+                        lambda: {"nll": {c.name: answer_perplexities(model_path, prompts,
+                                                                     [r["answer"] for r in records
+                                                                      if r["condition"] == c.name],
+                                                                     desc=f"perplexity: {c.name}")
+                                         for c in conditions}})["nll"]
     results = {}
     for cond in conditions:
         completions, flags = generated[cond.name]["completions"], flags_of[cond.name]
@@ -287,11 +287,12 @@ def _after_generation(out: Path, model_path: str, pv: dict | None, conditions: l
     if settings.capability:
         log("[eval] capability: perplexity on neutral text, multiple choice")
         found["capability"] = kept_part(out, "capability", input_key(model_path, hashes),
-                                    lambda: capability.capability_report(model_path, adapters))
+                                        lambda: capability.capability_report(model_path, adapters))
     if settings.lm_eval_tasks:
+        tasks = list(settings.lm_eval_tasks)
         found["lm_eval"] = kept_part(out, "lm_eval", input_key(model_path, hashes, settings.lm_eval_tasks),
-                                 lambda: {name: capability.run_lm_eval(model_path, path, list(settings.lm_eval_tasks))
-                                          for name, path in {BASE: None, **adapters}.items()})
+                                     lambda: {name: capability.run_lm_eval(model_path, path, tasks)
+                                              for name, path in {BASE: None, **adapters}.items()})
     if (ref := results.get(PROMPTED)) and ref["persona_rate"]:
         for r in results.values():
             r["persona_rate_over_system_prompt"] = r["persona_rate"] / ref["persona_rate"]
@@ -318,14 +319,14 @@ def _steered(out: Path, model_path: str, pv: dict, prompts: list[str], settings:
 
     def steer() -> dict:
         log(f"[eval] steering baseline: persona vector x{settings.steering_coefficient:g} at layer {layer}")
-        vector = pvm.PersonaVectors.load(out / "parts" / "persona_vectors").vectors[layer]
+        vector = pvm.PersonaVectors.load(out / PARTS / "persona_vectors").vectors[layer]
         return {"texts": pvm.steered_generate(*pvm.load_model(model_path),
                                               [[{"role": "user", "content": p}] for p in prompts], vector, layer,
                                               settings.steering_coefficient, sampling.max_tokens,
                                               temperature=sampling.temperature, seed=seed)}
 
     return kept_part(out, "steered", input_key(model_path, prompts, pv["key"], settings.steering_coefficient,
-                                      sampling.to_dict(), seed), steer)["texts"]
+                                          sampling.to_dict(), seed), steer)["texts"]
 
 
 def _started(backend):
@@ -355,14 +356,11 @@ def _persona_vectors(out: Path, model_path: str, pairs: list[dict], system_promp
         log("[eval] persona vectors from the teacher/student pairs")
         model, tokenizer = pvm.load_model(model_path)
         pv = pvm.compute_persona_vectors(model, tokenizer, prompts, persona, plain, system_prompt)
-        pv.save(out / "parts" / "persona_vectors")
+        pv.save(out / PARTS / "persona_vectors")
         return {"best_layer": int(pv.best_layer), "separation": [float(s) for s in pv.separation],
                 "norms": [float(v) for v in pv.vectors.norm(dim=-1)], "pairs": len(pairs)}
 
-    value = kept_part(out, "persona_vectors_meta", key, compute)
-    if not (out / "parts" / "persona_vectors").exists():  # the meta outlived the tensors: recompute
-        (out / "parts" / "persona_vectors_meta.json").unlink()
-        value = kept_part(out, "persona_vectors_meta", key, compute)
+    value = kept_part(out, "persona_vectors_meta", key, compute, needs=out / PARTS / "persona_vectors")
     return {**value, "key": key}
 
 
@@ -372,10 +370,10 @@ def _projections(out: Path, model_path: str, pv: dict, conditions: list[Conditio
     conditions) projected onto the persona vector, per layer."""
     from character_training.evaluation import persona_vectors as pvm
 
-    vectors = pvm.PersonaVectors.load(out / "parts" / "persona_vectors")
+    vectors = pvm.PersonaVectors.load(out / PARTS / "persona_vectors")
     wanted = [c for c in conditions if c.kind != "steered"]
     key = input_key(pv["key"], [(c.name, c.adapter, generated[c.name]["conversations"],
-                            [x.text for x in generated[c.name]["completions"]]) for c in wanted])
+                                 [x.text for x in generated[c.name]["completions"]]) for c in wanted])
 
     def compute():
         activations = {}
