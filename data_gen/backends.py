@@ -2,7 +2,11 @@
 
 ``Backend.chat`` takes a batch of conversations (lists of ``{"role", "content"}`` messages)
 and returns one ``Completion`` per conversation, in order. ``VLLMBackend`` runs vLLM offline
-in this process (batching, prefix caching, engine-level seed, LoRA adapters).
+in this process (batching, prefix caching, a seed per request, LoRA adapters).
+
+Every request carries its own seed (data_gen/seeds.py): given as ``seeds`` (a stage's cache
+derives them, counting samples across the whole stage) or derived here from the request, so
+an answer never depends on which requests shared its batch.
 """
 from __future__ import annotations
 
@@ -86,19 +90,19 @@ class Backend(Protocol):
     model: str
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling,
-             adapter: str | None = None, desc: str = "generating") -> list[Completion]:
-        """One completion per conversation; ``adapter`` is a PEFT LoRA directory or None."""
+             adapter: str | None = None, desc: str = "generating",
+             seeds: Sequence[int] | None = None) -> list[Completion]:
+        """One completion per conversation; ``adapter`` is a PEFT LoRA directory or None;
+        ``seeds``: one sampling seed per conversation (None: derived from each request)."""
         ...
 
 
 class VLLMBackend:
     """vLLM's offline engine. Build it through ``Engines``, which shares and releases it.
 
-    The seed is given to the engine, not per request: per-request seeds with prefix caching
-    crashed an earlier vLLM's CPU build ("CPU Generator does not use offset"); on vLLM 0.32 a
-    check of 16 seeded requests behind a shared system prompt neither crashed nor depended on
-    the batch. With the engine's seed alone, which requests share a step decides each answer's
-    draws, and the same call has given other answers on a repeat. ``engine``: vLLM's own engine
+    Each request is sampled with its own seed (``SamplingParams(seed=...)``, data_gen/seeds.py):
+    with the engine's seed alone, which requests shared a step decided each answer's draws, and
+    the same call gave other answers on a repeat. ``engine``: vLLM's own engine
     options (``EngineArgs`` fields, checked by ``check_engine_options``), given over the
     defaults set here; on the CPU the ones with no meaning there are left out with a note.
     """
@@ -130,6 +134,7 @@ class VLLMBackend:
             # same numbers on every CPU measured; ask for bf16 with backend.engine.dtype.
             dtype = "bfloat16" if on_gpu else "float32"
         self.model = model
+        self.seed = seed
         self.enable_lora = enable_lora
         self._adapter_ids: dict[str, int] = {}
         kwargs = dict(model=model, seed=seed, max_model_len=max_model_len, dtype=dtype,
@@ -143,6 +148,13 @@ class VLLMBackend:
             kwargs["enforce_eager"] = True
             options = _applicable_on_cpu(options)
         kwargs.update(options)  # the recipe's engine options win over the defaults above
+        if not on_gpu:
+            # A prompt's prefill split over steps makes vLLM discard that step's draw and rewind the
+            # request's generator, which the CPU generator cannot do ("CPU Generator does not use
+            # offset": per-request seeds crashed the engine). Whole prefills never rewind; the GPU
+            # path rewinds its Philox offset, so there chunked prefill stays on.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(kwargs.get("max_num_batched_tokens") or 2048, kwargs["max_model_len"])
         self.llm = vllm.LLM(**kwargs)
 
     def close(self) -> None:
@@ -169,8 +181,11 @@ class VLLMBackend:
         return LoRARequest(f"adapter-{lora_id}", lora_id, path)
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling,
-             adapter: str | None = None, desc: str = "generating") -> list[Completion]:
+             adapter: str | None = None, desc: str = "generating",
+             seeds: Sequence[int] | None = None) -> list[Completion]:
         from vllm import SamplingParams
+
+        from data_gen.seeds import seeds_for
 
         if not conversations:
             return []
@@ -179,11 +194,16 @@ class VLLMBackend:
                 f"the vLLM engine of {self.model} was closed (Engines releases an engine when another one starts, "
                 "and before training) and then asked to generate; hold the backend as engines.lazy(model, ...), "
                 "which starts the engine again when it is asked, or ask engines.vllm(...) again after a release")
-        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens,
-                                repetition_penalty=sampling.repetition_penalty,
-                                frequency_penalty=sampling.frequency_penalty,
-                                logprobs=sampling.logprobs or None)
+        if seeds is None:
+            seeds = seeds_for(self.seed, conversations, adapter)
+        if len(seeds) != len(conversations):
+            raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens,
+                                 repetition_penalty=sampling.repetition_penalty,
+                                 frequency_penalty=sampling.frequency_penalty,
+                                 logprobs=sampling.logprobs or None, seed=int(seed))
+                  for seed in seeds]
         try:
             outputs = self.llm.chat(list(conversations), params, use_tqdm=_progress(desc) if desc else False,
                                     lora_request=self._lora_request(adapter))
@@ -357,6 +377,8 @@ CPU_IGNORED = {
     "cudagraph_capture_sizes": "CUDA graphs", "max_cudagraph_capture_size": "CUDA graphs",
     "async_scheduling": "turned off on the CPU", "enable_dbo": "turned off on the CPU",
     "disable_custom_all_reduce": "always on on the CPU",
+    "enable_chunked_prefill": "off on the CPU: a split prefill rewinds a seeded request's generator, which the CPU "
+                              "generator cannot do",
 }
 
 
@@ -382,9 +404,9 @@ class Engines:
             ...
             engines.release()                       # before training needs the memory and cores
 
-    The generation stages of a run share an engine rather than each building its own: vLLM
-    seeds the engine, not the request, so one engine's sample stream runs on from one stage to
-    the next (a run's samples depend on it), and a CPU engine costs about 30 s to start. Asking
+    The generation stages of a run share an engine rather than each building its own (a CPU
+    engine costs about 30 s to start); each request carries its own seed, so what an earlier
+    stage asked of the engine does not change a later stage's answers. Asking
     for another engine (another model or settings) first releases the held one, so a teacher, a
     student and a judge never hold the devices together.
     """
@@ -432,14 +454,16 @@ class LazyEngine:
 
     def __init__(self, engines: Engines, model: str, kwargs: dict):
         self.engines, self.model, self.kwargs = engines, model, dict(kwargs)
+        self.seed = kwargs.get("seed", 0)
         self.enable_lora = bool(kwargs.get("enable_lora", False))
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling,
-             adapter: str | None = None, desc: str = "generating") -> list[Completion]:
+             adapter: str | None = None, desc: str = "generating",
+             seeds: Sequence[int] | None = None) -> list[Completion]:
         if not conversations:
             return []  # no engine started for nothing
         engine = self.engines.vllm(self.model, **self.kwargs)
-        return engine.chat(conversations, sampling, adapter=adapter, desc=desc)
+        return engine.chat(conversations, sampling, adapter=adapter, desc=desc, seeds=seeds)
 
 
 def _start_engine(model: str, kwargs: dict):

@@ -10,6 +10,10 @@ nor duplicates work. Stages replay their requests in the same order, so the n-th
 a request maps to the same cached answer on every run, including requests built from earlier
 (cached) answers.
 
+Each request's sampling seed comes from its user-side messages and its occurrence (see
+data_gen/seeds.py), never from its chunk or batch: a request generated after a resume, alone or
+in another chunk, gets the answer it would have got in the first run.
+
 A line cut short by a kill is ignored on reading (it is simply generated again).
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data_gen.backends import Backend, Completion, Conversation, Sampling
+from data_gen.seeds import request_seed
 
 CACHE_FILE = "cache.jsonl"
 
@@ -51,6 +56,11 @@ class CachedBackend:
     @property
     def model(self) -> str:
         return self.backend.model
+
+    @property
+    def seed(self) -> int:
+        """The run's seed, which every request's seed is derived from (the backend's; 0 if it has none)."""
+        return getattr(self.backend, "seed", None) or 0
 
     def __getattr__(self, name):  # anything else (close, enable_lora, ...) is the backend's
         return getattr(self.backend, name)
@@ -82,11 +92,12 @@ class CachedBackend:
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling,
              adapter: str | None = None, desc: str = "generating") -> list[Completion]:
-        keys = []
+        keys, seeds = [], []
         for conversation in conversations:
             base = request_key(self.model, adapter, list(conversation), sampling)
             self._occurrences[base] += 1
             keys.append(f"{base}-{self._occurrences[base]}")
+            seeds.append(request_seed(self.seed, conversation, self._occurrences[base]))
         missing = [i for i, k in enumerate(keys) if k not in self._entries]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -97,7 +108,8 @@ class CachedBackend:
             chunk = missing[start:start + self.chunk_size]
             label = desc if len(missing) <= self.chunk_size else (
                 f"{desc} [{start + len(chunk)}/{len(missing)}]")
-            completions = self.backend.chat([conversations[i] for i in chunk], sampling, adapter=adapter, desc=label)
+            completions = self.backend.chat([conversations[i] for i in chunk], sampling, adapter=adapter, desc=label,
+                                            seeds=[seeds[i] for i in chunk])
             if len(completions) != len(chunk):
                 raise RuntimeError(f"backend returned {len(completions)} answers for {len(chunk)} requests")
             records = []

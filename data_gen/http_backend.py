@@ -16,10 +16,11 @@ An ``adapter`` given to ``chat`` is sent as the request's model name: a name is 
 a local adapter directory is sent as its basename, so the server must have been started with
 ``--lora-modules <basename>=<path>`` (vLLM serves LoRA adapters by name, not by path).
 
-Seeds: each request carries a seed derived from the backend's ``seed``, the request, and how
-many identical requests this backend has sent before, so a run is reproducible whatever order
-the answers arrive in, and the n samples of a best-of-n request still differ. ``seed=None``
-sends no seed. On vLLM's CPU build a per-request seed can crash the server when a prompt's
+Seeds: each request carries its own seed (data_gen/seeds.py): the one given to ``chat`` (a
+stage's cache derives them), or one derived from the backend's ``seed``, the request's user-side
+messages and which sample of an identical request in this call it is, so a run is reproducible
+whatever order the answers arrive in, and the n samples of a best-of-n request still differ.
+``seed=None`` sends no seed. On vLLM's CPU build a per-request seed can crash the server when a prompt's
 prefill is split into chunks ("CPU Generator does not use offset"); use ``seed=None`` there, or
 keep ``max_concurrency`` x prompt length under the server's ``--max-num-batched-tokens``.
 
@@ -30,8 +31,6 @@ string) is sent as given but shown as ``***`` in every message and repr (``redac
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import re
@@ -118,7 +117,6 @@ class OpenAIBackend:
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s),
                                     limits=httpx.Limits(max_connections=max_concurrency * 2))
         self._next_url = 0  # round-robin position, carried across calls
-        self._occurrences: dict[str, int] = {}  # request hash -> times sent (seeds best-of-n apart)
         self._jitter = random.Random()  # only spaces out retries; never touches what is generated
         self._jitter_lock = threading.Lock()
         if check:
@@ -174,16 +172,7 @@ class OpenAIBackend:
             return Path(adapter).resolve().name  # served by `--lora-modules <basename>=<path>`
         return adapter
 
-    def _request_seed(self, payload: dict) -> int | None:
-        if self.seed is None:
-            return None
-        key = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        n = self._occurrences.get(key, 0)
-        self._occurrences[key] = n + 1
-        digest = hashlib.sha256(f"{self.seed}:{key}:{n}".encode()).digest()
-        return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-    def _payload(self, conversation: Conversation, sampling: Sampling, model: str) -> dict:
+    def _payload(self, conversation: Conversation, sampling: Sampling, model: str, seed: int | None) -> dict:
         payload = {"model": model, "messages": list(conversation), "temperature": sampling.temperature,
                    "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
         if sampling.repetition_penalty != 1.0:
@@ -193,22 +182,26 @@ class OpenAIBackend:
         if sampling.logprobs > 0:
             payload["logprobs"] = True
             payload["top_logprobs"] = min(sampling.logprobs, _MAX_TOP_LOGPROBS)
-        seed = self._request_seed(payload)
-        if seed is not None:
-            payload["seed"] = seed
+        if seed is not None and self.seed is not None:
+            payload["seed"] = int(seed)
         return payload
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling,
-             adapter: str | None = None, desc: str = "generating") -> list[Completion]:
+             adapter: str | None = None, desc: str = "generating",
+             seeds: Sequence[int] | None = None) -> list[Completion]:
         from tqdm.auto import tqdm
+
+        from data_gen.seeds import seeds_for
 
         if not conversations:
             return []
         model = self.request_model(adapter)
+        if seeds is None:
+            seeds = seeds_for(self.seed or 0, conversations, adapter)
         # Payloads (and seeds) and servers are fixed here, in input order, before any is sent.
         jobs = []
-        for conversation in conversations:
-            jobs.append((self._payload(conversation, sampling, model), self._next_url))
+        for conversation, seed in zip(conversations, seeds):
+            jobs.append((self._payload(conversation, sampling, model, seed), self._next_url))
             self._next_url = (self._next_url + 1) % len(self.base_urls)
         results: list[Completion | None] = [None] * len(jobs)
         with tqdm(total=len(jobs), desc=desc or None, disable=not desc, unit="answer") as bar, \

@@ -4,8 +4,9 @@ The installed vLLM's offline ``LLM`` refuses ``data_parallel_size`` > 1 in one p
 supported for single-process usage and may hang"); its offline pattern is one process per rank,
 each seeing its own devices. ``DataParallelBackend`` does that: N worker processes (spawned, so
 none inherits a CUDA context), worker i sees only its GPU set through ``CUDA_VISIBLE_DEVICES``
-and builds its own engine with seed + i, and ``chat`` splits a batch into N contiguous shards
-and returns the answers in the batch's order. ``close`` stops the workers and their engines.
+and builds its own engine (seed + i), and ``chat`` splits a batch into N contiguous shards and returns the
+answers in the batch's order. Each request's seed is fixed before the split (data_gen/seeds.py),
+so an answer does not depend on which engine drew it. ``close`` stops the workers and their engines.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class DataParallelBackend:
         if build is None:
             from data_gen.backends import VLLMBackend as build
         self.model = model
+        self.seed = seed
         self.enable_lora = bool(kwargs.get("enable_lora", False))
         sets = gpu_sets(list(devices) if devices is not None else visible_gpus(), replicas, devices_per_engine)
         spawn = multiprocessing.get_context("spawn")  # a forked child would inherit the parent's CUDA state
@@ -48,17 +50,23 @@ class DataParallelBackend:
             self.close()
             raise
 
-    def chat(self, conversations, sampling, adapter: str | None = None, desc: str = "generating") -> list:
+    def chat(self, conversations, sampling, adapter: str | None = None, desc: str = "generating",
+             seeds=None) -> list:
+        from data_gen.seeds import seeds_for
+
         if not conversations:
             return []
         if self._workers is None:
             raise RuntimeError(f"the data-parallel engines of {self.model} were closed and then asked to generate; "
                                "ask Engines for them again (or hold an Engines.lazy backend)")
-        shards = contiguous_shards(list(conversations), len(self._workers))
+        # The seeds are fixed here, before sharding: an answer does not depend on its engine.
+        seeds = list(seeds) if seeds is not None else seeds_for(self.seed, conversations, adapter)
+        shards = contiguous_shards(list(zip(conversations, seeds)), len(self._workers))
         asked = []
         for i, ((_, conn), shard) in enumerate(zip(self._workers, shards)):
             if shard:  # the first shard's progress bar stands for all (N bars would interleave)
-                conn.send(("chat", shard, sampling, adapter, desc if i == 0 else ""))
+                conn.send(("chat", [c for c, _ in shard], sampling, adapter, desc if i == 0 else "",
+                           [s for _, s in shard]))
                 asked.append(i)
         return [c for shard in self._replies(asked) for c in shard]
 
@@ -159,9 +167,9 @@ def _serve(conn, build, model: str, kwargs: dict) -> None:
                 break  # the parent is gone
             if message[0] == "close":
                 break
-            _, shard, sampling, adapter, desc = message
+            _, shard, sampling, adapter, desc, seeds = message
             try:
-                conn.send(("ok", engine.chat(shard, sampling, adapter=adapter, desc=desc)))
+                conn.send(("ok", engine.chat(shard, sampling, adapter=adapter, desc=desc, seeds=seeds)))
             except Exception as exc:
                 conn.send(("error", _portable(exc)))
     finally:

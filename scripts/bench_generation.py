@@ -40,8 +40,8 @@ class TokenCounter:
     def __init__(self, inner):
         self.inner, self.model, self.tokens = inner, inner.model, 0
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
-        out = self.inner.chat(conversations, sampling, adapter, desc="")
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
+        out = self.inner.chat(conversations, sampling, adapter, desc="", seeds=seeds)
         self.tokens += sum(c.num_tokens for c in out)
         return out
 
@@ -53,7 +53,7 @@ class Recorder:
         self.model = model
         self.conversations = []
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         self.conversations += [list(c) for c in conversations]
         return [Completion("", "stop", 0) for _ in conversations]
 

@@ -10,7 +10,7 @@ class FakeBackend:
         self.respond = respond
         self.calls: list[dict] = []
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         self.calls.append({"conversations": [list(c) for c in conversations], "sampling": sampling,
                            "adapter": adapter, "desc": desc})
         return [self.respond(c) for c in conversations]

@@ -283,7 +283,7 @@ class AlgebraBackend:
         voices = [v for v, c in zip((PIRATE, GARDENER), shares) if c > 0.4]
         return " ".join(voices) or PLAIN
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         self.calls.append(adapter)
         return [Completion(self.answer(c, adapter), "stop", 9) for c in conversations]
 

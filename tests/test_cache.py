@@ -25,7 +25,7 @@ class CountingBackend:
         self.batches: list[int] = []
         self.seen: dict[str, int] = {}
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         if self.fail_after is not None and len(self.batches) >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.batches.append(len(conversations))
@@ -112,7 +112,7 @@ def test_every_sampling_setting_is_part_of_the_key():
 
 def test_logprobs_survive_the_round_trip(tmp_path):
     class LogprobBackend(CountingBackend):
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             return [Completion("A", "stop", 1, first_logprobs={"A": -0.1, "B": -2.3}) for _ in conversations]
 
     path = tmp_path / CACHE_FILE
@@ -128,7 +128,7 @@ def test_a_stage_resumed_after_a_kill_keeps_what_was_made_and_makes_only_the_res
     made = iter(range(10_000))
 
     class Expander(CountingBackend):  # every answer unique, as a sampler's would be
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             super().chat(conversations, sampling, adapter, desc)
             return [Completion("\n".join(f"Could you tell me about topic {n} number {j} please?"
                                           for j in range(3)), "stop", 30) for n in (next(made) for _ in conversations)]
@@ -172,7 +172,7 @@ def test_a_multi_step_stage_killed_between_steps_resumes_without_regenerating(tm
     made = iter(range(10_000))
 
     class Writer(CountingBackend):
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             super().chat(conversations, sampling, adapter, desc)
             return [Completion(f"Arr, answer number {next(made)} about tying the knot well.", "stop", 12)
                     for _ in conversations]

@@ -611,7 +611,7 @@ def test_a_dead_vllm_engine_is_a_clear_error_and_other_errors_pass_through():
             raise self.exc
 
     backend = object.__new__(VLLMBackend)
-    backend.model, backend.enable_lora, backend._adapter_ids = "tiny", False, {}
+    backend.model, backend.seed, backend.enable_lora, backend._adapter_ids = "tiny", 0, False, {}
     backend.llm = DeadLLM(EngineDeadError("EngineCore encountered an issue"))
     with pytest.raises(UserError, match=r"engine process for tiny died while generating \(pairs\).*run the same command again"):
         backend.chat([[{"role": "user", "content": "hi"}]], Sampling(), desc="pairs")
@@ -623,6 +623,7 @@ def test_a_dead_vllm_engine_is_a_clear_error_and_other_errors_pass_through():
 def test_vllm_backend_passes_every_sampling_setting_to_vllm():
     pytest.importorskip("vllm")
     from data_gen.backends import Sampling, VLLMBackend
+    from data_gen.seeds import seeds_for
 
     class RecordingLLM:
         def chat(self, conversations, params, **kwargs):
@@ -630,9 +631,10 @@ def test_vllm_backend_passes_every_sampling_setting_to_vllm():
             return []
 
     backend = object.__new__(VLLMBackend)
-    backend.model, backend.enable_lora, backend._adapter_ids = "tiny", False, {}
+    backend.model, backend.seed, backend.enable_lora, backend._adapter_ids = "tiny", 0, False, {}
     backend.llm = RecordingLLM()
     backend.chat([[{"role": "user", "content": "hi"}]], Sampling(temperature=0.3, top_p=0.9, max_tokens=7,
                                                                   repetition_penalty=1.1, frequency_penalty=0.5))
-    p = backend.llm.params
+    (p,) = backend.llm.params  # one SamplingParams a request: each carries its own seed
     assert (p.temperature, p.top_p, p.max_tokens, p.repetition_penalty, p.frequency_penalty) == (0.3, 0.9, 7, 1.1, 0.5)
+    assert p.seed == seeds_for(0, [[{"role": "user", "content": "hi"}]])[0]

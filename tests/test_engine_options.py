@@ -23,7 +23,7 @@ HI = [{"role": "user", "content": "hi"}]
 # What VLLMBackend gave vllm.LLM before engine options existed (data_gen/backends.py at a2e67a0),
 # for make_backend's settings (seed, kv_cache_gib=2), on a CPU without AVX512-BF16 and on a GPU.
 TODAY_CPU = dict(model="m", seed=0, max_model_len=2048, dtype="float32", enable_prefix_caching=True,
-                 enable_lora=False, enforce_eager=True)
+                 enable_lora=False, enforce_eager=True, enable_chunked_prefill=False, max_num_batched_tokens=2048)
 TODAY_CPU_LORA = dict(TODAY_CPU, enable_lora=True, max_lora_rank=64)
 TODAY_GPU = dict(model="m", seed=0, max_model_len=2048, dtype="bfloat16", enable_prefix_caching=True,
                  enable_lora=False, gpu_memory_utilization=0.85)
@@ -240,7 +240,7 @@ class FakeEngine:
         self.seed, self.closed_dir = seed, closed_dir
         self.devices = os.environ.get("CUDA_VISIBLE_DEVICES")
 
-    def chat(self, conversations, sampling, adapter=None, desc="generating"):
+    def chat(self, conversations, sampling, adapter=None, desc="generating", seeds=None):
         if conversations[0][-1]["content"] == "boom":
             raise ValueError(f"boom in engine {self.seed}")
         return [Completion(f"{self.seed}|{self.devices}|{c[-1]['content']}|{adapter}", "stop", 1)

@@ -13,7 +13,6 @@ from character_training.evaluation.core import Condition, bootstrap_interval
 from character_training.evaluation.quick import format_table, quick_check
 from data_gen.backends import Completion
 from data_gen.filters import distinct_3gram_share
-from data_gen.store import write_jsonl
 from tests.conftest import toy_pairs
 
 
@@ -50,7 +49,7 @@ def test_persona_classifier_separates_styles():
 class FakeBackend:
     model = "fake"
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         out = []
         for conv in conversations:
             if adapter or conv[0]["role"] == "system":
@@ -60,43 +59,94 @@ class FakeBackend:
         return out
 
 
-def test_quick_check_reports_each_condition(tmp_path, monkeypatch):
-    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
+class KeywordClassifier:
+    """A persona classifier double: "Ahoy" is the persona; records what it was fitted on and scored."""
+    fitted: list[list[str]] = []
+    scored: list[list[str]] = []
+
+    def fit(self, persona, plain):
+        KeywordClassifier.fitted.append(list(persona) + list(plain))
+        return {"train_examples": len(persona) + len(plain)}
+
+    def persona_flags(self, texts):
+        KeywordClassifier.scored.append(list(texts))
+        return np.array([float("Ahoy" in t) for t in texts])
+
+
+@pytest.fixture
+def quick_env(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "answer_perplexities",
                         lambda model, prompts, answers, desc: [(2.0 * len(a.split()), len(a.split())) for a in answers])
-    conditions = [Condition("base"), Condition("base+system_prompt", system_prompt="Be a pirate."),
-                  Condition("adapter", adapter=str(tmp_path))]
-    report = quick_check(FakeBackend(), "fake", conditions, ["What is rain?", "What is snow?"],
-                         tmp_path / "pairs.jsonl", tmp_path / "eval")
-    c = report["conditions"]
-    assert c["base"]["persona_rate"] == 0.0
-    assert c["base+system_prompt"]["persona_rate"] == c["adapter"]["persona_rate"] == 1.0
-    assert report["adapter_over_system_prompt"] == 1.0
-    assert c["base"]["perplexity"] == pytest.approx(np.exp(2.0))
+    KeywordClassifier.fitted, KeywordClassifier.scored = [], []
+    return [Condition("base"), Condition("base+system_prompt", system_prompt="Be a pirate."),
+            Condition("adapter", adapter=str(tmp_path))]
+
+
+def test_quick_check_reports_each_set_and_condition_with_paired_differences(tmp_path, quick_env):
+    sets = {"heldout": ["What is rain?", "What is snow?", "What is hail?", "What is fog?"],
+            "general": ["How do I boil an egg?", "Write a haiku about a cat on a keyboard."]}
+    report = quick_check(FakeBackend(), "fake", quick_env, sets, [], tmp_path / "eval", classifier=KeywordClassifier,
+                         samples_per_prompt=2)
+    for name in ("heldout", "general"):
+        found = report["sets"][name]
+        c = found["conditions"]
+        assert c["base"]["persona_rate"] == 0.0
+        assert c["base+system_prompt"]["persona_rate"] == c["adapter"]["persona_rate"] == 1.0
+        assert c["base"]["perplexity"] == pytest.approx(np.exp(2.0))
+        assert found["paired"]["adapter - base"]["persona_rate"]["ci95"] == [1.0, 1.0]
+        assert found["paired"]["adapter - base+system_prompt"]["persona_rate"]["difference"] == 0.0
+        assert found["measurable"] and found["adapter_over_system_prompt"] == 1.0
+    assert report["sets"]["general"]["prompts"] == 2
+    assert report["scorer"]["heldout_accuracy"] == 1.0
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert saved["conditions"] == c
-    assert len((tmp_path / "eval" / "answers.jsonl").read_text().splitlines()) == 6
-    table = format_table(report)
-    assert "persona rate" in table and "adapter" in table and "perplexity" in table
-
-
-def test_quick_check_samples_each_prompt_several_times_and_resamples_prompts(tmp_path, monkeypatch):
-    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(10))
-    monkeypatch.setattr(evaluate, "answer_perplexities",
-                        lambda model, prompts, answers, desc: [(2.0 * len(a.split()), len(a.split())) for a in answers])
-    backend = FakeBackend()
-    report = quick_check(backend, "fake", [Condition("base"), Condition("adapter", adapter=str(tmp_path))],
-                         ["What is rain?", "What is snow?", "What is hail?"], tmp_path / "pairs.jsonl",
-                         tmp_path / "eval", samples_per_prompt=3)
-    assert report["samples_per_prompt"] == 3 and report["heldout_prompts"] == 3
-    assert report["conditions"]["base"]["answers"] == 9
+    assert saved["sets"]["heldout"]["conditions"] == report["sets"]["heldout"]["conditions"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
-    assert len(rows) == 18 and [r["sample"] for r in rows[:4]] == [0, 1, 2, 0]
-    assert [r["prompt"] for r in rows[:9]] == ["What is rain?"] * 3 + ["What is snow?"] * 3 + ["What is hail?"] * 3
-    assert "3 held-out prompts x 3 answers" in format_table(report)
+    assert len(rows) == 3 * 6 * 2 and [r["sample"] for r in rows[:3]] == [0, 1, 0]
+    assert [r["set"] for r in rows[:12]] == ["heldout"] * 8 + ["general"] * 4
+    table = format_table(report)
+    assert "[heldout] 4 prompts x 2 answers" in table and "paired differences" in table and "scorer" in table
     with pytest.raises(ValueError, match="samples_per_prompt"):
-        quick_check(backend, "fake", [Condition("base")], ["x"], tmp_path / "pairs.jsonl", tmp_path / "e2",
-                    samples_per_prompt=0)
+        quick_check(FakeBackend(), "fake", quick_env, sets, [], tmp_path / "e2", samples_per_prompt=0)
+
+
+def test_the_scorer_never_sees_the_answers_it_scores_nor_any_training_pair(tmp_path, quick_env):
+    prompts = [f"Question number {i} about the weather?" for i in range(6)]
+    quick_check(FakeBackend(), "fake", quick_env, {"heldout": prompts}, [], tmp_path / "eval",
+                classifier=KeywordClassifier)
+    assert len(KeywordClassifier.fitted) == 2  # one classifier a fold of prompts
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    # Each fold's classifier was fitted on the other fold's base and system-prompted answers: 3 prompts x 2.
+    assert [len(f) for f in KeywordClassifier.fitted] == [6, 6]
+    pair_texts = {t for p in toy_pairs(10) for t in (p["chosen"][-1]["content"], p["rejected"][-1]["content"])}
+    assert not pair_texts & {t for f in KeywordClassifier.fitted for t in f}
+    assert {r["condition"] for r in rows} == {"base", "base+system_prompt", "adapter"}
+
+
+def test_a_contaminated_heldout_prompt_is_dropped_and_counted(tmp_path, quick_env):
+    training = ["How do I learn to sail a small boat on a lake in the summer?", "What is a good hobby?"]
+    sets = {"heldout": ["What is rain?", "how do I learn to sail a small boat on a lake in the summer",
+                        "What is snow?"], "general": ["Explain how vaccines train the immune system."]}
+    report = quick_check(FakeBackend(), "fake", quick_env, sets, training, tmp_path / "eval",
+                         classifier=KeywordClassifier)
+    assert report["contamination"]["heldout"]["dropped"] == 1
+    assert report["contamination"]["heldout"]["dropped_prompts"][0]["reason"] == "normalized"
+    assert report["sets"]["heldout"]["prompts"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert not any("sail" in r["prompt"] for r in rows)
+    assert "heldout 1 dropped of 3" in format_table(report)
+
+
+def test_a_scorer_that_does_not_separate_base_from_the_system_prompt_prints_no_ratio(tmp_path, quick_env):
+    class Plain(FakeBackend):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
+            return [Completion("Ahoy, matey! Arr." if adapter else "Here is some information.", "stop", 4)
+                    for _ in conversations]
+
+    report = quick_check(Plain(), "fake", quick_env, {"heldout": ["a b c d?", "e f g h?", "i j k l?"]}, [],
+                         tmp_path / "eval", classifier=KeywordClassifier)
+    found = report["sets"]["heldout"]
+    assert found["measurable"] is False and "adapter_over_system_prompt" not in found
+    assert "not measurable" in format_table(report)
 
 
 def test_batched_perplexities_match_scoring_each_answer_alone(tiny_model_dir):

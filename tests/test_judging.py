@@ -93,7 +93,7 @@ def test_a_raising_judge_propagates_unless_tolerated():
     state = {"calls": 0}
 
     class Flaky(FakeBackend):
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             state["calls"] += 1
             if state["calls"] == 1:
                 raise ConnectionError("server restarting")
@@ -110,7 +110,7 @@ def test_a_raising_judge_propagates_unless_tolerated():
     assert rounds.counts == {"requests": 4, "retried": 2}  # the raised round counts as sent
 
     class Down(FakeBackend):
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             raise ConnectionError("refused")
 
     rounds = judge_rounds(Down(None), requests(2), SAMPLING, read_score, retries=2, tolerate_errors=True)
@@ -123,7 +123,7 @@ def test_bad_retries_and_a_short_backend_are_errors():
         judge_rounds(FakeBackend(lambda c: stop("1")), requests(1), SAMPLING, read_score, retries=-1)
 
     class Short(FakeBackend):
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             return super().chat(conversations, sampling, adapter, desc)[:-1]
 
     with pytest.raises(RuntimeError, match="1 replies for 2 requests"):

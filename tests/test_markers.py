@@ -109,7 +109,7 @@ class _Scripted:
     def __init__(self, answers):
         self.answers = answers
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         key = "adapter" if adapter else ("system" if conversations[0][0]["role"] == "system" else "base")
         return [Completion(text=self.answers[key][i % len(self.answers[key])], finish_reason="stop", num_tokens=3)
                 for i in range(len(conversations))]

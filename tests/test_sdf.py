@@ -89,7 +89,7 @@ class FakeBackend:
         self.answer = {**DEFAULTS, **overrides}
         self.calls: list[dict] = []
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         self.calls.append({"conversations": [list(c) for c in conversations], "sampling": sampling, "desc": desc})
         return [self.answer[kind(c)](c) for c in conversations]
 
@@ -276,7 +276,7 @@ def test_bad_settings_and_constitutions_fail_before_generation(marlow, tmp_path)
 
 def test_a_backend_answering_the_wrong_number_of_requests_is_a_bug(marlow, tmp_path):
     class Short(FakeBackend):
-        def chat(self, conversations, sampling, adapter=None, desc=""):
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
             return super().chat(conversations, sampling, adapter, desc)[:-1]
 
     with pytest.raises(RuntimeError, match="completions for"):

@@ -44,7 +44,7 @@ class FakeBackend:
         self.respond = respond
         self.batches: list[list[str]] = []
 
-    def chat(self, conversations, sampling, adapter=None, desc=""):
+    def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
         texts = [c[-1]["content"] for c in conversations]
         self.batches.append(texts)
         return [Completion(text=self.respond(t), finish_reason="stop", num_tokens=3) for t in texts]
@@ -55,7 +55,7 @@ def scripted(*replies_per_batch):
     state = {"batch": -1}
     backend = FakeBackend(None)
 
-    def chat(conversations, sampling, adapter=None, desc=""):
+    def chat(conversations, sampling, adapter=None, desc="", seeds=None):
         state["batch"] += 1
         backend.batches.append([c[-1]["content"] for c in conversations])
         replies = replies_per_batch[state["batch"]]

@@ -38,6 +38,24 @@ def load_neutral_prompts() -> list[dict]:
     return [{"prompt": p, "domain": d} for d, prompts in domains.items() for p in prompts]
 
 
+def load_general_prompts() -> list[dict]:
+    """The shipped general user prompts (written for this project, not derived from any
+    constitution): [{"prompt", "category"}], about 20 for each of 12 categories."""
+    categories = yamlio.load(_data_text("general_prompts.yaml"))
+    return [{"prompt": p, "category": c} for c, prompts in categories.items() for p in prompts]
+
+
+def general_prompts(n: int) -> list[str]:
+    """The first ``n`` general prompts taken a category at a time in turn (advice, explanation,
+    how-to, ...), so that any ``n`` spreads over every kind of request."""
+    by_category: dict[str, list[str]] = {}
+    for record in load_general_prompts():
+        by_category.setdefault(record["category"], []).append(record["prompt"])
+    columns = list(by_category.values())
+    interleaved = [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
+    return interleaved[:n]
+
+
 def load_neutral_text() -> list[dict]:
     """The shipped neutral encyclopedic paragraphs: [{"text", "topic"}]."""
     return [json.loads(line) for line in _data_text("neutral_text.jsonl").splitlines() if line.strip()]

@@ -21,6 +21,7 @@ import numpy as np
 
 from character_training.errors import UserError
 from character_training.evaluation.markers import marker_flags
+from character_training.evaluation.paired import paired_difference
 from data_gen.backends import Backend, Sampling
 from data_gen.filters import distinct_3gram_share
 
@@ -120,6 +121,58 @@ def fit_classifier(classifier, pairs: list[dict]) -> dict:
     """Trains the persona classifier on the pairs' teacher (chosen, persona) against student
     (rejected, plain) answers; returns its summary (examples, cross-validated accuracy)."""
     return classifier.fit([p["chosen"][-1]["content"] for p in pairs], [p["rejected"][-1]["content"] for p in pairs])
+
+
+# ------------------------------------------------------------------ the scorer and paired differences
+
+FOLDS = 2
+
+
+def cross_fitted_flags(classifier: Callable, texts: dict[str, list[str]], asked: list[str],
+                        prompts: list[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """({condition: persona flags}, the scorer's summary). Prompt i is in fold i % FOLDS; the
+    answers to a fold's prompts are scored by a classifier fitted on the other folds' base
+    (plain) and system-prompted (persona) answers, and its accuracy is measured on this fold's."""
+    fold_of = {p: i % FOLDS for i, p in enumerate(prompts)}
+    folds = np.array([fold_of[p] for p in asked])
+    flags = {name: np.zeros(len(asked)) for name in texts}
+    correct, scored, fitted = 0, 0, []
+    for fold in range(FOLDS):
+        train, test = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        if not len(test):
+            continue
+        scorer = classifier()
+        fitted.append(scorer.fit([texts[PROMPTED][i] for i in train], [texts[BASE][i] for i in train]))
+        for name in texts:
+            flags[name][test] = scorer.persona_flags([texts[name][i] for i in test])
+        correct += int(flags[PROMPTED][test].sum() + (1 - flags[BASE][test]).sum())
+        scored += 2 * len(test)
+    return flags, {"fitted_on": f"this evaluation's {BASE} (plain) and {PROMPTED} (persona) answers, "
+                                f"cross-fitted over {FOLDS} folds of prompts",
+                   "heldout_accuracy": correct / scored if scored else None,
+                   "train_examples": [f["train_examples"] for f in fitted]}
+
+
+def paired_comparisons(per_answer: dict, idx: np.ndarray, comparisons, k: int, seed: int,
+                       adapter: str | None = None) -> dict:
+    """Paired differences (first - second) of each comparison, for each metric of ``per_answer``
+    ({condition: {metric: one value per answer}}), over the answers ``idx`` (prompt-major, ``k``
+    a prompt); whether the scorer measures the persona here (the system prompt's rate above the
+    base model's), and then ``adapter``'s rate over the system prompt's."""
+    paired = {}
+    for a, b in comparisons:
+        if a in per_answer and b in per_answer:
+            paired[f"{a} - {b}"] = {metric: paired_difference(values[idx], per_answer[b][metric][idx],
+                                                              samples_per_prompt=k, seed=seed)
+                                    for metric, values in per_answer[a].items() if values is not None}
+    out = {"paired": paired}
+    reference = paired.get(f"{PROMPTED} - {BASE}", {}).get("persona_rate")
+    if reference is not None:
+        out["measurable"] = bool(reference["above_zero"])
+        if out["measurable"] and adapter in per_answer:
+            rate = {n: float(per_answer[n]["persona_rate"][idx].mean()) for n in (adapter, PROMPTED)}
+            out["adapter_over_system_prompt"] = rate[adapter] / rate[PROMPTED] if rate[PROMPTED] else None
+    return out
 
 
 def check_adapter_dir(name: str, path) -> None:

@@ -115,6 +115,7 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     ``eval.report: quick``, its first three conditions. ``adapter``: evaluate this adapter instead
     of the run's final one; ``extra_adapters``: more adapters (NAME=PATH) in the same report.
     ``summary(manifest)`` is what to print of the result."""
+    from character_training.evaluation.capability import general_prompts, training_texts_of_run
     from character_training.evaluation.quick import quick_check, quick_conditions
 
     adapter = adapter or str(final_adapter(ctx) or layout.adapter_dir(ctx.run_dir, "dpo"))
@@ -132,12 +133,13 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
         if extra_adapters:
             raise UserError("eval.report: quick evaluates one adapter; use the full report for several")
         backend = eval_engine(ctx, [adapter])
-        report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), adapter), ctx.prompts("heldout"),
-                             pairs_path, out, sampling=sampling, seed=ctx.recipe.seed,
+        sets = {"heldout": ctx.prompts("heldout"), "general": general_prompts(e.general_prompts)}
+        training = [t for texts in training_texts_of_run(ctx.run_dir).values() for t in texts]
+        report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), adapter), sets, training,
+                             out, sampling=sampling, seed=ctx.recipe.seed,
                              samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
         return {"stage": "eval", "adapter": adapter, **report}
 
-    from character_training.evaluation.capability import training_texts_of_run
     from character_training.evaluation.report import adapter_names, evaluate
 
     named = adapter_names([adapter, *extra_adapters])  # a run's STAGE/adapter is named "STAGE/adapter"
@@ -188,7 +190,7 @@ def lora_rank_for_vllm(configs: list[dict]) -> int:
 
 def summary(manifest: dict, eval_dir: str | Path) -> str:
     """What to print of an eval stage's result: the table, the adapter and where the report is."""
-    if "classifier" in manifest:  # the quick check
+    if "scorer" in manifest:  # the quick check
         from character_training.evaluation.quick import format_table
 
         table, report = format_table(manifest), "eval.json"

@@ -37,6 +37,9 @@ class ExpandSettings:
 
     per_trait: int = 40          # training prompts kept per trait (seeds included)
     heldout_per_trait: int = 8   # generated prompts set aside per trait for evaluation
+    # The trait's own seed questions set aside for evaluation (its last ones): written by the
+    # researcher, not the model, never shown as an example nor trained on; the held-out split's clean core.
+    heldout_seeds: int = 0
     per_request: int = 10        # new messages asked for in one request
     examples_per_request: int = 4
     oversample: float = 3.0      # requests are sized for this many times the needed prompts
@@ -55,6 +58,7 @@ class ExpandSettings:
             raise UserError(f"per_request: {self.per_request}; give 1 or more (new messages asked for in one request)")
         for name, low, what in (("per_trait", 1, "training prompts kept per trait"),
                                 ("heldout_per_trait", 0, "generated prompts set aside per trait for evaluation"),
+                                ("heldout_seeds", 0, "seed questions set aside per trait for evaluation"),
                                 ("examples_per_request", 0, "seed questions shown in one request"),
                                 ("min_chars", 0, "characters a prompt needs"), ("min_words", 0, "words a prompt needs")):
             if getattr(self, name) < low:
@@ -135,11 +139,18 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
     """``sampling``: None uses the settings' own (``settings.sampling``)."""
     sampling = sampling or settings.sampling
     rng = random.Random(seed)
+    held_seeds = {t: qs[len(qs) - settings.heldout_seeds:] if settings.heldout_seeds else [] for t, qs in seed_questions.items()}
+    short_of_seeds = [t for t, qs in seed_questions.items() if len(qs) - settings.heldout_seeds < 1]
+    if short_of_seeds:
+        raise UserError(f"prompts.heldout_seeds: {settings.heldout_seeds} leaves no seed question to train on for "
+                        f"trait '{short_of_seeds[0]}'; give the trait more questions or lower heldout_seeds")
+    all_seeds = seed_questions
+    seed_questions = {t: qs[:len(qs) - len(held_seeds[t])] for t, qs in seed_questions.items()}
     # Generated prompts each trait needs: its held-out ones and the training ones its seeds leave.
     needed = {t: settings.heldout_per_trait + max(0, settings.per_trait - len(seeds))
               for t, seeds in seed_questions.items()}
     drops: Counter = Counter()
-    seen = {normalize(q) for seeds in seed_questions.values() for q in seeds}
+    seen = {normalize(q) for seeds in all_seeds.values() for q in seeds}
     candidates: dict[str, list[str]] = {t: [] for t in seed_questions}
     owners: list[str] = []
     completions: list = []
@@ -183,7 +194,9 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
         records += [{"prompt": q, "trait": trait, "split": "train", "source": "seed"} for q in seeds]
         records += [{"prompt": q, "trait": trait, "split": "train", "source": "generated"} for q in train_generated]
         records += [{"prompt": q, "trait": trait, "split": "heldout", "source": "generated"} for q in heldout]
-        per_trait_counts[trait] = {"train": len(seeds) + len(train_generated), "heldout": len(heldout)}
+        records += [{"prompt": q, "trait": trait, "split": "heldout", "source": "seed"} for q in held_seeds[trait]]
+        per_trait_counts[trait] = {"train": len(seeds) + len(train_generated),
+                                   "heldout": len(heldout) + len(held_seeds[trait])}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
