@@ -4,9 +4,8 @@
 and returns one ``Completion`` per conversation, in order. ``VLLMBackend`` runs vLLM offline
 in this process (batching, prefix caching, a seed per request, LoRA adapters).
 
-Every request carries its own seed (data_gen/seeds.py): given as ``seeds`` (a stage's cache
-derives them, counting samples across the whole stage) or derived here from the request, so
-an answer never depends on which requests shared its batch.
+Every request carries its own seed (data_gen/seeds.py), given as ``seeds`` (a stage's cache
+derives them) or derived here: an answer never depends on which requests shared its batch.
 """
 from __future__ import annotations
 
@@ -149,10 +148,9 @@ class VLLMBackend:
             options = _applicable_on_cpu(options)
         kwargs.update(options)  # the recipe's engine options win over the defaults above
         if not on_gpu:
-            # A prompt's prefill split over steps makes vLLM discard that step's draw and rewind the
-            # request's generator, which the CPU generator cannot do ("CPU Generator does not use
-            # offset": per-request seeds crashed the engine). Whole prefills never rewind; the GPU
-            # path rewinds its Philox offset, so there chunked prefill stays on.
+            # A prefill split over steps makes vLLM discard that step's draw and rewind the request's
+            # generator, which the CPU generator cannot do ("CPU Generator does not use offset": seeded
+            # requests crashed the engine). The GPU rewinds its Philox offset: chunked prefill stays on.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(kwargs.get("max_num_batched_tokens") or 2048, kwargs["max_model_len"])
         self.llm = vllm.LLM(**kwargs)

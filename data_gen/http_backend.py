@@ -20,9 +20,10 @@ Seeds: each request carries its own seed (data_gen/seeds.py): the one given to `
 stage's cache derives them), or one derived from the backend's ``seed``, the request's user-side
 messages and which sample of an identical request in this call it is, so a run is reproducible
 whatever order the answers arrive in, and the n samples of a best-of-n request still differ.
-``seed=None`` sends no seed. On vLLM's CPU build a per-request seed can crash the server when a prompt's
-prefill is split into chunks ("CPU Generator does not use offset"); use ``seed=None`` there, or
-keep ``max_concurrency`` x prompt length under the server's ``--max-num-batched-tokens``.
+``seed=None`` sends no seed. A vLLM server on a CPU must run whole prefills for seeded requests
+(``vllm serve ... --no-enable-chunked-prefill --max-num-batched-tokens <max-model-len or more>``):
+a chunked prefill rewinds a seeded request's generator, which the CPU generator cannot do ("CPU
+Generator does not use offset"). A GPU server needs nothing.
 
 The API key is read from the environment variable ``api_key_env`` (when set) into an
 ``Authorization: Bearer`` header; it is never logged, never in a repr or an error message. A

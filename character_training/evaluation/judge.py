@@ -31,7 +31,7 @@ from functools import partial
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluation.core import bootstrap_interval
+from character_training.evaluation.paired import clustered_interval
 from data_gen.backends import Backend, Sampling
 from data_gen.filters import is_refusal
 from data_gen.judging import judge_request, judge_rounds, read_choice, read_score
@@ -49,11 +49,14 @@ def trait_keys(constitution) -> dict[str, str]:
     return {f"trait_{i}": t.trait for i, t in enumerate(constitution.traits, 1)}
 
 
-def _summary_cell(values: list[float | None], seed: int) -> dict:
-    scored = np.array([v for v in values if v is not None], dtype=float)
+def _summary_cell(values: list[float | None], prompts: list[str], seed: int) -> dict:
+    """The mean score and its 95% interval, resampling prompts (a prompt's several answers are
+    drawn together, not passed off as independent evidence)."""
+    kept = [(v, p) for v, p in zip(values, prompts) if v is not None]
+    scored = np.array([v for v, _ in kept], dtype=float)
     cell = {"mean": None, "ci95": None, "n": int(len(scored)), "missing": len(values) - len(scored)}
     if len(scored):
-        lo, hi = bootstrap_interval(scored, seed=seed)
+        lo, hi = clustered_interval(scored, [p for _, p in kept], seed=seed)
         cell["mean"] = float(scored.mean())
         cell["ci95"] = [lo, hi]
     return cell
@@ -70,7 +73,7 @@ def score_answers(judge: Backend, constitution, items: list[dict],
     "unparseable", "refused", "missing_after_retries"}, "unparseable_examples": [...],
     "judge": {...}}``. ``unparseable`` and ``refused`` count every such reply, retries included;
     ``missing_after_retries`` counts the scores left None. A cell with no score has mean and
-    ci95 None. The bootstrap interval is seeded with ``seed``.
+    ci95 None. The bootstrap interval resamples prompts and is seeded with ``seed``.
     """
     traits = trait_keys(constitution)
     keys = [*traits, COHERENCE]
@@ -97,7 +100,7 @@ def score_answers(judge: Backend, constitution, items: list[dict],
     by_condition: dict[str, list[dict]] = {}
     for row in scores:
         by_condition.setdefault(row["condition"], []).append(row)
-    summary = {cond: {key: _summary_cell([r[key] for r in rows], seed) for key in keys}
+    summary = {cond: {key: _summary_cell([r[key] for r in rows], [r["prompt"] for r in rows], seed) for key in keys}
                for cond, rows in by_condition.items()}
     return {
         "traits": traits,

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from character_training.evaluation.core import PROMPTED, bootstrap_interval, check_adapter_dir
+from character_training.evaluation.paired import clustered_interval
 from character_training.evaluation.likelihood import chat_prompt_ids, pad_batch, pad_id_of
 
 TENSORS_FILE = "persona_vectors.safetensors"
@@ -186,16 +187,31 @@ def project(activations: torch.Tensor, pv: PersonaVectors) -> torch.Tensor:
     return torch.einsum("lnh,lh->ln", centred, _unit(pv.vectors))
 
 
-def _ratio_interval(values: np.ndarray, reference: np.ndarray, seed: int, resamples: int = 2000) -> list[float]:
-    """95% bootstrap interval of mean(values) / mean(reference), resampling each independently."""
+def _ratio_interval(values: np.ndarray, reference: np.ndarray, seed: int, clusters: np.ndarray | None = None,
+                    reference_clusters: np.ndarray | None = None, resamples: int = 2000) -> list[float]:
+    """95% bootstrap interval of mean(values) / mean(reference). With ``clusters`` (each value's
+    prompt), one draw of prompts serves both arms and brings each drawn prompt's values; without,
+    each arm's values are resampled on their own."""
     if len(values) == 0 or len(reference) == 0:
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
-    num = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    den = reference[rng.integers(0, len(reference), size=(resamples, len(reference)))].mean(axis=1)
+    if clusters is None or reference_clusters is None:
+        num = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+        den = reference[rng.integers(0, len(reference), size=(resamples, len(reference)))].mean(axis=1)
+    else:
+        labels, inverse = np.unique(np.concatenate([clusters, reference_clusters]), return_inverse=True)
+        mine, theirs = inverse[:len(values)], inverse[len(values):]
+        draws = rng.integers(0, len(labels), size=(resamples, len(labels)))
+
+        def means(v, c):
+            sums, counts = np.bincount(c, weights=v, minlength=len(labels)), np.bincount(c, minlength=len(labels))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+
+        num, den = means(values, mine), means(reference, theirs)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = num / den
-    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
+    return [float(np.nanpercentile(ratios, 2.5)), float(np.nanpercentile(ratios, 97.5))]
 
 
 def _ratio(a: float, b: float) -> float:
@@ -203,11 +219,13 @@ def _ratio(a: float, b: float) -> float:
 
 
 def projection_report(conditions: dict[str, torch.Tensor], pv: PersonaVectors, reference: str = PROMPTED,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, prompts: dict[str, list[str]] | None = None) -> dict:
     """Per condition and layer: the mean projection onto the persona vector with its 95%
     bootstrap interval, and its ratio to the reference condition's (by default the base model
     with the constitution as system prompt). ``headline``: the ratios at ``pv.best_layer``,
-    with bootstrap intervals. NaN where the reference's mean projection is 0."""
+    with bootstrap intervals. NaN where the reference's mean projection is 0. ``prompts``: each
+    condition's prompt per answer; then the intervals resample prompts (clustered), and the
+    ratio's draw of prompts is shared by both arms."""
     if reference not in conditions:
         raise ValueError(f"reference condition '{reference}' is not among the conditions {sorted(conditions)}")
     projections = {name: project(acts, pv).numpy().astype(np.float64) for name, acts in conditions.items()}
@@ -218,12 +236,15 @@ def projection_report(conditions: dict[str, torch.Tensor], pv: PersonaVectors, r
         report[name] = {
             "n": int(proj.shape[1]),
             "mean_projection": [float(m) for m in means],
-            "mean_projection_ci95": [list(bootstrap_interval(row, seed=seed)) for row in proj],
+            "mean_projection_ci95": [list(clustered_interval(row, prompts[name], seed=seed) if prompts else
+                                          bootstrap_interval(row, seed=seed)) for row in proj],
             "ratio_to_reference": [_ratio(float(m), float(r)) for m, r in zip(means, ref_means)],
         }
     layer = pv.best_layer
     headline = {name: {"ratio": report[name]["ratio_to_reference"][layer],
-                       "ratio_ci95": _ratio_interval(proj[layer], projections[reference][layer], seed)}
+                       "ratio_ci95": _ratio_interval(proj[layer], projections[reference][layer], seed,
+                                                     *((np.asarray(prompts[name]), np.asarray(prompts[reference]))
+                                                       if prompts else ()))}
                 for name, proj in projections.items()}
     return {"reference": reference, "best_layer": layer, "separation": [float(s) for s in pv.separation],
             "vector_norms": pv.vectors.norm(dim=-1).tolist(), "conditions": report, "headline": headline}

@@ -41,8 +41,8 @@ import numpy as np
 
 from character_training.errors import UserError
 from character_training.evaluation.core import (BASE, PARTS, PROMPTED, STEERED, Condition, answers_of,
-                                                fit_classifier, forget_stale, generate_conditions, input_key, kept_part,
-                                                surface_metrics)
+                                                cross_fitted_flags, forget_stale, generate_conditions, input_key,
+                                                kept_part, paired_comparisons, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
 from character_training.evaluation.markers import markers_in
 from character_training.evaluation.report_output import ADVERSARIAL_SUFFIXES, markdown_report, plot_report
@@ -127,16 +127,21 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
         raise UserError("no teacher-vs-student pairs to train the persona classifier on; run the pairs stage")
     hashes = _forget_stale(out, model_path, adapters, log)  # the adapters' weights, hashed once
     heldout, neutral = _prompts(heldout, settings)
+    contamination = _contamination(heldout + neutral, training_texts, log)
+    clean = set(contamination.pop("kept_prompts"))
+    heldout, neutral = [p for p in heldout if p in clean], [p for p in neutral if p in clean]
     prompts = heldout + neutral
+    if not prompts:
+        raise UserError("no evaluation prompt is left: every one is in the run's training data (report.json, "
+                        "contamination); rerun the prompts stage, or raise eval.neutral_prompts")
     k = settings.samples_per_prompt
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row (answers are sampled)
     report: dict = {"model": model_path, "adapters": adapters, "seed": seed, "sampling": sampling.to_dict(),
                     "settings": asdict(settings), "prompts": {"heldout": len(heldout), "neutral": len(neutral),
                                                               "samples_per_prompt": k},
                     "markers": list(constitution.markers),
-                    "contamination": _contamination(prompts, training_texts, log)}
-    classifier = classifier or PersonaClassifier()
-    report["classifier"] = fit_classifier(classifier, pairs)
+                    "contamination": contamination}
+    classifier = classifier or PersonaClassifier
     conditions = conditions_for(system_prompt, adapters, settings)
 
     # 1. Model-side parts the generation needs, before any engine holds the accelerator.
@@ -147,7 +152,8 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     generated = generate_conditions(backend, conditions, asked, sampling, k)
     if steered is not None:
         _add_steered(generated, conditions, asked, steered)
-    records, flags_of = _classify(classifier, conditions, generated, asked, set(heldout), constitution.markers)
+    records, flags_of, report["scorer"] = _classify(classifier, conditions, generated, asked, prompts, set(heldout),
+                                                    constitution.markers)
     write_jsonl(out / "answers.jsonl", records)
     if judge is not None and (settings.judge or settings.revealed_prompts > 0):
         judge = CachedBackend(_started(judge), out / "judge_cache.jsonl", chunk_size=chunk_size)
@@ -159,7 +165,9 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     # 3. Model-side metrics on what was generated.
     report["conditions"] = _surface(out, model_path, conditions, generated, asked, set(heldout), flags_of,
                                     records, seed, log, k, constitution.markers)
-    report.update(_after_generation(out, model_path, pv, conditions, generated, report, adapters, hashes,
+    report["paired"] = _paired(conditions, generated, asked, set(heldout), flags_of, adapters, k, seed,
+                               constitution.markers)
+    report.update(_after_generation(out, model_path, pv, conditions, generated, asked, report, adapters, hashes,
                                     settings, seed, log))
     report["plots"] = plot_report(report, out)
     write_json(out / "report.json", report)
@@ -177,14 +185,16 @@ def _prompts(heldout: list[str], settings: EvalSettings) -> tuple[list[str], lis
 
 
 def _contamination(prompts: list[str], training_texts: dict[str, list[str]], log) -> dict:
-    from character_training.evaluation import capability
+    """What was dropped and why (contamination.py), and the prompts not in the training data ("kept_prompts")."""
+    from character_training.evaluation.contamination import check_contamination
 
     log("[eval] contamination check")
-    found = capability.contamination_report(prompts, training_texts)
-    if not found["clean"]:
-        log(f"[eval] WARNING: evaluation prompts found in training data: "
-            f"{len(found['exact'])} exact, {len(found['near'])} near")
-    return found
+    found = check_contamination(prompts, [t for texts in training_texts.values() for t in texts])
+    if found.dropped:
+        log(f"[eval] {len(found.dropped)} evaluation prompt(s) found in the training data: dropped "
+            f"({found.counts()['by_reason']}; listed in report.json, contamination)")
+    return {**found.counts(), "clean": not found.dropped, "dropped_prompts": found.dropped, "kept_prompts": found.kept,
+            "training_texts": {source: len(texts) for source, texts in training_texts.items()}}
 
 
 def _before_generation(out: Path, model_path: str, pairs: list[dict], system_prompt: str, prompts: list[str],
@@ -209,19 +219,46 @@ def _add_steered(generated: dict, conditions: list[Condition], prompts: list[str
     conditions.append(Condition(STEERED, kind="steered"))
 
 
-def _classify(classifier, conditions: list[Condition], generated: dict, prompts: list[str],
-              heldout: set[str], markers: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """(one record per answer, {condition: persona flags}); with markers, each record lists the
-    ones its answer carries."""
-    records, flags_of = [], {}
+def _classify(classifier, conditions: list[Condition], generated: dict, asked: list[str], prompts: list[str],
+              heldout: set[str], markers: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, np.ndarray], dict]:
+    """(one record per answer, {condition: persona flags}, the scorer's summary): the scorer is
+    cross-fitted on this evaluation's base and system-prompted answers (core.cross_fitted_flags);
+    with markers, each record lists the ones its answer carries."""
+    texts_of = {cond.name: answers_of(generated[cond.name]) for cond in conditions}
+    flags_of, scorer = cross_fitted_flags(classifier, texts_of, asked, prompts)
+    records = []
     for cond in conditions:
-        completions, texts = generated[cond.name]["completions"], answers_of(generated[cond.name])
-        flags_of[cond.name] = classifier.persona_flags(texts)
+        completions = generated[cond.name]["completions"]
         records += [{"condition": cond.name, "prompt": p, "source": "heldout" if p in heldout else "neutral",
                      "answer": t, "persona": bool(f), "finish_reason": c.finish_reason,
                      **({"markers": markers_in(t, markers)} if markers else {})}
-                    for p, t, f, c in zip(prompts, texts, flags_of[cond.name], completions)]
-    return records, flags_of
+                    for p, t, f, c in zip(asked, texts_of[cond.name], flags_of[cond.name], completions)]
+    return records, flags_of, scorer
+
+
+def _paired(conditions: list[Condition], generated: dict, asked: list[str], heldout: set[str], flags_of: dict,
+            adapters: dict[str, str], k: int, seed: int, markers: tuple[str, ...]) -> dict:
+    """Each adapter against the system prompt and against base, the system prompt against base,
+    and each adapter against each later one (two recipes in one report), as paired differences over prompts (persona rate, marker rate, distinct 3-grams), on the
+    held-out and on the neutral prompts apart (core.paired_comparisons)."""
+    from character_training.evaluation.markers import marker_flags
+    from data_gen.filters import distinct_3gram_share
+
+    per_answer = {}
+    for cond in conditions:
+        texts = answers_of(generated[cond.name])
+        per_answer[cond.name] = {"persona_rate": flags_of[cond.name],
+                                 "marker_rate": marker_flags(texts, markers).astype(float) if markers else None,
+                                 "distinct_3grams": np.array([distinct_3gram_share(t) if t else 0.0 for t in texts])}
+    names = list(adapters)
+    comparisons = ([(name, other) for name in names for other in (PROMPTED, BASE)] + [(PROMPTED, BASE)]
+                   + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])  # recipe against recipe
+    found = {}
+    for stratum in ("heldout", "neutral"):
+        idx = np.array([i for i, p in enumerate(asked) if (p in heldout) == (stratum == "heldout")], dtype=int)
+        if len(idx):
+            found[stratum] = paired_comparisons(per_answer, idx, comparisons, k, seed)
+    return found
 
 
 def _judged(out: Path, backend, judge, constitution, records: list[dict], revealed_on: list[str],
@@ -270,8 +307,8 @@ def _surface(out: Path, model_path: str, conditions: list[Condition], generated:
 
 
 def _after_generation(out: Path, model_path: str, pv: dict | None, conditions: list[Condition], generated: dict,
-                      report: dict, adapters: dict[str, str], hashes: dict[str, str], settings: EvalSettings,
-                      seed: int, log) -> dict:
+                      asked: list[str], report: dict, adapters: dict[str, str], hashes: dict[str, str],
+                      settings: EvalSettings, seed: int, log) -> dict:
     """The parts read from the model on what was generated (persona-vector projections,
     capability, lm-evaluation-harness), each condition's cells filled in from them and from
     the judge."""
@@ -282,7 +319,7 @@ def _after_generation(out: Path, model_path: str, pv: dict | None, conditions: l
         for name, cells in report["judge"]["summary"].items():
             results[name]["judge_coherence"] = cells.get("coherence", {}).get("mean")
     if pv is not None and settings.persona_vectors:
-        found["persona_vectors"] = _projections(out, model_path, pv, conditions, generated, seed, log)
+        found["persona_vectors"] = _projections(out, model_path, pv, conditions, generated, asked, seed, log)
         _add_projection_ratios(results, found["persona_vectors"])
     if settings.capability:
         log("[eval] capability: perplexity on neutral text, multiple choice")
@@ -293,7 +330,8 @@ def _after_generation(out: Path, model_path: str, pv: dict | None, conditions: l
         found["lm_eval"] = kept_part(out, "lm_eval", input_key(model_path, hashes, settings.lm_eval_tasks),
                                      lambda: {name: capability.run_lm_eval(model_path, path, tasks)
                                               for name, path in {BASE: None, **adapters}.items()})
-    if (ref := results.get(PROMPTED)) and ref["persona_rate"]:
+    measurable = all(p.get("measurable", True) for p in report.get("paired", {}).values())
+    if (ref := results.get(PROMPTED)) and ref["persona_rate"] and measurable:  # no ratio of an unmeasured rate
         for r in results.values():
             r["persona_rate_over_system_prompt"] = r["persona_rate"] / ref["persona_rate"]
     return found
@@ -364,19 +402,19 @@ def _persona_vectors(out: Path, model_path: str, pairs: list[dict], system_promp
     return {**value, "key": key}
 
 
-def _projections(out: Path, model_path: str, pv: dict, conditions: list[Condition], generated: dict, seed: int,
-                 log) -> dict:
+def _projections(out: Path, model_path: str, pv: dict, conditions: list[Condition], generated: dict,
+                 asked: list[str], seed: int, log) -> dict:
     """Each condition's response activations (under its own model: the adapter's for adapter
     conditions) projected onto the persona vector, per layer."""
     from character_training.evaluation import persona_vectors as pvm
 
     vectors = pvm.PersonaVectors.load(out / PARTS / "persona_vectors")
     wanted = [c for c in conditions if c.kind != "steered"]
-    key = input_key(pv["key"], [(c.name, c.adapter, generated[c.name]["conversations"],
+    key = input_key(pv["key"], "intervals resample prompts", [(c.name, c.adapter, generated[c.name]["conversations"],
                                  [x.text for x in generated[c.name]["completions"]]) for c in wanted])
 
     def compute():
-        activations = {}
+        activations, prompts_of = {}, {}
         for adapter in dict.fromkeys(c.adapter for c in wanted):
             model, tokenizer = pvm.load_model(model_path, adapter)
             readings = [(c.name, c.name) for c in wanted if c.adapter == adapter]
@@ -391,10 +429,11 @@ def _projections(out: Path, model_path: str, pv: dict, conditions: list[Conditio
                 log(f"[eval] activations: {name}")
                 activations[name] = pvm.response_activations(model, tokenizer, [convs[i] for i in keep],
                                                              [texts[i] for i in keep])
+                prompts_of[name] = [asked[i] for i in keep]
             del model
         if PROMPTED not in activations:
             return {"skipped": f"the {PROMPTED} condition gave no answer to project", "best_layer": pv["best_layer"]}
-        return pvm.projection_report(activations, vectors, reference=PROMPTED, seed=seed)
+        return pvm.projection_report(activations, vectors, reference=PROMPTED, seed=seed, prompts=prompts_of)
 
     return kept_part(out, "projections", key, compute)
 

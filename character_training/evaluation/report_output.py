@@ -162,8 +162,10 @@ def markdown_report(report: dict) -> str:
              f"{report['prompts'].get('samples_per_prompt', 1)} answer(s) each (intervals resample prompts); "
              f"sampling {report['sampling']}; seed {report['seed']}.", "",
              "## Persona rate, with coherence beside it", "",
-             "The persona rate is the share of answers a teacher-vs-student classifier calls the persona "
-             "(95% bootstrap interval). A collapsed model fools such a classifier, so read it with the coherence "
+             "The persona rate is the share of answers a classifier calls the persona (95% bootstrap interval over "
+             "prompts); the classifier is fitted on this evaluation's base and system-prompted answers, cross-fitted "
+             "over two folds of prompts, and never sees the training pairs. A collapsed model fools such a "
+             "classifier, so read it with the coherence "
              "columns: distinct word 3-grams, perplexity of the answers under the base model, the judge's "
              "coherence score (0-100). `/sys`: the rate over the system-prompted model's; `proj`: the projection "
              "onto the persona vector at the best layer, over the system-prompted model's."
@@ -171,10 +173,11 @@ def markdown_report(report: dict) -> str:
                 + ", ".join(f"'{m}'" for m in report["markers"]) + "), counted as written, with its interval."
                 if report.get("markers") else ""), "",
              "```", format_conditions(report), "```", ""]
-    info = report.get("classifier", {})
-    if info.get("cv_accuracy") is not None:
-        lines += [f"Classifier: {info['train_examples']} teacher/student answers, {info['cv_folds']}-fold accuracy "
-                  f"{info['cv_accuracy']:.3f}.", ""]
+    info = report.get("scorer", {})
+    if info.get("heldout_accuracy") is not None:
+        lines += [f"Scorer: fitted on {info['fitted_on']}; accuracy on the held-out fold {info['heldout_accuracy']:.3f}.",
+                  ""]
+    lines += _md_paired(report)
     if "persona_rate" in report.get("plots", {}):
         lines += ["![persona rate](persona_rate.png)", ""]
     adv = [n for n, r in report["conditions"].items() if r["kind"] == "adversarial"]
@@ -263,14 +266,29 @@ def _md_capability(report: dict) -> list[str]:
     return lines
 
 
-def _md_contamination(report: dict) -> list[str]:
-    """Whether any evaluation prompt appears in the training data."""
+def _md_paired(report: dict) -> list[str]:
+    """The paired differences over prompts, and whether the scorer measures this persona."""
     lines: list[str] = []
-    con = report["contamination"]
-    lines += ["## Contamination", "",
-              (f"Clean: none of the {con['eval_prompts']} evaluation prompts appears in the run's training data "
-               f"(exact or near-duplicate; {sum(con['training_texts'].values())} training texts checked)."
-               if con["clean"] else
-               f"NOT clean: {len(con['exact'])} exact and {len(con['near'])} near-duplicate matches "
-               "(see report.json)."), ""]
+    for stratum, found in report.get("paired", {}).items():
+        lines += [f"Paired differences on the {stratum} prompts (first minus second; 95% interval from one bootstrap "
+                  "over prompts for both arms; `*`: the interval excludes zero; mde: the smallest difference these "
+                  "prompts detect):", "", "```"]
+        for comparison, metrics in found["paired"].items():
+            lines.append(f"{comparison:<44} " + "; ".join(
+                f"{m.replace('_rate', '')} {d['difference']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+                f"{'*' if d['above_zero'] or d['below_zero'] else ''} mde {d['mde']:.2f}" for m, d in metrics.items()))
+        lines += ["```", ""]
+        if not found.get("measurable", True):
+            lines += ["The scorer does not separate base from the system prompt here (their paired difference is not "
+                      "above zero): this persona's rate is not measurable with it, and no ratio is given.", ""]
     return lines
+
+
+def _md_contamination(report: dict) -> list[str]:
+    """Which evaluation prompts were in the training data (and so were dropped before scoring)."""
+    con = report["contamination"]
+    checked = f"{con['checked']} evaluation prompts against {sum(con['training_texts'].values())} training texts"
+    return ["## Contamination", "",
+            (f"Clean: none of the {checked} is a near-duplicate of the training data." if con["clean"] else
+             f"{con['dropped']} of the {checked} were in the training data and were dropped before scoring "
+             f"({con['by_reason']}; listed in report.json)."), ""]

@@ -93,9 +93,10 @@ class BackendSection:
     max_concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 4
-    # openai: send a per-request seed derived from the recipe's seed (reproducible samples). Off by
-    # default: vLLM's CPU server can crash on seeded requests whose prefill is chunked.
-    request_seeds: bool = False
+    # openai: send each request's seed (data_gen/seeds.py: reproducible samples, paired conditions). A
+    # vLLM server on a CPU needs `--no-enable-chunked-prefill` for them (a chunked prefill rewinds a
+    # seeded request's generator, which the CPU generator cannot do); false sends none.
+    request_seeds: bool = True
     # vllm: vLLM's own engine options (its EngineArgs fields: tensor_parallel_size, data_parallel_size,
     # gpu_memory_utilization, max_model_len, quantization, max_num_seqs, max_lora_rank, ...).
     engine: dict = field(default_factory=dict)
