@@ -34,7 +34,7 @@ def request_seed(run_seed: int, conversation: Sequence[dict], occurrence: int) -
     return int.from_bytes(digest[:4], "big") & ((1 << SEED_BITS) - 1)
 
 
-def request_key(conversation: Sequence[dict], adapter: str | None = None, extra=None) -> str:
+def _same_request(conversation: Sequence[dict], adapter: str | None = None, extra=None) -> str:
     """What makes two requests the same request (whose repeats are further samples): its whole
     conversation, system prompt included, its adapter, and anything else given."""
     payload = {"adapter": adapter, "messages": list(conversation), "extra": extra}
@@ -49,7 +49,7 @@ def seeds_for(run_seed: int, conversations: Sequence[Sequence[dict]], adapter: s
     seen = Counter() if seen is None else seen
     seeds = []
     for conversation in conversations:
-        key = request_key(conversation, adapter)
+        key = _same_request(conversation, adapter)
         seen[key] += 1
         seeds.append(request_seed(run_seed, conversation, seen[key]))
     return seeds

@@ -119,32 +119,18 @@ def test_capability_report_scores_base_and_each_adapter(tiny_model_dir, tmp_path
         cap.capability_report(tiny_model_dir, {"x": str(tmp_path)}, texts=TEXTS[:1], mc=mc[:1])
 
 
-def test_contamination_finds_exact_and_near_matches_and_nothing_else():
-    exact_train = "What is the quickest way to defrost frozen chicken safely?"
-    near_train = "What is the best way to learn the cello as an adult beginner?"
-    training = {
-        "prompts/prompts.jsonl": [exact_train, near_train, "Tell me a story about a lighthouse keeper.",
-                                  "Explain how vaccines train the immune system."],
-        "sdf/documents.jsonl": [t["text"] for t in cap.load_neutral_text()],
-    }
-    planted = ["  what is the QUICKEST way to\tdefrost frozen chicken   safely",
-               "What is the best way to learn the violin as an adult beginner?"]
+def test_the_shipped_prompts_are_clean_against_the_shipped_text_and_a_planted_one_is_not():
+    from character_training.evaluation.contamination import check_contamination
+
+    training = [t["text"] for t in cap.load_neutral_text()] + ["What is the quickest way to defrost frozen chicken safely?"]
     neutral = [p["prompt"] for p in cap.load_neutral_prompts()]
-
-    report = cap.contamination_report(planted + neutral, training)
-    assert report["exact"] == [{"eval": planted[0], "train": exact_train, "source": "prompts/prompts.jsonl"}]
-    assert report["near"] == [{"eval": planted[1], "train": near_train, "jaccard": round(11 / 13, 4),
-                               "source": "prompts/prompts.jsonl"}]
-    assert report["clean"] is False and report["contaminated_prompts"] == 2
-    assert report["eval_prompts"] == 50
-    assert report["training_texts"] == {"prompts/prompts.jsonl": 4, "sdf/documents.jsonl": 30}
-    assert report["by_source"]["sdf/documents.jsonl"] == {"exact": 0, "near": 0}
-
-    clean = cap.contamination_report(neutral, training)
-    assert clean["clean"] is True and clean["exact"] == [] and clean["near"] == []
-    assert cap.normalize("  Hello,   World?! ") == "hello, world"
-    bands, rows = cap.recall_bands(0.8, 128)
-    assert bands * rows <= 128 and 1 - (1 - 0.8 ** rows) ** bands >= 0.99
+    general = [p["prompt"] for p in cap.load_general_prompts()]
+    planted = "  what is the QUICKEST way to\tdefrost frozen chicken   safely"
+    found = check_contamination(neutral + general + [planted], training)
+    assert [d["prompt"] for d in found.dropped] == [planted]
+    assert len(general) >= 200 and len(set(general)) == len(general)
+    assert cap.general_prompts(12) == [next(p["prompt"] for p in cap.load_general_prompts() if p["category"] == c)
+                                      for c in dict.fromkeys(p["category"] for p in cap.load_general_prompts())]
 
 
 def test_training_texts_of_run_reads_every_training_file(tmp_path):

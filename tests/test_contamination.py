@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from character_training.evaluation.contamination import check_contamination, normalize
 
 TRAINING_PROMPT = ("Explain in simple terms why the sky looks blue during the day but turns red "
@@ -103,3 +105,12 @@ def test_many_training_texts_complete():
     counts = result.counts()
     assert counts["checked"] == 100 and counts["kept"] + counts["dropped"] == 100
     assert [r["reason"] for r in result.dropped] == ["normalized", "quoted"]
+
+
+def test_one_word_changed_in_the_middle_is_a_near_duplicate_by_word_set():
+    training = ["What is the best way to learn the cello as an adult beginner?", "Tell me about whales."]
+    result = check_contamination(["What is the best way to learn the violin as an adult beginner?",
+                                  "What is the best way to cook rice for a family of four?"], training)
+    [dropped] = result.dropped
+    assert dropped["reason"] == "ngram" and dropped["overlap"] == pytest.approx(11 / 13)
+    assert result.kept == ["What is the best way to cook rice for a family of four?"]

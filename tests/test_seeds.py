@@ -59,3 +59,26 @@ def test_the_cache_seeds_each_sample_by_its_occurrence_in_the_stage_and_keeps_th
     assert resumed.chat([user("a"), user("b")], Sampling(), desc="") == first
     assert resumed.chat([user("a")], Sampling(), desc="") == second
     assert again.seeds == {"a": [request_seed(5, user("a"), 2)]}
+
+
+def test_a_training_stage_initializes_its_lora_the_same_on_every_run(tiny_model_dir, tmp_path):
+    """The LoRA's random init comes before the Trainer seeds itself: make_config seeds it."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from character_training.train import common
+    from character_training.train.settings import LoraSettings
+
+    def lora_a(seed):
+        common.make_config("sft", {}, {}, tmp_path / "out", seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               common.peft_config(LoraSettings(r=4, alpha=8, target_modules=["q_proj"])))
+        torch.rand(1)  # whatever ran before in the process does not matter: the seed is set again
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    torch.manual_seed(123)
+    first = lora_a(7)
+    torch.manual_seed(456)
+    assert torch.equal(first, lora_a(7))
+    assert not torch.equal(first, lora_a(8))

@@ -145,8 +145,9 @@ def _persona_classifier():
 def evaluation_prompts(personas: list[Persona], neutral: int, log) -> tuple[list[str], dict[str, str], dict]:
     """(the prompts every condition answers, {prompt: where it comes from}, the contamination check):
     both runs' held-out prompts, then up to ``neutral`` shipped neutral prompts. A prompt found in
-    either run's training data (exactly or nearly: capability.contamination_report) is left out."""
-    from character_training.evaluation.capability import contamination_report, load_neutral_prompts
+    either run's training data (a near-duplicate or a quote: contamination.check_contamination) is left out."""
+    from character_training.evaluation.capability import load_neutral_prompts
+    from character_training.evaluation.contamination import check_contamination
 
     heldout: dict[str, list[str]] = {}
     for p in personas:
@@ -155,8 +156,8 @@ def evaluation_prompts(personas: list[Persona], neutral: int, log) -> tuple[list
     shipped = [r["prompt"] for r in load_neutral_prompts() if r["prompt"] not in heldout]
     training = {f"{p.key} ({p.name}) {source}": texts for p in personas for source, texts in p.training_texts.items()}
     log("[algebra] contamination check: evaluation prompts against both runs' training data")
-    found = contamination_report(list(heldout) + shipped, training)
-    bad = {e["eval"] for e in found["exact"] + found["near"]}
+    found = check_contamination(list(heldout) + shipped, [t for texts in training.values() for t in texts])
+    bad = {d["prompt"] for d in found.dropped}
     left_out = [q for q in heldout if q in bad]
     neutral_kept: list[str] = []
     for q in shipped:  # the first ``neutral`` clean ones; a contaminated one is replaced by the next
@@ -172,10 +173,10 @@ def evaluation_prompts(personas: list[Persona], neutral: int, log) -> tuple[list
                         "data and no neutral prompt was asked for; raise --set eval.neutral_prompts=12, or rerun a "
                         "run's prompts stage so that its held-out prompts are new")
     sources = {q: ("heldout " + "+".join(heldout[q]) if q in heldout else "neutral") for q in kept}
-    matches = [m for m in found["exact"] + found["near"] if m["eval"] in set(left_out)]
+    matches = [d for d in found.dropped if d["prompt"] in set(left_out)]
     return kept, sources, {"clean": not left_out, "left_out": left_out, "matches": matches,
-                           "checked": len(heldout) + len(shipped), "threshold": found["threshold"],
-                           "training_texts": found["training_texts"]}
+                           "checked": len(heldout) + len(shipped),
+                           "training_texts": {source: len(texts) for source, texts in training.items()}}
 
 
 # ------------------------------------------------------------------------------- conditions

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -239,89 +238,7 @@ def run_lm_eval(model_path: str, adapter: str | None, tasks: list[str], limit: i
     return out["results"]
 
 
-# -- contamination -------------------------------------------------------------------------
-
-_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
-
-
-def normalize(text: str) -> str:
-    """Lowercased, whitespace runs collapsed to one space, punctuation stripped at both ends."""
-    return _EDGES.sub("", " ".join(text.lower().split()))
-
-
-def contamination_report(eval_prompts: list[str], training_texts: dict[str, list[str]], threshold: float = 0.8,
-                         *, n: int = 1, num_perm: int = 128, seed: int = 0) -> dict:
-    """Evaluation prompts found in training data, by source: exact matches after ``normalize``,
-    and near duplicates whose Jaccard similarity of word n-gram sets reaches ``threshold``.
-
-    Near-duplicate candidates come from MinHash signatures (``data_gen.dedup``) with LSH
-    banding, and each is confirmed with the exact Jaccard. The banding favours recall (see
-    ``recall_bands``): a missed match hides contamination, an extra candidate only costs its
-    check. ``n`` defaults to 1,
-    word sets, not data_gen.dedup's 5-grams for documents: prompts are short, and changing one
-    word in the middle of a 12-word prompt leaves a word-set Jaccard of 11/13 = 0.85 but a word
-    3-gram Jaccard of 7/13 = 0.54 (3-grams reach 0.8 only from about 29 words). Unrelated
-    prompts rarely share 80% of their distinct words. Pairs that match exactly are listed once,
-    under "exact".
-    """
-    from data_gen.dedup import minhash_signatures, shingles
-
-    train = [(source, text) for source, texts in training_texts.items() for text in dict.fromkeys(texts)]
-    by_normal: dict[str, list[tuple[str, str]]] = {}
-    for source, text in train:
-        by_normal.setdefault(normalize(text), []).append((source, text))
-    exact, exact_pairs = [], set()
-    for prompt in dict.fromkeys(eval_prompts):
-        for source, text in by_normal.get(normalize(prompt), ()):
-            exact.append({"eval": prompt, "train": text, "source": source})
-            exact_pairs.add((prompt, source, text))
-
-    near = []
-    prompts = list(dict.fromkeys(eval_prompts))
-    if prompts and train:
-        bands, rows = recall_bands(threshold, num_perm)
-        train_sigs = minhash_signatures([t for _, t in train], num_perm, seed, n)
-        eval_sigs = minhash_signatures(prompts, num_perm, seed, n)
-        buckets: dict[tuple[int, bytes], list[int]] = {}
-        for j in range(len(train)):
-            for band in range(bands):
-                buckets.setdefault((band, train_sigs[j, band * rows:(band + 1) * rows].tobytes()), []).append(j)
-        train_shingles: dict[int, set] = {}
-        for i, prompt in enumerate(prompts):
-            candidates = {j for band in range(bands)
-                          for j in buckets.get((band, eval_sigs[i, band * rows:(band + 1) * rows].tobytes()), ())}
-            mine = shingles(prompt, n)
-            for j in sorted(candidates):
-                source, text = train[j]
-                if (prompt, source, text) in exact_pairs:
-                    continue
-                theirs = train_shingles.setdefault(j, shingles(text, n))
-                union = mine | theirs
-                similarity = len(mine & theirs) / len(union) if union else 1.0
-                if similarity >= threshold:
-                    near.append({"eval": prompt, "train": text, "jaccard": round(similarity, 4), "source": source})
-
-    by_source = {source: {"exact": sum(e["source"] == source for e in exact),
-                          "near": sum(e["source"] == source for e in near)} for source in training_texts}
-    return {"exact": exact, "near": near, "clean": not exact and not near,
-            "contaminated_prompts": len({e["eval"] for e in exact + near}),
-            "eval_prompts": len(eval_prompts), "training_texts": {s: len(t) for s, t in training_texts.items()},
-            "by_source": by_source, "threshold": threshold, "ngram": n}
-
-
-def recall_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
-    """(bands, rows) with the most rows per band (the fewest chance candidates) such that a pair
-    of Jaccard ``threshold`` becomes a candidate with probability at least ``recall``, under
-    P(candidate) = 1 - (1 - s^rows)^bands. data_gen.dedup's balanced choice finds only about 40%
-    of the pairs at exactly 0.8 (9 bands of 13 rows); here 0.8 gives 21 bands of 6 rows."""
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    for rows in range(num_perm, 0, -1):
-        bands = num_perm // rows
-        if 1 - (1 - threshold ** rows) ** bands >= recall:
-            return bands, rows
-    return num_perm, 1
-
+# -- contamination: evaluation/contamination.py; what a run trains on: ---------------------------
 
 # Which stage files a run trains on, and what text each record holds.
 def training_texts_of_run(run_dir) -> dict[str, list[str]]:

@@ -14,19 +14,24 @@ A prompt is dropped for the first of these rules that holds against some trainin
    contiguous run of words inside a longer normalized training text (a prompt quoted in a
    document or in an answer).
 3. ``ngram``: at least ``ngram_threshold`` of the prompt's word n-grams occur in the training
-   text, or the Jaccard similarity of the two texts' word 5-gram sets is at least 0.6 (a near
-   duplicate: a word or two changed). A prompt shorter than n words uses n-grams of its own
-   length (at least 3); a prompt under 3 words is checked by rule 1 only.
+   text, or the Jaccard similarity of the two texts' word 5-gram sets is at least 0.6, or that of
+   their word *sets* is at least 0.8 (a near duplicate: a word or two changed; one word changed
+   in the middle of a 12-word prompt breaks most of its n-grams but leaves a word-set Jaccard of
+   11/13 = 0.85). A prompt shorter than n words uses n-grams of its own length (at least 3); a
+   prompt under 3 words is checked by rule 1 only, and the word-set test needs 4 distinct words.
 
 The quote test runs before the n-gram test: a quoted prompt has all of its n-grams in the
 document, so in the other order every quote would be reported as an n-gram overlap.
 
-Speed: the training texts are scanned once, for the prompts' n-grams only, into an index
-n-gram -> ids of the training texts that hold it. Overlaps are counted from that index, and a
-prompt is only ever compared with training texts sharing at least one n-gram with it.
+Speed: the training texts are scanned once, for the prompts' n-grams and words only, into an
+index n-gram (or word) -> ids of the training texts that hold it. Overlaps are counted from that
+index, and a prompt is only ever compared with training texts sharing an n-gram with it, or, for
+the word-set test, one of its rarest words: a word-set Jaccard of 0.8 leaves at most a fifth of
+the prompt's words out of the text, so the text holds one of any (that many + 1) of them.
 """
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -36,6 +41,7 @@ from data_gen.dedup import jaccard, shingles
 
 REASONS = ("normalized", "ngram", "quoted")
 JACCARD_N, JACCARD_THRESHOLD = 5, 0.6
+WORD_SET_THRESHOLD, WORD_SET_MIN_WORDS = 0.8, 4
 MATCH_CHARS = 200  # how much of the matching training text a dropped record keeps
 
 
@@ -70,18 +76,41 @@ class _TrainingIndex:
     """The normalized training texts, a lookup of them, and n-gram -> training text ids for
     the n-grams in ``wanted`` (n-gram length -> the prompts' n-grams of that length)."""
 
-    def __init__(self, training_texts: list[str], wanted: dict[int, set]):
+    def __init__(self, training_texts: list[str], wanted: dict[int, set], wanted_words: set[str]):
         self.texts = [normalize(t) for t in training_texts]
         self.exact: dict[str, int] = {}
         self.postings: dict[tuple, list[int]] = defaultdict(list)
+        self.word_postings: dict[str, list[int]] = defaultdict(list)
         self.distinct_words: list[int] = []
         for tid, text in enumerate(self.texts):
             self.exact.setdefault(text, tid)
             words = tuple(text.split())
-            self.distinct_words.append(len(set(words)))
+            distinct = set(words)
+            self.distinct_words.append(len(distinct))
             for k, grams in wanted.items():
                 for gram in _ngrams(words, k) & grams:
                     self.postings[gram].append(tid)
+            for word in distinct & wanted_words:
+                self.word_postings[word].append(tid)
+
+    def near_word_set(self, prompt: str):
+        """(Jaccard, training id) of the training text whose word set is nearest the prompt's, if
+        it reaches WORD_SET_THRESHOLD; the candidates hold one of the prompt's rarest words."""
+        mine = set(prompt.split())
+        if len(mine) < WORD_SET_MIN_WORDS:
+            return None
+        rarest = sorted(mine, key=lambda w: (len(self.word_postings.get(w, ())), w))
+        missing = math.floor(len(mine) * (1 - WORD_SET_THRESHOLD) + 1e-9)  # prompt words a match can lack
+        candidates = {tid for w in rarest[:missing + 1] for tid in self.word_postings.get(w, ())}
+        best = None
+        for tid in sorted(candidates):
+            if self.distinct_words[tid] > len(mine) / WORD_SET_THRESHOLD:
+                continue  # too many words of its own to reach the threshold
+            theirs = set(self.texts[tid].split())
+            similarity = len(mine & theirs) / len(mine | theirs)
+            if similarity >= WORD_SET_THRESHOLD and (best is None or similarity > best[0]):
+                best = (similarity, tid)
+        return best
 
     def match(self, prompt: str, grams: set, threshold: float, min_quote_words: int):
         """(reason, training id, overlap) of the first rule that holds, or None."""
@@ -89,6 +118,7 @@ class _TrainingIndex:
             return "normalized", self.exact[prompt], 1.0
         if not grams:
             return None
+        near = self.near_word_set(prompt)
         shared = Counter(tid for gram in grams for tid in self.postings.get(gram, ()))
         if len(prompt.split()) >= min_quote_words:
             for tid in sorted(tid for tid, count in shared.items() if count == len(grams)):
@@ -106,6 +136,8 @@ class _TrainingIndex:
                 similarity = jaccard(prompt, self.texts[tid], JACCARD_N)
                 if similarity >= JACCARD_THRESHOLD:
                     hits.append((similarity, -tid))
+        if near is not None:
+            hits.append((near[0], -near[1]))
         if not hits:
             return None
         overlap, tid = max(hits)
@@ -128,7 +160,7 @@ def check_contamination(prompts: list[str], training_texts: list[str], *, n: int
         prompt_grams.append(grams)
         wanted[k] |= grams
     wanted.pop(0, None)
-    index = _TrainingIndex(list(training_texts), wanted)
+    index = _TrainingIndex(list(training_texts), wanted, {w for text in normalized for w in text.split()})
     kept, dropped = [], []
     for prompt, text, grams in zip(prompts, normalized, prompt_grams):
         hit = index.match(text, grams, ngram_threshold, min_quote_words)

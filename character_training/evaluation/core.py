@@ -1,6 +1,7 @@
 """The evaluation core shared by the quick check (quick.py) and the full report (report.py):
-the conditions a model is asked under, how their answers are generated, the persona
-classifier's training, the surface metrics of a condition's answers and the bootstrap.
+the conditions a model is asked under, how their answers are generated, the persona scorer
+(cross-fitted on the evaluation's own base and system-prompted answers), the surface metrics of
+a condition's answers, the bootstrap, and the paired differences between conditions.
 
 Also the parts a report keeps between runs (``input_key``, ``kept_part``, ``forget_stale``):
 the full report and the algebra report reuse what a killed or repeated run computed already.
@@ -119,7 +120,8 @@ def answers_of(generated: dict) -> list[str]:
 
 def fit_classifier(classifier, pairs: list[dict]) -> dict:
     """Trains the persona classifier on the pairs' teacher (chosen, persona) against student
-    (rejected, plain) answers; returns its summary (examples, cross-validated accuracy)."""
+    (rejected, plain) answers; returns its summary (examples, cross-validated accuracy). Only the
+    algebra report scores this way still; the quick check and the report use ``cross_fitted_flags``."""
     return classifier.fit([p["chosen"][-1]["content"] for p in pairs], [p["rejected"][-1]["content"] for p in pairs])
 
 

@@ -218,10 +218,18 @@ def check_lora(lora: LoraSettings, where: str, section: str) -> None:
 
 
 def make_config(kind: str, defaults: dict, trainer: dict, output_dir: Path, seed: int):
-    """The stage's TRL config: ``defaults``, the recipe's ``trainer`` over them, the device's under both."""
+    """The stage's TRL config: ``defaults``, the recipe's ``trainer`` over them, the device's under both.
+
+    Also seeds torch, numpy and Python's ``random`` with ``seed``: the LoRA's random init (PEFT's,
+    made before the Trainer seeds itself) came from each process's own random seed, so two runs
+    of one stage trained two different adapters (the same loss at the first step, B being zero,
+    but other gradients)."""
     import torch
+    from transformers import set_seed
 
     from character_training.train.devices import trainer_args
+
+    set_seed(seed)
 
     args = trainer_args({**defaults, **trainer, "output_dir": str(output_dir), "seed": seed},
                         cuda=torch.cuda.is_available())
