@@ -93,7 +93,7 @@ def test_a_stage_killed_with_sigkill_resumes_with_nothing_lost_or_duplicated(gen
 # Each output file and the manifest count of its records.
 STAGE_FILES = {"sdf": {"documents.jsonl": "documents_kept"}, "critique": {"sft.jsonl": "sft", "pairs.jsonl": "pairs"},
                "rlaif": {"pairs.jsonl": "pairs"}, "reflection": {"reflection.jsonl": "records"},
-               "interaction": {"interaction.jsonl": "kept"}}
+               "interaction": {"interaction.jsonl": "records"}}
 EXPECTED_COLUMNS = {"documents.jsonl": {"text"}, "pairs.jsonl": {"prompt", "chosen", "rejected"}}
 
 
