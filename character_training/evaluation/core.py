@@ -155,6 +155,14 @@ def cross_fitted_flags(classifier: Callable, texts: dict[str, list[str]], asked:
                    "train_examples": [f["train_examples"] for f in fitted]}
 
 
+def answer_metrics(texts: list[str], flags: np.ndarray, markers: tuple[str, ...] = ()) -> dict:
+    """One value per answer of each metric the paired differences compare: the persona flag, the
+    marker flag (None without markers) and the distinct 3-gram share (an empty answer: 0)."""
+    return {"persona_rate": flags,
+            "marker_rate": marker_flags(texts, markers).astype(float) if markers else None,
+            "distinct_3grams": np.array([distinct_3gram_share(t) if t else 0.0 for t in texts])}
+
+
 def paired_comparisons(per_answer: dict, idx: np.ndarray, comparisons, k: int, seed: int,
                        adapter: str | None = None) -> dict:
     """Paired differences (first - second) of each comparison, for each metric of ``per_answer``

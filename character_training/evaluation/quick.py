@@ -38,12 +38,12 @@ from typing import Callable
 import numpy as np
 
 from character_training.evaluation.contamination import check_contamination
-from character_training.evaluation.core import (ADAPTER, BASE, PROMPTED, Condition, answers_of, cross_fitted_flags,
-                                                generate_conditions, paired_comparisons, surface_metrics)
+from character_training.evaluation.core import (ADAPTER, BASE, PROMPTED, Condition, answer_metrics, answers_of,
+                                                cross_fitted_flags, generate_conditions, paired_comparisons,
+                                                surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
-from character_training.evaluation.markers import marker_flags, markers_in
+from character_training.evaluation.markers import markers_in
 from data_gen.backends import Backend, Sampling
-from data_gen.filters import distinct_3gram_share
 from data_gen.store import write_json, write_jsonl
 
 # The quick check's comparisons, each a paired difference over prompts: first minus second.
@@ -86,15 +86,13 @@ def quick_check(backend: Backend, model_path: str, conditions: list[Condition], 
         generated.update(generate_conditions(backend, [cond], asked, sampling, k))
     texts = {name: answers_of(generated[name]) for name in names}
     flags, scorer = cross_fitted_flags(classifier, texts, asked, prompts)
-    per_answer = {name: {"persona_rate": flags[name],
-                         "marker_rate": marker_flags(texts[name], markers).astype(float) if markers else None,
-                         "distinct_3grams": np.array([distinct_3gram_share(t) if t else 0.0 for t in texts[name]])}
-                  for name in names}
+    per_answer = {name: answer_metrics(texts[name], flags[name], markers) for name in names}
     nll = {name: answer_perplexities(model_path, asked, texts[name], desc=f"perplexity: {name}") for name in names}
 
     report_sets, records = {}, []
     for set_name, set_prompts in sets.items():
-        idx = np.array([i for i, p in enumerate(asked) if p in set(set_prompts)], dtype=int)
+        members = set(set_prompts)
+        idx = np.array([i for i, p in enumerate(asked) if p in members], dtype=int)
         if not len(idx):
             continue
         results = {}

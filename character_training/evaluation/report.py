@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluation.core import (BASE, PARTS, PROMPTED, STEERED, Condition, answers_of,
+from character_training.evaluation.core import (BASE, PARTS, PROMPTED, STEERED, Condition, answer_metrics, answers_of,
                                                 cross_fitted_flags, forget_stale, generate_conditions, input_key,
                                                 kept_part, paired_comparisons, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
@@ -239,17 +239,10 @@ def _classify(classifier, conditions: list[Condition], generated: dict, asked: l
 def _paired(conditions: list[Condition], generated: dict, asked: list[str], heldout: set[str], flags_of: dict,
             adapters: dict[str, str], k: int, seed: int, markers: tuple[str, ...]) -> dict:
     """Each adapter against the system prompt and against base, the system prompt against base,
-    and each adapter against each later one (two recipes in one report), as paired differences over prompts (persona rate, marker rate, distinct 3-grams), on the
-    held-out and on the neutral prompts apart (core.paired_comparisons)."""
-    from character_training.evaluation.markers import marker_flags
-    from data_gen.filters import distinct_3gram_share
-
-    per_answer = {}
-    for cond in conditions:
-        texts = answers_of(generated[cond.name])
-        per_answer[cond.name] = {"persona_rate": flags_of[cond.name],
-                                 "marker_rate": marker_flags(texts, markers).astype(float) if markers else None,
-                                 "distinct_3grams": np.array([distinct_3gram_share(t) if t else 0.0 for t in texts])}
+    and each adapter against each later one (two recipes in one report), as paired differences over
+    prompts (core.answer_metrics), on the held-out and on the neutral prompts apart."""
+    per_answer = {cond.name: answer_metrics(answers_of(generated[cond.name]), flags_of[cond.name], markers)
+                  for cond in conditions}
     names = list(adapters)
     comparisons = ([(name, other) for name in names for other in (PROMPTED, BASE)] + [(PROMPTED, BASE)]
                    + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])  # recipe against recipe
