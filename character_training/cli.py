@@ -467,7 +467,8 @@ def _add_recipe_commands(sub) -> None:
         else:
             p.add_argument("--adapter", help="PEFT adapter directory (default: the run's final adapter)")
             p.add_argument("--also", action="append", metavar="[NAME=]PATH",
-                           help="another adapter in the same report, e.g. a composed one (repeatable)")
+                           help="another adapter in the same report (the quick check or the full one), compared with the "
+                                "first as paired differences, e.g. another recipe's (repeatable)")
             p.add_argument("--fresh", action="store_true",
                            help="start from nothing (by default a killed evaluation resumes from its caches)")
             p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval): a new or empty one, or "

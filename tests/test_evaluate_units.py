@@ -109,6 +109,29 @@ def test_quick_check_reports_each_set_and_condition_with_paired_differences(tmp_
         quick_check(FakeBackend(), "fake", quick_env, sets, [], tmp_path / "e2", samples_per_prompt=0)
 
 
+def test_two_adapters_in_one_quick_check_are_compared_with_each_other_as_paired_differences(tmp_path, quick_env):
+    class TwoAdapters(FakeBackend):  # the adapter "dpo" (a directory named so) answers plainly
+        def chat(self, conversations, sampling, adapter=None, desc="", seeds=None):
+            plain = adapter is not None and adapter.endswith("dpo")
+            return super().chat(conversations, sampling, None if plain else adapter, desc, seeds)
+
+    conditions = evaluate.quick_conditions("Be a pirate.", str(tmp_path / "distill"), {"dpo": str(tmp_path / "dpo")})
+    assert [c.name for c in conditions] == ["base", "base+system_prompt", "adapter", "dpo"]
+    assert evaluate.comparisons_of(conditions) == [
+        ("adapter", "base+system_prompt"), ("adapter", "base"), ("base+system_prompt", "base"),
+        ("dpo", "base+system_prompt"), ("dpo", "base"), ("adapter", "dpo")]
+    assert evaluate.comparisons_of(conditions[:3]) == evaluate.comparisons_of(quick_env)  # one adapter: as before
+    report = quick_check(TwoAdapters(), "fake", conditions, {"heldout": ["What is rain?", "What is snow?",
+                                                                         "What is hail?", "What is fog?"]},
+                         [], tmp_path / "eval", classifier=KeywordClassifier)
+    paired = report["sets"]["heldout"]["paired"]
+    assert paired["adapter - dpo"]["persona_rate"]["difference"] == 1.0
+    assert paired["dpo - base"]["persona_rate"]["ci95"] == [0.0, 0.0]
+    assert "adapter - dpo" in format_table(report)
+    with pytest.raises(ValueError, match="'adapter' is taken"):
+        evaluate.quick_conditions("Be a pirate.", "a", {"adapter": "b"})
+
+
 def test_the_scorer_never_sees_the_answers_it_scores_nor_any_training_pair(tmp_path, quick_env):
     prompts = [f"Question number {i} about the weather?" for i in range(6)]
     quick_check(FakeBackend(), "fake", quick_env, {"heldout": prompts}, [], tmp_path / "eval",

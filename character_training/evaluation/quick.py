@@ -2,7 +2,9 @@
 never saw? Is the adapter's rate different from the system prompt's by more than the noise?
 
 Three conditions answer the same prompts under vLLM: the base model without a system prompt,
-the base model with the constitution as system prompt, and base + adapter without one. Every
+the base model with the constitution as system prompt, and base + adapter without one (more
+adapters, e.g. two recipes' adapters, are more conditions of the same check, each compared with
+the others as paired differences). Every
 (prompt, sample) gets the same sampling seed under every condition (data_gen/seeds.py), so the
 conditions are compared as paired differences over prompts (evaluation/paired.py).
 
@@ -47,13 +49,26 @@ from data_gen.backends import Backend, Sampling
 from data_gen.store import write_json, write_jsonl
 
 # The quick check's comparisons, each a paired difference over prompts: first minus second.
-COMPARISONS = ((ADAPTER, PROMPTED), (ADAPTER, BASE), (PROMPTED, BASE))
-
-
-def quick_conditions(system_prompt: str, adapter: str) -> list[Condition]:
-    """The quick check's three conditions: base, base + system prompt, adapter."""
+def quick_conditions(system_prompt: str, adapter: str, also: dict[str, str] | None = None) -> list[Condition]:
+    """The quick check's conditions: base, base + system prompt, the adapter, then each of
+    ``also`` ({name: adapter directory}) under its own name."""
+    also = also or {}
+    taken = {BASE, PROMPTED, ADAPTER} & set(also)
+    if taken:
+        raise ValueError(f"adapter name {sorted(taken)[0]!r} is taken by a quick-check condition; name it otherwise")
     return [Condition(BASE), Condition(PROMPTED, system_prompt=system_prompt),
-            Condition(ADAPTER, adapter=adapter, kind="adapter")]
+            Condition(ADAPTER, adapter=adapter, kind="adapter"),
+            *(Condition(name, adapter=path, kind="adapter") for name, path in also.items())]
+
+
+def comparisons_of(conditions: list[Condition]) -> list[tuple[str, str]]:
+    """Which paired differences the check reports: each adapter against the system prompt and
+    against base, the system prompt against base, and each adapter against every later one."""
+    adapters = [c.name for c in conditions if c.adapter]
+    head, rest = adapters[:1], adapters[1:]
+    return ([(a, b) for a in head for b in (PROMPTED, BASE)] + [(PROMPTED, BASE)]
+            + [(a, b) for a in rest for b in (PROMPTED, BASE)]
+            + [(a, b) for i, a in enumerate(adapters) for b in adapters[i + 1:]])
 
 
 def quick_check(backend: Backend, model_path: str, conditions: list[Condition], prompt_sets: dict[str, list[str]],
@@ -81,6 +96,7 @@ def quick_check(backend: Backend, model_path: str, conditions: list[Condition], 
         raise ValueError("no evaluation prompt is left after the contamination check")
     asked = [p for p in prompts for _ in range(k)]
     names = [c.name for c in conditions]
+    comparisons = comparisons_of(conditions)
     generated = {}
     for cond in conditions:  # one condition at a time, in the conditions' order
         generated.update(generate_conditions(backend, [cond], asked, sampling, k))
@@ -102,7 +118,7 @@ def quick_check(backend: Backend, model_path: str, conditions: list[Condition], 
                                                [completions[i].finished for i in idx], seed, k, markers),
                              "mean_tokens": float(np.mean([completions[i].num_tokens for i in idx]))}
         report_sets[set_name] = {"prompts": len(set_prompts), "conditions": results,
-                                 **paired_comparisons(per_answer, idx, COMPARISONS, k, seed, adapter=ADAPTER)}
+                                 **paired_comparisons(per_answer, idx, comparisons, k, seed, adapter=ADAPTER)}
     for name in names:
         completions = generated[name]["completions"]
         records += [{"condition": name, "set": _set_of(p, sets), "prompt": p, "sample": i % k, "answer": t,

@@ -130,15 +130,21 @@ def stage_eval(ctx: Context, out: Path, adapter: str | None = None, extra_adapte
     sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens)
     pairs_path = layout.data_file(ctx.run_dir, "pairs", layout.PAIRS)
     if e.report == "quick":
-        if extra_adapters:
-            raise UserError("eval.report: quick evaluates one adapter; use the full report for several")
-        backend = eval_engine(ctx, [adapter])
+        from character_training.evaluation.core import ADAPTER
+        from character_training.evaluation.report import adapter_names
+
+        first = adapter.partition("=")[2] if "=" in adapter else adapter
+        also = adapter_names(list(extra_adapters))
+        if ADAPTER in also:
+            raise UserError(f"--also {also[ADAPTER]}: the name '{ADAPTER}' is the first adapter's in the quick "
+                            f"check; name it: --also NAME={also[ADAPTER]}")
+        backend = eval_engine(ctx, [first, *also.values()])
         sets = {"heldout": ctx.prompts("heldout"), "general": general_prompts(e.general_prompts)}
         training = [t for texts in training_texts_of_run(ctx.run_dir).values() for t in texts]
-        report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), adapter), sets, training,
+        report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), first, also), sets, training,
                              out, sampling=sampling, seed=ctx.recipe.seed,
                              samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
-        return {"stage": "eval", "adapter": adapter, **report}
+        return {"stage": "eval", "adapter": adapter, **({"also": also} if also else {}), **report}
 
     from character_training.evaluation.report import adapter_names, evaluate
 
