@@ -11,7 +11,7 @@
     character-training algebra --persona A.yaml --persona B.yaml -o OUT [--set eval.KEY=VALUE]
 
 A user error prints one line and exits with status 2; a bug keeps its traceback. Outputs are never
-destructive: a command writes only into a new or empty directory or one it made (run/layout.py).
+destructive: a command writes only into a new or empty directory or one it made (config/layout.py).
 """
 from __future__ import annotations
 
@@ -98,62 +98,75 @@ def _local_inputs(*paths) -> list[str]:
 
 
 def _run(args) -> int:
+    from character_training.config.stages import EVAL_STAGE
     from character_training.run import pipeline
+    from character_training.run.stages import summary
 
     recipe = _load_recipe(args)
     manifests = pipeline.run(recipe, force=args.force or [], run_dir_flag=_run_dir_flag(args))
-    if "eval" in manifests:
-        print("\n" + pipeline.summary(manifests["eval"], Path(recipe.run_dir) / "eval"))
+    if EVAL_STAGE in manifests:
+        print("\n" + summary(manifests[EVAL_STAGE], Path(recipe.run_dir) / EVAL_STAGE))
     return 0
 
 
 def _eval(args) -> int:
-    from character_training.run import layout, pipeline
+    """The recipe's eval stage through the one path every stage runs by (run/stages.py), on the
+    run's final adapter or the ones given."""
+    from character_training.config import layout
+    from character_training.config.stages import EVAL_STAGE
+    from character_training.run import stages
+    from character_training.run.context import Given, make_context
     from data_gen.backends import Engines
-    from data_gen.store import write_manifest
 
     recipe = _load_recipe(args)
     out = _eval_output(args, recipe)
     with Engines() as engines:
-        ctx = pipeline.make_context(recipe, engines)
+        ctx = make_context(recipe, engines, Given(adapter=args.adapter, also=args.also or []))
         if args.fresh:
             layout.clear_stage_dir(out, keep_resume=False)
-        layout.make_stage_dir(out, "eval")
-        manifest = pipeline.stage_eval(ctx, out, adapter=args.adapter, extra_adapters=args.also or [])
-    write_manifest(out, {**manifest, "settings_key": pipeline.stage_key(ctx, "eval")})
-    print("\n" + pipeline.summary(manifest, out))
+        layout.make_stage_dir(out, EVAL_STAGE)
+        manifest = stages.run_stage(ctx, EVAL_STAGE, out, stages.recorded_inputs(ctx, EVAL_STAGE))
+    print("\n" + stages.summary(manifest, out))
     return 0
 
 
 def _eval_output(args, recipe) -> Path:
     """The report directory, checked before anything starts: -o, or the run's eval directory."""
-    from character_training.config.recipe import TRAINING_STAGES
-    from character_training.run import layout, pipeline
+    from character_training.config import layout
+    from character_training.config.stages import EVAL_STAGE, TRAINING_STAGES
+    from character_training.run import pipeline
 
     adapters = [a.partition("=")[2] if "=" in a else a for a in [args.adapter, *(args.also or [])] if a]
     trained = [s for s in recipe.stages if s in TRAINING_STAGES]
-    adapters.append(str(layout.adapter_dir(recipe.run_dir, trained[-1] if trained else "dpo")))
+    if trained:
+        adapters.append(str(layout.adapter_dir(recipe.run_dir, trained[-1])))
     inputs = _local_inputs(recipe.constitution, recipe.model, *adapters)
     if args.output:
-        layout.check_output(args.output, "eval", "-o", inputs=[recipe.run_dir, *inputs], force=args.fresh)
+        layout.check_output(args.output, EVAL_STAGE, "-o", inputs=[recipe.run_dir, *inputs], force=args.fresh)
         return Path(args.output)
     where = _run_dir_flag(args) or pipeline.run_dir_where(recipe)
     layout.check_place(recipe.run_dir, where)
-    out = layout.stage_dir(recipe.run_dir, "eval")
-    layout.check_output(out, "eval", f"{where} {recipe.run_dir}: the eval directory", inputs=inputs,
+    out = layout.stage_dir(recipe.run_dir, EVAL_STAGE)
+    layout.check_output(out, EVAL_STAGE, f"{where} {recipe.run_dir}: the eval directory", inputs=inputs,
                         force=args.fresh)
     return out
 
 
 def _generate(args) -> int:
+    """One data stage on its own: its section from --set, its inputs from the flags, run by the
+    one path every stage runs by (run/stages.py)."""
+    from dataclasses import replace
+
+    from character_training.config import layout
     from character_training.config.constitution import load_constitution
-    from character_training.run.generation import (GEN_STAGES, BackendSection, ModelsSection, RoleSection,
-                                                   read_prompt_file, resolve_roles, run_generation_stage,
-                                                   stage_backends)
-    from character_training.config.recipe import apply_overrides, gen_section, locate_override
-    from character_training.run import layout
+    from character_training.config.recipe import Recipe, apply_overrides, gen_section, locate_override
+    from character_training.config.sections import BackendSection, ModelsSection, RoleSection
+    from character_training.config.stages import GEN_STAGES
+    from character_training.run import stages
+    from character_training.run.context import Given, make_context
+    from character_training.run.generation import read_prompt_file
     from data_gen.backends import Engines
-    from data_gen.store import read_manifest, write_manifest
+    from data_gen.store import read_manifest
 
     spec = GEN_STAGES[args.stage]
     out = Path(args.output)
@@ -174,23 +187,24 @@ def _generate(args) -> int:
     if args.adapter and not spec.takes_adapter:
         raise UserError(f"--adapter: the {args.stage} stage does not generate with an adapter "
                         f"(reflection and interaction do)")
+    if args.adapter:
+        section = replace(section, adapter=args.adapter)
     prompts = None
     if spec.needs_prompts:
         prompts = read_prompt_file(args.prompts) if args.prompts else [
             q for t in constitution.traits for q in t.questions]
-    backend_section = BackendSection(kind=args.backend, base_urls=args.base_url or [],
-                                     served_model=args.served_model, max_concurrency=args.max_concurrency)
-    models = ModelsSection(student=RoleSection(args.model), teacher=RoleSection(args.teacher_model),
-                           judge=RoleSection(args.judge_model))
-    roles = resolve_roles(None, models, backend_section, local_student=False)
+    recipe = Recipe(constitution=str(args.constitution), run_dir=str(out.parent), seed=args.seed,
+                    stages=[args.stage], **{args.stage: section},
+                    backend=BackendSection(kind=args.backend, base_urls=args.base_url or [],
+                                           served_model=args.served_model, max_concurrency=args.max_concurrency),
+                    models=ModelsSection(student=RoleSection(args.model), teacher=RoleSection(args.teacher_model),
+                                         judge=RoleSection(args.judge_model)))
     layout.clear_stage_dir(out, keep_resume=not args.force)  # an unfinished earlier attempt keeps its caches
     layout.make_stage_dir(out, args.stage)
     with Engines() as engines:
-        backends = stage_backends(args.stage, roles, args.seed, engines, adapter=args.adapter)
-        manifest = run_generation_stage(args.stage, constitution=constitution, out=out, section=section,
-                                        seed=args.seed, prompts=prompts, adapter=args.adapter, **backends)
-    manifest.update(constitution=str(args.constitution), constitution_sha256=constitution.sha256)
-    write_manifest(out, manifest)
+        ctx = make_context(recipe, engines, Given(standalone=True, prompts=prompts, adapter=args.adapter),
+                           local_student=False)
+        manifest = stages.run_stage(ctx, args.stage, out, {})
     print(f"[{args.stage}] counts: {manifest.get('counts')}\n[{args.stage}] drops: {manifest.get('drops')}")
     print(f"[{args.stage}] wrote {', '.join(str(out / o) for o in layout.DATA[args.stage])}")
     return 0
@@ -201,14 +215,20 @@ TRAIN_FLAGS = {"start": "start", "system_prompt": "system_prompt", "loop_negativ
                "overlong": "overlong", "marker": "marker", "chat_ratio": "chat_ratio"}
 
 
+def _train_stage_of(kind: str):
+    """The stage table's training row whose TRL config kind ``train KIND`` names."""
+    from character_training.config.stages import TABLE
+
+    return next(s for s in TABLE if s.trainer == kind)
+
+
 def train_section(args):
     """The training stage's section (the class a recipe's section is), from ``--set`` values and
     the flags given: the same defaults, checks and error messages as in a recipe."""
     from character_training.config.recipe import apply_overrides, build, locate_override
-    from character_training.train.common import check_trainer_fields
-    from character_training.train.settings import TRAINING_SECTIONS
+    from character_training.config.trainer_fields import check_trainer_fields
 
-    cls = next(c for c in TRAINING_SECTIONS.values() if c.kind == args.kind)
+    cls = _train_stage_of(args.kind).section
     values = apply_overrides({}, args.set or [], "--set")
     if "data" in values:
         raise UserError("--set data: train reads the files given with --data; drop this --set")
@@ -218,77 +238,37 @@ def train_section(args):
             values[key] = value
     try:
         section = build(cls, values, "--set", "")
-        check_trainer_fields(section.trainer, "--set", args.kind)
+        check_trainer_fields(section.trainer, "--set", args.kind, extra=section.fixed_trainer_fields() or None)
     except UserError as exc:
         raise locate_override(exc, "--set", args.set or []) from None
     return section
 
 
-def _train_grpo(args, model: str, section, common: dict) -> dict:
-    """``train grpo``: the judge (this process's vLLM, or servers) scores against --constitution."""
-    from dataclasses import replace
-
-    from character_training.config.constitution import load_constitution
-    from character_training.run.generation import BackendSection, ModelsSection, RoleSection, make_backend, resolve_roles
-    from character_training.train.grpo import train_grpo
-    from data_gen.backends import Engines, Sampling
-
-    if len(args.data) != 1:
-        raise UserError("train grpo: give one --data prompts file (a 'prompt' field per line; the prompts "
-                        "stage's prompts.jsonl)")
-    if not args.constitution:
-        raise UserError("train grpo: --constitution is required (the judge scores answers against its traits "
-                        "and principles)")
-    constitution = load_constitution(args.constitution)
-    backend = BackendSection(kind=args.backend, base_urls=args.base_url or [], served_model=args.served_model)
-    judge_role = resolve_roles(model, ModelsSection(judge=RoleSection(args.judge_model)), backend)["judge"]
-    common["card"] = replace(common["card"], persona=args.persona or constitution.name,
-                             constitution=str(args.constitution), constitution_sha256=constitution.sha256)
-    with Engines() as engines:  # the judge's engine, when it runs in this process
-        judge = make_backend(judge_role, args.seed, engines)
-        manifest = train_grpo(model, Path(args.data[0]), Path(args.output), judge_backend=judge,
-                              constitution=constitution, system_prompt=section.system_prompt,
-                              judge_retries=section.judge_retries,
-                              judge_sampling=Sampling(temperature=0.0, max_tokens=section.judge_max_tokens),
-                              **common)
-    return manifest
-
-
-def _train_distill(args, model: str, section, common: dict) -> dict:
-    """``train distill``: the teacher is the model with --constitution's system prompt."""
-    from dataclasses import replace
-
-    from character_training.config.constitution import load_constitution
-    from character_training.train.distill import train_distill
-
-    if not args.constitution:
-        raise UserError("train distill: --constitution is required (the teacher is the model with its system "
-                        "prompt; the student learns to answer as it does without one)")
-    if section.activation_weight > 0 and section.layers == "best":
-        raise UserError("train distill: layers 'best' is found from a run's pairs (in a recipe); on its own give "
-                        "the layers, e.g. --set 'layers=[12]' (see `character-training eval`'s persona vectors)")
-    constitution = load_constitution(args.constitution)
-    common["card"] = replace(common["card"], persona=args.persona or constitution.name,
-                             constitution=str(args.constitution), constitution_sha256=constitution.sha256)
-    return train_distill(model, [Path(p) for p in args.data], Path(args.output),
-                         teacher_system_prompt=constitution.system_prompt(),
-                         student_system_prompt=section.student_system_prompt, settings=section, **common)
+# What `train KIND` needs beyond --data: one data file (its stage reads one), a constitution.
+ONE_FILE = {"lm": "one --data documents file (a 'text' field per line)",
+            "grpo": "one --data prompts file (a 'prompt' field per line; the prompts stage's prompts.jsonl)"}
+NEEDS_CONSTITUTION = {"grpo": "the judge scores answers against its traits and principles",
+                      "distill": "the teacher is the model with its system prompt; the student learns to answer as "
+                                 "it does without one"}
 
 
 def _train(args) -> int:
-    """One training stage on its own; runs as is on one process, or under torchrun / accelerate
-    launch on several (each rank runs this; rank 0 writes the manifest, plot and model card)."""
-    from character_training.card import ModelCard
+    """One training stage on its own: its section from --set and the flags, its inputs (--data,
+    --init-adapter, --constitution) from the command line, run by the one path every stage runs by
+    (run/stages.py). Runs as is on one process, or under torchrun / accelerate launch on several
+    (each rank runs this; rank 0 writes the manifest, plot and model card)."""
+    from character_training.config import layout
+    from character_training.config.recipe import Recipe
+    from character_training.config.sections import BackendSection, ModelsSection, RoleSection
+    from character_training.run import stages
+    from character_training.run.context import Given, make_context
     from character_training.train import distributed
-    from character_training.train import common as training
-    from character_training.config.models import resolve_model
-    from character_training.run import layout
-    from character_training.train.settings import TRAINING_SECTIONS
-    from data_gen.store import read_manifest, write_manifest
+    from data_gen.backends import Engines
+    from data_gen.store import read_manifest
 
+    stage = _train_stage_of(args.kind).name
     out = Path(args.output)
-    layout.check_output(out, args.kind, "-o", force=args.force,
-                        stages={args.kind, *(s for s, c in TRAINING_SECTIONS.items() if c.kind == args.kind)},
+    layout.check_output(out, args.kind, "-o", force=args.force, stages={args.kind, stage},
                         inputs=_local_inputs(*args.data, *(args.chat_data or []), args.init_adapter,
                                              args.constitution, args.model))
     if read_manifest(out) is not None and not args.force:
@@ -301,46 +281,26 @@ def _train(args) -> int:
                             "(e.g. RUN_DIR/pairs/pairs.jsonl)")
         if not Path(path).is_file():
             raise UserError(f"--data {path}: file not found")
-    model = resolve_model(args.model)
-    common = dict(lora=section.lora, trainer=section.trainer, seed=args.seed, init_adapter=args.init_adapter,
-                  start=section.start,
-                  card=ModelCard(persona=args.persona or "persona"))
+    if args.kind in ONE_FILE and len(args.data) != 1:
+        raise UserError(f"train {args.kind}: give {ONE_FILE[args.kind]}")
+    if args.kind in NEEDS_CONSTITUTION and not args.constitution:
+        raise UserError(f"train {args.kind}: --constitution is required ({NEEDS_CONSTITUTION[args.kind]})")
+    recipe = Recipe(constitution=str(args.constitution or ""), run_dir=str(out.parent), model=args.model,
+                    seed=args.seed, stages=[stage], **{stage: section},
+                    backend=BackendSection(kind=args.backend, base_urls=args.base_url or [],
+                                           served_model=args.served_model),
+                    models=ModelsSection(judge=RoleSection(args.judge_model)))
+    given = Given(standalone=True, data=[Path(p) for p in args.data], chat_data=[Path(p) for p in args.chat_data or []],
+                  init_adapter=args.init_adapter, persona=args.persona)
     if distributed.is_main_process():
         if args.force:  # check_output accepted it: a directory this command made
             layout.clear_stage_dir(out, keep_resume=False)
         layout.make_stage_dir(out, args.kind)
-    if args.kind == "dpo":
-        from character_training.train.dpo import train_dpo
-
-        if len(args.data) != 1:
-            raise UserError("train dpo: give one --data preference file (prompt/chosen/rejected)")
-        manifest = train_dpo(model, Path(args.data[0]), out, system_prompt=section.system_prompt,
-                             overlong=section.overlong, loop_negatives=section.loop_negatives, **common)
-    elif args.kind == "sft":
-        from character_training.train.sft import train_sft
-
-        manifest = train_sft(model, [Path(p) for p in args.data], out, system_prompt=section.system_prompt,
-                             overlong=section.overlong, **common)
-    elif args.kind == "lm":
-        from character_training.train.sft import train_lm
-
-        if len(args.data) != 1:
-            raise UserError("train lm: give one --data documents file (a 'text' field per line)")
-        manifest = train_lm(model, Path(args.data[0]), out, marker=section.marker, packing=section.packing,
-                            chat_paths=[Path(p) for p in args.chat_data or []], chat_ratio=section.chat_ratio,
-                            **common)
-    elif args.kind == "grpo":
-        manifest = _train_grpo(args, model, section, common)
-    elif args.kind == "distill":
-        manifest = _train_distill(args, model, section, common)
-    else:  # argparse's choices keep other kinds out
-        raise UserError(f"train {args.kind}: unknown kind; use dpo, sft, lm, grpo or distill")
-    manifest["distributed"] = distributed.describe()
+    with Engines() as engines:  # a GRPO judge's engine, when it runs in this process
+        ctx = make_context(recipe, engines, given)
+        manifest = stages.run_stage(ctx, stage, out, {}, write=distributed.is_main_process())
     if distributed.is_main_process():
-        if args.init_adapter and section.start == "merge":  # one LoRA on the original base, as in a recipe
-            manifest["composed"] = training.fold_merged(args.init_adapter, out, common["card"])
-        write_manifest(out, manifest)
-        print(f"[train {args.kind}] {manifest['counts']} -> {out / 'adapter'}")
+        print(f"[train {args.kind}] {manifest['counts']} -> {out / layout.ADAPTER}")
     if distributed.world_size() > 1:
         print(f"[train] {distributed.summary()} finished", flush=True)
     return 0
@@ -348,7 +308,7 @@ def _train(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from character_training.adapters.cli import add_adapter_commands
-    from character_training.evaluation.algebra_cli import add_algebra_command
+    from character_training.run.algebra import add_algebra_command
 
     parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,11 +343,11 @@ def _add_constitution_commands(sub) -> None:
 
 def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="one training stage on its own (torchrun / accelerate launch for several processes)")
-    p.add_argument("kind", choices=["dpo", "sft", "lm", "grpo", "distill"],
-                   help="dpo: preference pairs; sft: conversations (assistant turns trained); lm: documents "
-                        "(SDF midtraining); grpo: prompts, rewarded by a judge against --constitution; distill: "
-                        "pairs' chosen answers or conversations, the model without --constitution's system "
-                        "prompt learning the model with it")
+    from character_training.config.stages import TABLE, TRAIN
+
+    trained = [s for s in TABLE if s.kind == TRAIN]
+    p.add_argument("kind", choices=[s.trainer for s in trained],
+                   help="; ".join(f"{s.trainer}: {s.summary}" for s in trained))
     p.add_argument("--data", action="append", required=True, help="JSONL dataset (repeatable for sft)")
     p.add_argument("-o", "--output", required=True, help="output directory (adapter/, checkpoints/, training.png): a "
                                                          "new or empty one, or one this command made")
@@ -422,7 +382,7 @@ def _add_train_command(sub) -> None:
 
 
 def _add_generate_command(sub) -> None:
-    from character_training.run.generation import GEN_STAGES
+    from character_training.config.stages import GEN_STAGES
 
     p = sub.add_parser("generate", help="run one data-generation stage on its own (resumable: rerun after a crash)")
     p.add_argument("stage", choices=list(GEN_STAGES))

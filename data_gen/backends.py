@@ -479,7 +479,7 @@ def _start_engine(model: str, kwargs: dict):
     from data_gen.parallel import DataParallelBackend
 
     per_engine = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
-    return DataParallelBackend(model, replicas=replicas, devices_per_engine=per_engine,
+    return DataParallelBackend(model, replicas=replicas, build=VLLMBackend, devices_per_engine=per_engine,
                                **dict(kwargs, engine=options))
 
 

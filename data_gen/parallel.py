@@ -21,13 +21,12 @@ from data_gen.errors import UserError
 
 class DataParallelBackend:
     """``replicas`` engines of ``model``, each on ``devices_per_engine`` GPUs (tensor x pipeline
-    parallel size). ``build(model, **kwargs)`` makes a worker's engine (default: VLLMBackend);
+    parallel size). ``build(model, **kwargs)`` makes a worker's engine (data_gen.backends passes
+    its VLLMBackend: this module imports nothing of backends);
     ``devices``: the GPUs to share out (default: the ones this process sees)."""
 
-    def __init__(self, model: str, *, replicas: int, devices_per_engine: int = 1, seed: int = 0,
-                 build=None, devices: Sequence[str] | None = None, **kwargs):
-        if build is None:
-            from data_gen.backends import VLLMBackend as build
+    def __init__(self, model: str, *, replicas: int, build, devices_per_engine: int = 1, seed: int = 0,
+                 devices: Sequence[str] | None = None, **kwargs):
         self.model = model
         self.seed = seed
         self.enable_lora = bool(kwargs.get("enable_lora", False))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
-MARKER = ".character-training"  # in a directory a command made (character_training/run/layout.py)
+MARKER = ".character-training"  # in a directory a command made (character_training/config/layout.py)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -176,7 +176,7 @@ def run_row(row: str, args, work: Path) -> dict:
     from trl import DPOTrainer, SFTTrainer
 
     from character_training.train.dpo import train_dpo
-    from character_training.train.settings import LoraSettings
+    from character_training.config.training import LoraSettings
     from character_training.train.sft import build_sft
 
     kind, fields = ROWS[row]

@@ -17,9 +17,10 @@ import torch
 from character_training.adapters.algebra import inner_product, one_thread
 from character_training.adapters.io import load_adapter
 from character_training.errors import UserError
-from character_training.evaluation import algebra, algebra_cli
-from character_training.evaluation import algebra_conditions as conds
-from character_training.evaluation.algebra_output import paired
+from character_training.evaluation.algebra import conditions as conds
+from character_training.evaluation.algebra import report as algebra
+from character_training.run import algebra as algebra_cli
+from character_training.evaluation.algebra.output import paired
 from data_gen.backends import Completion
 from tests.conftest import toy_pairs
 
@@ -210,7 +211,7 @@ def test_a_rebuild_is_skipped_and_a_foreign_directory_is_never_replaced(built, r
 def test_one_engine_serves_every_adapter_and_ranks_beyond_vllm_are_refused(built, tmp_path):
     from types import SimpleNamespace
 
-    from character_training.run.generation import BackendSection
+    from character_training.config.sections import BackendSection
 
     asked = []
     engines = SimpleNamespace(release=lambda: None, lazy=lambda model, **kw: asked.append((model, kw)) or "engine")
@@ -228,7 +229,7 @@ def test_one_engine_serves_every_adapter_and_ranks_beyond_vllm_are_refused(built
 
 def test_each_rank_gets_its_own_engine_and_the_plain_conditions_go_first(report):
     from character_training.adapters.io import read_config
-    from character_training.run.pipeline import lora_rank_for_vllm
+    from character_training.adapters.io import lora_rank_for_vllm
 
     _, r, holder, _ = report
     engines = holder["engines"]  # the personas' rank is 4: every adapter but (A+B)-B (rank 12) fits rank 8

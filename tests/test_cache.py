@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from character_training.run.layout import clear_stage_dir
+from character_training.config.layout import clear_stage_dir
 from data_gen.backends import Completion, Sampling
 from data_gen.cache import CACHE_FILE, CachedBackend, request_key
 from data_gen.stages.prompts import ExpandSettings, expand_prompts

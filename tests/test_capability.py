@@ -115,7 +115,7 @@ def test_capability_report_scores_base_and_each_adapter(tiny_model_dir, tmp_path
 
     with pytest.raises(UserError, match="taken by the base model"):
         cap.capability_report(tiny_model_dir, {"base": persona}, texts=TEXTS, mc=mc)
-    with pytest.raises(UserError, match="no adapter_config.json"):
+    with pytest.raises(UserError, match="adapter_config.json missing"):
         cap.capability_report(tiny_model_dir, {"x": str(tmp_path)}, texts=TEXTS[:1], mc=mc[:1])
 
 

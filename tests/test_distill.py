@@ -15,7 +15,7 @@ from character_training.errors import UserError
 from character_training.train.distill import distill_terms, read_distill_data, train_distill
 from character_training.train.distill_loss import (ViewsCollator, activation_loss, build_views,
                                                    distribution_loss)
-from character_training.train.settings import DistillSection, LoraSettings
+from character_training.config.training import DistillSection, LoraSettings
 from data_gen.store import write_jsonl
 from tests.conftest import toy_pairs
 
@@ -59,7 +59,7 @@ def peft_model(tiny_model_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from character_training.train.common import peft_config
+    from character_training.config.trainer_fields import peft_config
 
     torch.manual_seed(0)
     return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_config(LORA))
@@ -323,12 +323,13 @@ def test_a_recipe_distills_at_the_persona_vectors_best_layer_then_dpo_continues(
 
     from character_training.config.recipe import load_recipe
     from character_training.run import pipeline
+    from character_training.run import stages
 
-    def fake_pairs(ctx, out):  # the pairs stage's output (generation is not what is tested here)
+    def fake_pairs(section, ctx, out):  # the pairs stage's output (generation is not what is tested here)
         write_jsonl(out / "pairs.jsonl", toy_pairs(6))
         return {"stage": "pairs", "counts": {"pairs": 6}}
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "pairs", fake_pairs)
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "pairs", fake_pairs)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "toy", "description": CONSTITUTION,
                                                      "traits": [{"trait": "I am a toy.", "questions": ["Hi?"]}]}))
     trainer = {**TINY, "max_steps": 2}

@@ -182,7 +182,7 @@ def test_accelerate_config_parses_and_names_an_existing_deepspeed_config(path):
 def test_deepspeed_configs_fill_from_trainer_fields(name):
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from character_training.train import common as training
+    from character_training.config import trainer_fields as training
 
     config = training.make_config("dpo", {}, {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
                                               "max_grad_norm": 0.5}, Path("unused"), 0)

@@ -20,7 +20,9 @@ import yaml
 
 from character_training.errors import UserError
 from character_training.run import launch, pipeline
-from character_training.run.launch import LaunchSection, launch_command, last_error, srun_command, stage_command
+from character_training.run import stages
+from character_training.config.sections import LaunchSection
+from character_training.run.launch import launch_command, last_error, srun_command, stage_command
 from data_gen.store import write_jsonl
 from tests.conftest import toy_pairs
 
@@ -198,11 +200,11 @@ def pairs_stage(monkeypatch):
     """The pairs stage writes given records (generation is not what is tested here); dpo is real."""
     records = {"pairs": toy_pairs(8)}
 
-    def fake_pairs(ctx, out):
+    def fake_pairs(section, ctx, out):
         write_jsonl(out / "pairs.jsonl", records["pairs"])
         return {"stage": "pairs", "counts": {"pairs": len(records["pairs"])}}
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "pairs", fake_pairs)
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "pairs", fake_pairs)
     for name in list(os.environ):  # what an in-process trainer of an earlier test may have left
         if name in launch.LAUNCHER_ENV or name.startswith("ACCELERATE_"):
             monkeypatch.delenv(name)
@@ -279,13 +281,17 @@ def test_the_benchmarks_prepared_run_goes_straight_to_the_launched_stage(tmp_pat
     recipe = load_recipe(recipe_path)
     assert recipe.launch == LaunchSection(config="cpu", processes=2)
     ran = []
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "dpo", lambda ctx, out: ran.append("dpo") or {"stage": "dpo"})
+    monkeypatch.setattr(launch, "run_launched", lambda section, stage, recipe_file, out: ran.append(stage) or {"stage": stage})
     logs: list[str] = []
     pipeline.run(recipe, log=logs.append)
     assert ran == ["dpo"] and any("[pairs] done already" in line for line in logs)
     hand = set(bench.sets(bench.dpo_section(args))[1::2])
-    assert hand == {f"trainer.{k}={v}" for k, v in recipe.dpo.trainer.items()} | {
+    assert hand == {f"trainer.{k}={v}" for k, v in bench.dpo_section(args)["trainer"].items()} | {
         f"lora.r={recipe.dpo.lora.r}", f"lora.alpha={recipe.dpo.lora.alpha}"}
+    # `train dpo --set` builds the same section, so both runs train with the same fields (defaults included)
+    from character_training.config.training import DpoSection
+
+    assert recipe.dpo.trainer == DpoSection(trainer=bench.dpo_section(args)["trainer"]).trainer
 
 
 def test_a_launcher_that_cannot_start_is_one_line(tmp_path, monkeypatch):

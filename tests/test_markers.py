@@ -10,7 +10,7 @@ import pytest
 from character_training.config.constitution import ConstitutionError, load_constitution
 from character_training.evaluation import quick
 from character_training.evaluation.core import bootstrap_interval, surface_metrics
-from character_training.evaluation.markers import check_marker, marker_flags, markers_in
+from character_training.config.markers import check_marker, marker_flags, markers_in
 from data_gen.backends import Completion
 
 SMALL = """\

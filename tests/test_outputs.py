@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from character_training import cli
-from character_training.run import generation, layout, pipeline
+from character_training.config import layout
+from character_training.run import generation, pipeline
+from character_training.run import stages
 
 CONSTITUTION = {"name": "toy", "description": "A toy.",
                 "traits": [{"trait": "I am a toy.", "questions": ["What are you made of?"]}]}
@@ -206,13 +208,13 @@ def fake_stages(monkeypatch):
     calls: list[str] = []
 
     def fake(name):
-        def stage(ctx, out):
+        def stage(section, ctx, out):
             calls.append(name)
             (out / f"{name}.txt").write_text(name)
             return {"stage": name}
         return stage
 
-    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {s: fake(s) for s in pipeline.STAGES})
+    monkeypatch.setattr(stages, "STAGE_FUNCTIONS", {s: fake(s) for s in pipeline.STAGES})
     return calls
 
 
@@ -291,7 +293,7 @@ def test_eval_refuses_an_output_it_did_not_make_an_input_or_another_stage(tmp_pa
     from data_gen import backends
 
     monkeypatch.setattr(backends.Engines, "vllm", lambda *a, **k: pytest.fail("an engine was started"))
-    monkeypatch.setattr(pipeline, "stage_eval", lambda *a, **k: pytest.fail("the evaluation started"))
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "eval", lambda *a, **k: pytest.fail("the evaluation started"))
     run = tmp_path / "run"
     mine = tmp_path / "mine"
     keep = sentinel(mine / "notes.txt")

@@ -11,6 +11,7 @@ import yaml
 from character_training.config.recipe import load_recipe
 from character_training.errors import UserError
 from character_training.run import pipeline
+from character_training.run import stages
 from data_gen.backends import Engines
 
 CONSTITUTION = {"name": "toy", "description": "A toy.",
@@ -33,7 +34,7 @@ def calls(monkeypatch):
     calls: list[str] = []
 
     def fake(name):
-        def stage(ctx, out):
+        def stage(section, ctx, out):
             calls.append(name)
             (out / f"{name}.txt").write_text(name)
             if name == "pairs" and getattr(ctx.recipe, "_fail_pairs", False):
@@ -41,7 +42,7 @@ def calls(monkeypatch):
             return {"stage": name}
         return stage
 
-    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {s: fake(s) for s in pipeline.STAGES})
+    monkeypatch.setattr(stages, "STAGE_FUNCTIONS", {s: fake(s) for s in pipeline.STAGES})
     return calls
 
 
@@ -135,7 +136,7 @@ def test_generate_needs_principles_before_the_engine_starts(tmp_path, monkeypatc
 
 
 def test_the_eval_engine_lora_rank_covers_every_adapter_and_rank_pattern():
-    from character_training.run.pipeline import lora_rank_for_vllm
+    from character_training.adapters.io import lora_rank_for_vllm
 
     assert lora_rank_for_vllm([{"r": 4}]) == 8
     assert lora_rank_for_vllm([{"r": 8, "rank_pattern": {}}]) == 8
@@ -148,12 +149,14 @@ def test_prompts_stage_passes_max_rounds_and_warns_about_a_trait_left_short(reci
     from tests.fakes import FakeBackend
 
     backend = FakeBackend(lambda conv: Completion("- Hi", "stop", 2))  # nothing usable
-    monkeypatch.setattr(pipeline, "_generation_backend", lambda ctx, out: backend)
+    monkeypatch.setattr(stages, "_generation_backend", lambda ctx, out: backend)
     recipe = load_recipe(recipe_path)
     recipe.prompts = dataclasses.replace(recipe.prompts, max_rounds=2)
-    ctx = pipeline.make_context(recipe, Engines())
+    from character_training.run.context import make_context
+
+    ctx = make_context(recipe, Engines())
     out = tmp_path / "run" / "prompts"
-    manifest = pipeline.stage_prompts(ctx, out)
+    manifest = stages.stage_prompts(recipe.prompts, ctx, out)
     assert len(backend.calls) == 2 and manifest["rounds"] == 2
     warning = capsys.readouterr().out
     assert "[prompts] warning: trait 'I am a toy.': 1 training and 0 held-out prompts" in warning

@@ -8,8 +8,9 @@ import pytest
 
 from character_training.cli import main
 from character_training.errors import UserError
-from character_training.config.recipe import STAGES, Recipe, load_recipe
-from character_training.train.settings import DpoSection
+from character_training.config.stages import STAGES
+from character_training.config.recipe import Recipe, load_recipe
+from character_training.config.training import DpoSection
 from data_gen.stages.pairs import PairSettings
 from data_gen.stages.prompts import ExpandSettings
 
@@ -179,7 +180,8 @@ def test_overrides_of_section_values(tmp_path):
     assert recipe.pairs.min_margin is None
     assert recipe.prompts.temperature == 1.0 and type(recipe.prompts.temperature) is float
     assert recipe.stages == ["prompts", "pairs"]
-    assert recipe.dpo.trainer == {"beta": 0.25}
+    assert recipe.dpo.trainer["beta"] == 0.25  # over the section's trainer defaults, which it holds
+    assert recipe.dpo.trainer["learning_rate"] == DpoSection.trainer_defaults["learning_rate"]
     assert recipe.dpo.lora.r == 8
     assert recipe.model == "some/model"
     # The file itself is untouched.

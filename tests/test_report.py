@@ -12,7 +12,7 @@ import torch
 
 from character_training.evaluation import report as rep
 from character_training.evaluation.core import bootstrap_interval
-from character_training.evaluation.settings import EvalSettings
+from character_training.config.eval_settings import EvalSettings
 from character_training.config.constitution import constitution_from_dict
 from character_training.errors import UserError
 from data_gen.backends import Completion, Sampling

@@ -12,7 +12,8 @@ import yaml
 
 from character_training.config.recipe import load_recipe
 from character_training.errors import UserError
-from character_training.run.generation import BackendSection, ModelsSection, RoleSection, resolve_roles
+from character_training.config.sections import BackendSection, ModelsSection, RoleSection
+from character_training.run.generation import resolve_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSTITUTION = ROOT / "constitutions" / "captain-marlow.yaml"
@@ -118,7 +119,7 @@ def test_pairs_chosen_from_the_teacher_rejected_from_the_student(tmp_path, monke
     monkeypatch.setattr(vllm, "LLM", RecordingLLM)
     run_dir = tmp_path / "run"
     questions = ["What is courage", "How do maps work", "Why do tides turn", "What makes a good crew"]
-    from character_training.run import layout
+    from character_training.config import layout
 
     layout.mark(run_dir, layout.RUN)  # a run directory whose prompts stage ran before
     (run_dir / "prompts").mkdir(parents=True)

@@ -67,8 +67,8 @@ def test_a_training_stage_initializes_its_lora_the_same_on_every_run(tiny_model_
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from character_training.train import common
-    from character_training.train.settings import LoraSettings
+    from character_training.config import trainer_fields as common
+    from character_training.config.training import LoraSettings
 
     def lora_a(seed):
         common.make_config("sft", {}, {}, tmp_path / "out", seed)

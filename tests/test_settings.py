@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from character_training.config.recipe import STAGES, Recipe, build, gen_section, load_recipe
+from character_training.config.stages import STAGES
+from character_training.config.recipe import Recipe, build, gen_section, load_recipe
 from character_training.errors import UserError
-from character_training.run.generation import GEN_STAGES, GenSection
+from character_training.config.stages import GEN_STAGES
+from character_training.config.sections import GenSection
 from data_gen.backends import Engines, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,9 +97,9 @@ def test_each_field_a_stage_reads_is_in_its_section(module, name, stages):
 
 
 def test_each_field_the_pipeline_reads_is_in_its_section():
-    from character_training.run import pipeline
+    from character_training.run import context, pipeline, stages, training
 
-    source = inspect.getsource(pipeline)
+    source = "".join(inspect.getsource(m) for m in (pipeline, stages, training, context))
     read = re.findall(r"recipe\.(\w+)\.(\w+)", source)
     assert read
     for stage, key in read:
@@ -113,8 +115,8 @@ def test_each_field_the_pipeline_reads_is_in_its_section():
 def _settings_classes() -> dict[str, type]:
     classes = {f"{c.__module__}.{c.__qualname__}": c for c in SECTIONS.values()}
     classes.update({f"{s.settings.__module__}.{s.settings.__qualname__}": s.settings for s in GEN_STAGES.values()})
-    from character_training.run.generation import BackendSection
-    from character_training.train.settings import LoraSettings
+    from character_training.config.sections import BackendSection
+    from character_training.config.training import LoraSettings
 
     for c in (BackendSection, LoraSettings, Sampling):
         classes[f"{c.__module__}.{c.__qualname__}"] = c
@@ -172,7 +174,7 @@ def test_generation_sampling_keys_left_out_keep_that_stages_default(tmp_path):
     recipe = load_recipe(_recipe(tmp_path, "critique:\n  sampling: {max_tokens: 50}\nsdf: {num_types: 3}\n"))
     assert recipe.critique.sampling == dataclasses.replace(GEN_STAGES["critique"].sampling, max_tokens=50)
     assert recipe.sdf.sampling == GEN_STAGES["sdf"].sampling and recipe.sdf.settings.num_types == 3
-    assert recipe.reflection == GenSection.default("reflection")
+    assert recipe.reflection == GenSection.default(GEN_STAGES["reflection"])
 
 
 def test_generation_section_lists_become_tuples_and_adapter_is_kept(tmp_path):
@@ -212,7 +214,7 @@ def test_a_section_checked_by_its_stage_is_not_prefixed_twice(tmp_path):
 def test_prompts_and_pairs_stages_get_the_section_itself(tmp_path, monkeypatch):
     import data_gen.stages.pairs
     import data_gen.stages.prompts
-    from character_training.run import pipeline
+    from character_training.run import stages
 
     got = {}
 
@@ -224,12 +226,14 @@ def test_prompts_and_pairs_stages_get_the_section_itself(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_gen.stages.prompts, "expand_prompts", fake("prompts"))
     monkeypatch.setattr(data_gen.stages.pairs, "generate_pairs", fake("pairs"))
-    monkeypatch.setattr(pipeline, "_generation_backend", lambda ctx, out: None)
-    monkeypatch.setattr(pipeline.Context, "prompts", lambda self, split: ["a question?"])
+    monkeypatch.setattr(stages, "_generation_backend", lambda ctx, out: None)
+    monkeypatch.setattr(stages.Context, "prompts", lambda self, split: ["a question?"])
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
-    ctx = pipeline.make_context(recipe, Engines())
-    pipeline.stage_prompts(ctx, tmp_path)
-    pipeline.stage_pairs(ctx, tmp_path)
+    from character_training.run.context import make_context
+
+    ctx = make_context(recipe, Engines())
+    stages.stage_prompts(recipe.prompts, ctx, tmp_path)
+    stages.stage_pairs(recipe.pairs, ctx, tmp_path)
     assert got["prompts"]["settings"] is recipe.prompts
     assert got["prompts"]["sampling"] == Sampling(temperature=1.0, max_tokens=256)
     assert got["pairs"]["settings"] is recipe.pairs
@@ -263,7 +267,7 @@ def test_generate_set_builds_what_the_recipe_builds(tmp_path):
 
 def test_train_set_and_flags_build_the_stages_section():
     from character_training.cli import build_parser, train_section
-    from character_training.train.settings import DpoSection, LoraSettings, MidtrainSection
+    from character_training.config.training import DpoSection, LoraSettings, MidtrainSection
 
     parse = build_parser().parse_args
     args = parse(["train", "dpo", "--data", "p.jsonl", "-o", "out", "--set", "lora.r=4", "--set", "trainer.beta=0.2",
@@ -281,16 +285,16 @@ def test_train_set_and_flags_build_the_stages_section():
 
 
 def test_the_settings_key_is_a_stable_hash_of_the_sections_values(tmp_path):
-    from character_training.run import pipeline
+    from character_training.run import stages
 
     from character_training.config.constitution import load_constitution
 
     constitution = load_constitution(CONSTITUTION)
 
     def key(body: str, stage: str) -> str:
-        ctx = pipeline.Context(recipe=load_recipe(_recipe(tmp_path, body)), constitution=constitution,
+        ctx = stages.Context(recipe=load_recipe(_recipe(tmp_path, body)), constitution=constitution,
                                model="some/model", run_dir=tmp_path / "run")
-        return pipeline.stage_key(ctx, stage)
+        return stages.stage_key(ctx, stage)
 
     assert key("", "pairs") == key("", "pairs")
     assert key("", "pairs") == key("pairs: {teacher_samples: 2}\n", "pairs")  # a default written out: same values

@@ -8,10 +8,11 @@ import json
 import pytest
 
 from character_training.errors import UserError
-from character_training.train import common as training
-from character_training.train import devices
+from character_training.config import trainer_fields as training
+from character_training.config import devices
 from character_training.train.dpo import DEFAULT_TRAINER
-from character_training.train.sft import DEFAULT_LM, DEFAULT_SFT, lm_fields
+from character_training.config.training import lm_fields
+from character_training.train.sft import DEFAULT_LM, DEFAULT_SFT
 
 RECIPE = {"learning_rate": 1e-4, "per_device_train_batch_size": 2, "max_length": 256}
 STAGES = {"dpo": DEFAULT_TRAINER, "sft": DEFAULT_SFT, "lm": DEFAULT_LM}

@@ -300,7 +300,7 @@ def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_mo
     import yaml
 
     from character_training import cli
-    from character_training.run import generation
+    from character_training.run import context, generation
 
     tmp, _, _ = trained
     asked = {}
@@ -310,6 +310,7 @@ def test_cli_train_grpo_asks_the_backend_the_command_line_names(trained, tiny_mo
         return toy_judge()
 
     monkeypatch.setattr(generation, "make_backend", make_backend)
+    monkeypatch.setattr(context, "make_backend", make_backend)  # the stage asks its context for the judge
     path = tmp_path / "captain.yaml"
     path.write_text(yaml.safe_dump({"name": "captain-test", "description": "You are Captain Test.",
                                     "traits": [{"trait": TRAITS[0], "questions": ["Hi?"]}],

@@ -14,7 +14,7 @@ import torch
 from character_training.card import ModelCard
 from character_training.errors import UserError
 from character_training.train.sft import build_lm, build_sft, train_lm, train_sft, training_chat_template
-from character_training.train.settings import LoraSettings
+from character_training.config.training import LoraSettings
 from data_gen.store import write_jsonl
 
 TINY = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 128,

@@ -88,7 +88,8 @@ def test_trainer_check_builds_trl_config_without_changing_the_environment(tmp_pa
     before = dict(os.environ)
     state_before = dict(PartialState._shared_state)
     recipe = load_recipe(_recipe(tmp_path, "dpo: {trainer: {learning_rate: 1.0e-4, bf16: false}}\n"))
-    assert recipe.dpo.trainer == {"learning_rate": 1.0e-4, "bf16": False}  # the values used later: untouched
+    # the values used later: the recipe's over the section's defaults, untouched by the check
+    assert recipe.dpo.trainer == {**recipe.dpo.trainer_defaults, "learning_rate": 1.0e-4, "bf16": False}
     assert dict(os.environ) == before
     assert dict(PartialState._shared_state) == state_before
 

@@ -26,14 +26,12 @@ from typing import Sequence, Union
 
 import torch
 
+from character_training.adapters.outputs import CONFIG_FILE, WEIGHTS_FILE, check_output
 from character_training.card import AdapterInput, ModelCard, stamp, write_card
 from character_training.errors import UserError
 from character_training.util import file_sha256
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-CARD_TAG = "character-training"  # in the tags of the README.md model card of every adapter this tool writes
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 # PEFT inits that rewrite the base weights when the adapter loads: the saved factors alone are
 # not the adapter's delta, so no algebra on them is meaningful.
@@ -386,8 +384,6 @@ def save_adapter(out: str | Path, modules: dict[str, Factors], *, like: Adapter,
     from safetensors.torch import save_file
 
     out = Path(out)
-    from character_training.adapters.outputs import check_output  # it reads this module's file names
-
     check_output(out, [like.path], overwrite=overwrite)
     if not modules:
         raise UserError("nothing to write: every module's weight is zero")
@@ -472,3 +468,10 @@ def module_type(name: str) -> str:
 
 def layer_label(layer: int | None) -> str:
     return "other" if layer is None else str(layer)
+
+
+def lora_rank_for_vllm(configs: list[dict]) -> int:
+    """The smallest power-of-two `max_lora_rank` (at least 8) that serves every adapter, per-module
+    ranks (`rank_pattern`) included."""
+    rank = max((max([int(c["r"]), *map(int, (c.get("rank_pattern") or {}).values())]) for c in configs), default=8)
+    return max(8, 1 << (rank - 1).bit_length())

@@ -10,10 +10,13 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from character_training.adapters.io import CARD_TAG, CONFIG_FILE, WEIGHTS_FILE
 from character_training.card import CARD_FILE
 from character_training.errors import UserError
 from character_training.util import unsafe_place as _unsafe_place
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_TAG = "character-training"  # in the tags of the README.md model card of every adapter this tool writes
 
 
 def written_here(directory: str | Path) -> bool:

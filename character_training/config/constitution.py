@@ -4,7 +4,7 @@ A constitution has a ``name``, a prose ``description``, a list of ``traits`` (ea
 first-person statement, an optional clarification, and seed user ``questions`` that draw the
 trait out), optional ``principles`` (used for critique and judging) and optional ``facts``
 (used for synthetic documents) and optional ``markers``: words or phrases the character uses and
-a plain assistant rarely does, counted in its answers by the evaluation (evaluation/markers.py).
+a plain assistant rarely does, counted in its answers by the evaluation (config/markers.py).
 ``load_constitution`` validates a file and raises a
 ``ConstitutionError`` whose message is one line naming the file and the field.
 """
@@ -173,7 +173,7 @@ def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitu
 
 
 def _markers(value: Any, where: str) -> tuple[str, ...]:
-    from character_training.evaluation.markers import check_marker
+    from character_training.config.markers import check_marker
 
     markers = _text_list(value, where, "markers", "marker words or phrases", required=False)
     for i, marker in enumerate(markers):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -24,61 +24,47 @@ import yaml
 
 from character_training.config import yamlio
 from character_training.errors import UserError, did_you_mean
-from character_training.evaluation.settings import EvalSettings
-from character_training.run.generation import (GEN_STAGES, BackendSection, GenSection, ModelsSection, RoleSection,
-                                               role_backends)
-from character_training.run.launch import LaunchSection
-from character_training.train.settings import (TRAINING_SECTIONS, DistillSection, DpoSection, GrpoSection, LoraSettings,
-                                               MidtrainSection, SftSection, TrainingSection)
+from character_training.config.sections import BackendSection, GenSection, ModelsSection, RoleSection, role_backends
+from character_training.config.stages import (DEFAULT_STAGES, EVAL_STAGES, GEN_STAGES, READS, STAGES, TABLE,
+                                              TRAINING_STAGES)
+from character_training.config.sections import LaunchSection
+from character_training.config.training import LoraSettings, TrainingSection
 from data_gen.backends import Sampling
-from data_gen.stages.pairs import PairSettings
-from data_gen.stages.prompts import ExpandSettings
 
 
-def _gen(stage: str):
-    return field(default_factory=lambda: GenSection.default(stage))
+_HEAD = [  # the recipe's fields that are not a stage's section, before the sections
+    ("constitution", str),
+    ("run_dir", str),
+    ("model", str | None, None),     # the student (models.student.model says the same; give one of them)
+    ("seed", int, 0),
+    ("stages", list, field(default_factory=lambda: list(DEFAULT_STAGES))),
+]
+_TAIL = [  # after the sections
+    ("backend", BackendSection, field(default_factory=BackendSection)),
+    ("models", ModelsSection, field(default_factory=ModelsSection)),  # student, teacher, judge (run/generation.py)
+    ("launch", LaunchSection, field(default_factory=LaunchSection)),  # training stages on several processes
+    ("path", str | None, field(default=None, metadata={"internal": True})),
+]
 
 
-@dataclass
-class Recipe:
-    constitution: str
-    run_dir: str
-    model: str | None = None     # the student (models.student.model says the same; give one of them)
-    seed: int = 0
-    stages: list = field(default_factory=lambda: ["prompts", "pairs", "dpo", "eval"])
-    prompts: ExpandSettings = field(default_factory=ExpandSettings)
-    pairs: PairSettings = field(default_factory=PairSettings)
-    midtrain: MidtrainSection = field(default_factory=MidtrainSection)
-    distill: DistillSection = field(default_factory=DistillSection)
-    dpo: DpoSection = field(default_factory=DpoSection)
-    sft: SftSection = field(default_factory=SftSection)
-    grpo: GrpoSection = field(default_factory=GrpoSection)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    backend: BackendSection = field(default_factory=BackendSection)
-    models: ModelsSection = field(default_factory=ModelsSection)  # student, teacher, judge (run/generation.py)
-    launch: LaunchSection = field(default_factory=LaunchSection)  # training stages on several processes (run/launch.py)
-    # Generation stages beyond pairs (run/generation.py): settings written flat, plus 'sampling'.
-    sdf: GenSection = _gen("sdf")
-    critique: GenSection = _gen("critique")
-    rlaif: GenSection = _gen("rlaif")
-    reflection: GenSection = _gen("reflection")
-    interaction: GenSection = _gen("interaction")
-    path: str | None = field(default=None, metadata={"internal": True})
-
-    def section(self, stage: str) -> dict:
-        """A stage's section as the recipe writes it (every value, defaults included)."""
-        value = getattr(self, stage)
-        return value.as_recipe(stage) if isinstance(value, GenSection) else dataclasses.asdict(value)
-
-    def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
-        return {k: self.section(k) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
+def _section(self, stage: str) -> dict:
+    """A stage's section as the recipe writes it (every value, defaults included)."""
+    value = getattr(self, stage)
+    return value.as_recipe(GEN_STAGES[stage]) if isinstance(value, GenSection) else dataclasses.asdict(value)
 
 
-STAGES = ("prompts", "pairs", "sdf", "critique", "rlaif", "reflection", "interaction",
-          "midtrain", "distill", "dpo", "sft", "grpo", "eval")
-TRAINING_STAGES = {stage: cls.kind for stage, cls in TRAINING_SECTIONS.items()}  # stage -> TRL config kind
+def _to_dict(self) -> dict:
+    data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
+    return {k: self.section(k) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
 
+
+# A recipe: one field per row of the stage table (config/stages.py), its section with every default.
+Recipe = dataclasses.make_dataclass(
+    "Recipe",
+    [*_HEAD, *((s.name, s.section, field(default_factory=s.default_section)) for s in TABLE), *_TAIL],
+    namespace={"section": _section, "to_dict": _to_dict,
+               "__doc__": "A recipe file, built and checked (``load_recipe``): one section per stage of the stage "
+                          "table, plus the run's own settings.", "__module__": __name__})
 
 def build(cls, data: Any, where: str, prefix: str, base: Any = None):
     """``cls`` from a recipe mapping: unknown keys and wrong types are errors naming ``where``
@@ -123,7 +109,7 @@ def _key_hint(cls: type | None, key: Any, prefix: str) -> str:
     """Where an unknown key belongs when that is another mapping of the same section (a LoRA
     setting written in the training section or its trainer, a TRL field written in the section):
     the suggestion from the right place, not the nearest spelling (``lora_rank`` is not ``local_rank``)."""
-    from character_training.train.common import LORA_KEYS
+    from character_training.config.trainer_fields import LORA_KEYS
 
     if cls is BackendSection and key == "judge_model":
         return " (the judge is a role now: set models.judge: MODEL)"
@@ -132,7 +118,7 @@ def _key_hint(cls: type | None, key: Any, prefix: str) -> str:
     if isinstance(cls, type) and issubclass(cls, TrainingSection):
         if str(key) in LORA_KEYS:
             return f" (a LoRA setting: did you mean '{prefix}lora.{LORA_KEYS[str(key)]}'?)"
-        from character_training.train.common import config_fields
+        from character_training.config.trainer_fields import config_fields
 
         if str(key) in config_fields(cls.kind):
             return f" (a TRL trainer field: did you mean '{prefix}trainer.{key}'?)"
@@ -248,17 +234,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-# What each stage reads from others (besides a training stage's ``data``, checked from its
-# section): when both are listed, the one read runs first.
-READS = {"pairs": ("prompts",), "critique": ("prompts",), "rlaif": ("prompts",), "grpo": ("prompts",),
-         "eval": ("prompts", "pairs")}
-
-
 def check_stages(recipe: Recipe, where: str) -> None:
     """The rules that span sections: known stages, each listed once, in an order in which every
     stage runs after the stages it reads (prompts before pairs, training before eval, a training
     stage's data stages before it); each training stage's trainer fields (TRL's config) and LoRA."""
-    from character_training.train.common import check_lora, check_trainer_fields
+    from character_training.config.trainer_fields import check_lora, check_trainer_fields
 
     order = recipe.stages
     if not order:
@@ -277,10 +257,11 @@ def check_stages(recipe: Recipe, where: str) -> None:
                 raise UserError(f"{where}: stages: {stage} comes before {read}, whose output it reads; "
                                 f"put {read} before {stage}")
     trained = [s for s in order if s in TRAINING_STAGES]
-    if "eval" in order and trained and order.index(trained[-1]) > order.index("eval"):
-        raise UserError(f"{where}: stages: eval comes before the training stage {trained[-1]}, so it would "
-                        f"evaluate an adapter not trained yet; put eval after {trained[-1]}")
-    for stage in ("reflection", "interaction"):
+    for stage in (s for s in EVAL_STAGES if s in order):
+        if trained and order.index(trained[-1]) > order.index(stage):
+            raise UserError(f"{where}: stages: {stage} comes before the training stage {trained[-1]}, so it would "
+                            f"evaluate an adapter not trained yet; put {stage} after {trained[-1]}")
+    for stage in (s for s, spec in GEN_STAGES.items() if spec.takes_adapter):
         if stage in order and getattr(recipe, stage).adapter == "previous" and not any(
                 s in TRAINING_STAGES for s in order[:order.index(stage)]):
             raise UserError(f"{where}: {stage}.adapter: 'previous' but no training stage comes before {stage} "
@@ -288,8 +269,8 @@ def check_stages(recipe: Recipe, where: str) -> None:
     role_backends(recipe.models, recipe.backend, lambda data, prefix: build(BackendSection, data, where, prefix))
     for stage, kind in TRAINING_STAGES.items():
         section = getattr(recipe, stage)
-        extra = _lm_fields(section) if kind == "lm" else None
-        check_trainer_fields(section.trainer, where, kind, stage, build=stage in order, extra=extra)
+        check_trainer_fields(section.trainer, where, kind, stage, build=stage in order,
+                             extra=section.fixed_trainer_fields() or None)
         check_lora(section.lora, where, stage)
         for data_stage in section.data:
             if data_stage not in STAGES:
@@ -303,10 +284,3 @@ def check_stages(recipe: Recipe, where: str) -> None:
         late = [d for d in needed if order.index(d) > order.index(stage)]
         if late:
             raise UserError(f"{where}: stages: {stage} comes before its data stage {late[0]}; reorder 'stages'")
-
-
-def _lm_fields(section) -> dict:
-    """The SFTConfig fields midtraining sets from its own settings (as ``train.sft.train_lm`` does)."""
-    from character_training.train.sft import lm_fields
-
-    return lm_fields(section.packing, section.marker)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from character_training.config import yamlio
 from character_training.errors import UserError
-from character_training.evaluation.core import BASE, check_adapter_dir
+from character_training.adapters.io import check_adapter_dir
+from character_training.evaluation.core import BASE
 from character_training.evaluation.likelihood import TEXTS, continuation_nll, pad_id_of
 
 MC_PROMPT = "Question: {question}\nAnswer:"
@@ -201,7 +202,7 @@ def capability_report(model_path: str, adapters: dict[str, str], *, texts: list[
     conditions = {BASE: measure(model)}
     peft_model = None
     for i, (name, path) in enumerate(adapters.items()):
-        check_adapter_dir(name, path)
+        check_adapter_dir(path, f"adapter '{name}':")
         slot = f"adapter_{i}"  # PEFT's adapter names become module keys: a user's name may not fit
         if peft_model is None:
             from peft import PeftModel
@@ -243,10 +244,10 @@ def run_lm_eval(model_path: str, adapter: str | None, tasks: list[str], limit: i
 # Which stage files a run trains on, and what text each record holds.
 def training_texts_of_run(run_dir) -> dict[str, list[str]]:
     """Every text a run's training data holds, keyed by source ("stage/file"), from the files
-    run/layout.py names: the user turns of the pair files' prompts; the user and assistant turns
+    config/layout.py names: the user turns of the pair files' prompts; the user and assistant turns
     of the chat files; the "text" of the documents; and the train-split prompts of the prompts
     stage. Files that are missing are skipped."""
-    from character_training.run import layout
+    from character_training.config import layout
     from data_gen.store import read_jsonl
 
     run_dir = Path(run_dir)

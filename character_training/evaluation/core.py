@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from character_training.errors import UserError
-from character_training.evaluation.markers import marker_flags
+from character_training.config.layout import PARTS
+from character_training.config.markers import marker_flags
 from character_training.evaluation.paired import paired_difference
 from data_gen.backends import Backend, Sampling
 from data_gen.filters import distinct_3gram_share
@@ -67,7 +67,7 @@ def surface_metrics(texts: list[str], flags: np.ndarray, nll: list[tuple[float, 
     do not pass for independent evidence.
 
     With ``markers`` (the constitution's), the share of answers that carry one of them is
-    reported beside the persona rate, with its interval (evaluation/markers.py)."""
+    reported beside the persona rate, with its interval (config/markers.py)."""
     flags = np.asarray(flags, dtype=float)
     tokens = sum(n for _, n in nll)
     spoken = [t for t in texts if t]
@@ -185,15 +185,8 @@ def paired_comparisons(per_answer: dict, idx: np.ndarray, comparisons, k: int, s
     return out
 
 
-def check_adapter_dir(name: str, path) -> None:
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(f"adapter '{name}': {path} has no adapter_config.json; pass a directory written "
-                        "by a training stage (or PEFT's save_pretrained)")
-
-
 # ------------------------------------------------------------------ parts kept between runs
 
-PARTS = "parts"
 
 
 def input_key(*parts) -> str:

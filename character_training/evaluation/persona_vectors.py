@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from character_training.evaluation.core import PROMPTED, bootstrap_interval, check_adapter_dir
+from character_training.adapters.io import check_adapter_dir
+from character_training.evaluation.core import PROMPTED, bootstrap_interval
 from character_training.evaluation.paired import clustered_interval
 from character_training.evaluation.likelihood import chat_prompt_ids, pad_batch, pad_id_of
 
@@ -46,7 +47,7 @@ def load_model(model_path: str, adapter: str | Path | None = None):
     if adapter is not None:
         from peft import PeftModel
 
-        check_adapter_dir(str(adapter), adapter)
+        check_adapter_dir(adapter)
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 

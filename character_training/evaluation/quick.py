@@ -44,7 +44,7 @@ from character_training.evaluation.core import (ADAPTER, BASE, PROMPTED, Conditi
                                                 cross_fitted_flags, generate_conditions, paired_comparisons,
                                                 surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
-from character_training.evaluation.markers import markers_in
+from character_training.config.markers import markers_in
 from data_gen.backends import Backend, Sampling
 from data_gen.store import write_json, write_jsonl
 

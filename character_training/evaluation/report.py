@@ -44,9 +44,9 @@ from character_training.evaluation.core import (BASE, PARTS, PROMPTED, STEERED, 
                                                 cross_fitted_flags, forget_stale, generate_conditions, input_key,
                                                 kept_part, paired_comparisons, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
-from character_training.evaluation.markers import markers_in
+from character_training.config.markers import markers_in
 from character_training.evaluation.report_output import ADVERSARIAL_SUFFIXES, markdown_report, plot_report
-from character_training.evaluation.settings import EvalSettings
+from character_training.config.eval_settings import EvalSettings
 from data_gen.backends import Sampling
 from data_gen.store import write_json, write_jsonl
 

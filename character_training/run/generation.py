@@ -23,120 +23,14 @@ sdf's filter, the eval judge, GRPO's reward; default: the teacher). Each is serv
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from character_training.config.stages import GEN_STAGES
+from character_training.config.sections import ROLE_DEFAULTS, ROLES, BackendSection, GenSection, ModelsSection, role_backends
 from character_training.errors import UserError
-from data_gen.backends import Engines, Sampling
-from data_gen.stages.critique import SAMPLING as CRITIQUE_SAMPLING, CritiqueSettings, run_critique
-from data_gen.stages.introspection import (INTERACTION_SAMPLING, REFLECTION_SAMPLING, InteractionSettings,
-                                           ReflectionSettings, run_reflection, run_self_interaction)
-from data_gen.stages.rlaif import SAMPLING as RLAIF_SAMPLING, RlaifSettings, run_rlaif
-from data_gen.stages.sdf import SAMPLING as SDF_SAMPLING, SdfSettings, run_sdf
-
-
-@dataclass(frozen=True)
-class GenStage:
-    run: Callable[..., dict]     # the stage's function in data_gen.stages
-    settings: type               # the stage's settings dataclass: its recipe section's flat keys
-    sampling: Sampling           # the stage's default sampling
-    needs_prompts: bool = False  # takes the prompts stage's training prompts (or --prompts)
-    takes_judge: bool = False
-    takes_adapter: bool = False
-    needs_principles: bool = False  # judges or critiques against the constitution's principles
-    role: str = "teacher"        # whose backend the stage writes with (with an adapter: the student's)
-    takes_student: bool = False  # the student answers first (critique: the answer it critiques and revises)
-
-
-GEN_STAGES: dict[str, GenStage] = {
-    "sdf": GenStage(run_sdf, SdfSettings, SDF_SAMPLING, takes_judge=True),
-    "critique": GenStage(run_critique, CritiqueSettings, CRITIQUE_SAMPLING, needs_prompts=True, needs_principles=True,
-                         takes_student=True),
-    "rlaif": GenStage(run_rlaif, RlaifSettings, RLAIF_SAMPLING, needs_prompts=True, takes_judge=True,
-                      needs_principles=True, role="student"),
-    "reflection": GenStage(run_reflection, ReflectionSettings, REFLECTION_SAMPLING, takes_adapter=True),
-    "interaction": GenStage(run_self_interaction, InteractionSettings, INTERACTION_SAMPLING, takes_adapter=True),
-}
-
-
-@dataclass(frozen=True)
-class GenSection:
-    """A generation stage's recipe section. In the recipe the settings' fields are written flat,
-    beside ``sampling`` and ``adapter``; ``recipe.gen_section`` builds it, ``as_recipe`` writes it
-    back in that shape."""
-
-    settings: Any                # the stage's settings dataclass (GEN_STAGES[stage].settings)
-    sampling: Sampling           # keys the recipe leaves out keep the stage's default (GEN_STAGES[stage].sampling)
-    adapter: str | None = None   # reflection, interaction: a PEFT LoRA directory, or 'previous': the run's latest
-
-    @classmethod
-    def default(cls, stage: str) -> GenSection:
-        spec = GEN_STAGES[stage]
-        return cls(settings=spec.settings(), sampling=spec.sampling)
-
-    def as_recipe(self, stage: str) -> dict:
-        """The section as a recipe writes it (every value, defaults included)."""
-        data = {**dataclasses.asdict(self.settings), "sampling": dataclasses.asdict(self.sampling)}
-        if GEN_STAGES[stage].takes_adapter:
-            data["adapter"] = self.adapter
-        return data
-
-
-@dataclass
-class BackendSection:
-    kind: str = "vllm"           # vllm: the offline engine in this process; openai: HTTP servers
-    base_urls: list = field(default_factory=list)  # openai: e.g. [http://127.0.0.1:8000/v1, ...]
-    served_model: str | None = None  # openai: the model name the servers serve (default: the role's model)
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never written anywhere
-    max_concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 4
-    # openai: send each request's seed (data_gen/seeds.py: reproducible samples, paired conditions). A
-    # vLLM server on a CPU needs `--no-enable-chunked-prefill` for them (a chunked prefill rewinds a
-    # seeded request's generator, which the CPU generator cannot do); false sends none.
-    request_seeds: bool = True
-    # vllm: vLLM's own engine options (its EngineArgs fields: tensor_parallel_size, data_parallel_size,
-    # gpu_memory_utilization, max_model_len, quantization, max_num_seqs, max_lora_rank, ...).
-    engine: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.kind not in ("vllm", "openai"):
-            raise UserError(f"kind: '{self.kind}' is not a backend; use 'vllm' or 'openai'")
-        if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.base_urls):
-            raise UserError("base_urls: each must be a server's URL starting with http:// or https://, "
-                            "e.g. [http://127.0.0.1:8000/v1]")
-        if self.max_concurrency < 1:
-            raise UserError(f"max_concurrency: {self.max_concurrency}; give 1 or more (requests in flight)")
-        if not self.timeout_s > 0:
-            raise UserError(f"timeout_s: {self.timeout_s}; give a number of seconds above 0 (120 is usual)")
-        if self.max_retries < 0:
-            raise UserError(f"max_retries: {self.max_retries}; give 0 or more")
-        if self.engine:
-            from data_gen.backends import check_engine_options
-
-            self.engine = check_engine_options(self.engine, "engine")
-
-
-ROLES = ("student", "teacher", "judge")
-ROLE_DEFAULTS = {"teacher": "student", "judge": "teacher"}  # a role with no model is the role it defaults to
-
-
-@dataclass
-class RoleSection:
-    """One role's model, and the ``backend`` keys it is served with where they differ from the
-    recipe's ``backend`` section. In a recipe a role may also be written as just its model."""
-
-    model: str | None = None     # a model directory or hub id (openai: the served name); null: the default
-    backend: dict = field(default_factory=dict)  # e.g. {kind: openai, base_urls: [...]} or {engine: {...}}
-
-
-@dataclass
-class ModelsSection:
-    student: RoleSection = field(default_factory=RoleSection)  # trained; default: the recipe's `model`
-    teacher: RoleSection = field(default_factory=RoleSection)  # answers with the constitution; default: student
-    judge: RoleSection = field(default_factory=RoleSection)    # judges; default: the teacher
+from data_gen.backends import Engines
 
 
 @dataclass(frozen=True)
@@ -152,23 +46,6 @@ class Role:
     def served(self) -> str:
         """The model's name as its answers record it."""
         return (self.backend.served_model or self.model) if self.backend.kind == "openai" else self.model
-
-
-def role_backends(models: ModelsSection, backend: BackendSection, build) -> dict[str, BackendSection]:
-    """Each role's backend section (``build(mapping, prefix)`` builds and checks one); a role
-    without a model starts from the backend of the role it defaults to."""
-    found: dict[str, BackendSection] = {}
-    for name in ROLES:
-        section = getattr(models, name)
-        start = found[ROLE_DEFAULTS[name]] if name in ROLE_DEFAULTS and section.model is None else backend
-        if not section.backend:
-            found[name] = start
-            continue
-        merged = {**dataclasses.asdict(start), **section.backend}
-        if isinstance(section.backend.get("engine"), dict):  # engine options: the role's over the recipe's
-            merged["engine"] = {**start.engine, **section.backend["engine"]}
-        found[name] = build(merged, f"models.{name}.backend.")
-    return found
 
 
 def resolve_roles(recipe_model: str | None, models: ModelsSection, backend: BackendSection,

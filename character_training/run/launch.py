@@ -31,13 +31,11 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from character_training.config.sections import LaunchSection
 from character_training.errors import UserError
 
-CONFIGS = ("cpu", "ddp", "zero2", "zero3")
-SPAWNS = ("local", "srun")
 ROOT = Path(__file__).resolve().parents[2]   # the repository: scripts/accelerate/ is here
 LAUNCH_LOG = "launch.log"                    # in the stage directory: the launched processes' output
 LAUNCHED_MANIFEST = "launched-manifest.json"  # rank 0's manifest, read back and removed by the run
@@ -45,48 +43,6 @@ WORKER = ["-m", "character_training.run.worker"]
 SLURM_RANK = '"$SLURM_NODEID"'               # under srun: each node's own index, expanded on that node
 # Set by a launcher for its processes; left over in the run's environment they would mislead the new ones.
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass
-class LaunchSection:
-    config: str | None = None    # cpu | ddp | zero2 | zero3 (scripts/accelerate/CONFIG.yaml); null: one process
-    processes: int = 1           # processes on each machine (GPUs: one per GPU)
-    machines: int = 1
-    machine_rank: int = 0        # this machine's rank; the run's machine is 0 unless another runs the pipeline
-    main_process_ip: str | None = None   # rank 0's address, needed with machines > 1
-    main_process_port: int = 29500
-    spawn: str = "local"         # local: this machine's launcher only; srun: one per node of the SLURM job
-
-    def __post_init__(self):
-        if self.config is not None and self.config not in CONFIGS:
-            raise UserError(f"config: '{self.config}' is not a launch configuration; use one of {', '.join(CONFIGS)} "
-                            "(scripts/accelerate/ has the GPU ones), or null for one process")
-        for name in ("processes", "machines"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}: {getattr(self, name)}; it counts processes or machines, so it must be "
-                                "at least 1")
-        if not 0 <= self.machine_rank < self.machines:
-            raise UserError(f"machine_rank: {self.machine_rank} with machines: {self.machines}; a machine's rank "
-                            f"is from 0 to {self.machines - 1}")
-        if self.machines > 1 and not self.main_process_ip:
-            raise UserError(f"machines: {self.machines} needs main_process_ip: the address of the machine with "
-                            "machine_rank 0, where every machine's processes meet")
-        if not 1 <= self.main_process_port <= 65535:
-            raise UserError(f"main_process_port: {self.main_process_port} is not a port; use 1-65535 (e.g. 29500)")
-        if self.spawn not in SPAWNS:
-            raise UserError(f"spawn: '{self.spawn}' is not a way to start the machines' launchers; use local "
-                            "(each machine starts its own) or srun (inside a SLURM job: every node, from the run)")
-        if self.spawn == "srun" and self.machine_rank != 0:
-            raise UserError(f"spawn: srun with machine_rank: {self.machine_rank}; with srun the run is on the "
-                            "job's first node (rank 0) and each node's rank is its SLURM_NODEID; drop machine_rank")
-
-    @property
-    def enabled(self) -> bool:
-        return self.config is not None
-
-    @property
-    def total_processes(self) -> int:
-        return self.processes * self.machines
 
 
 def cpu_oversubscribed(section: LaunchSection) -> str | None:

@@ -34,10 +34,10 @@ def load_run_recipe(recipe_file: Path):
 
 
 def run_worker(recipe_file: Path, stage: str, out: Path) -> dict:
-    from character_training.config.recipe import TRAINING_STAGES
+    from character_training.config.stages import TRAINING_STAGES
     from character_training.run.context import make_context
     from character_training.run.launch import LAUNCHED_MANIFEST
-    from character_training.run.training import run_training
+    from character_training.run.stages import call
     from character_training.train import distributed
     from data_gen.backends import Engines
     from data_gen.store import write_json
@@ -48,7 +48,7 @@ def run_worker(recipe_file: Path, stage: str, out: Path) -> dict:
     with Engines() as engines:  # a GRPO judge in this process is released at the end
         ctx = make_context(recipe, engines)
         ctx.worker = True  # run the stage here, do not launch it again
-        manifest = run_training(ctx, stage, out)
+        manifest = call(ctx, stage, out)
     if distributed.is_main_process():
         write_json(out / LAUNCHED_MANIFEST, manifest)
     if distributed.world_size() > 1:

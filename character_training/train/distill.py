@@ -22,21 +22,19 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
+from character_training.config import trainer_fields
 from character_training.train import common as training
-from character_training.train import devices
+from character_training.config import devices
 from character_training.train import distill_loss
-from character_training.train.settings import DistillSection, LoraSettings
-from character_training.train.sft import DEFAULT_SFT, _short, check_message, read_conversations, read_records, \
+from character_training.config.training import DISTILL_TRAINER, DistillSection, LoraSettings
+from character_training.train.sft import _short, check_message, read_conversations, read_records, \
     training_chat_template
 
-# SFT's defaults less its loss mask: the answer tokens are picked from the two views here. max_length
-# is per view (the teacher's, with the constitution, is the longer one).
-DEFAULT_TRAINER: dict[str, Any] = {k: v for k, v in DEFAULT_SFT.items() if k != "assistant_only_loss"}
+DEFAULT_TRAINER = DISTILL_TRAINER  # the section's (config/training.py)
 # The batches are the two views, not the model's inputs: the trainer must keep every column.
 FIXED_TRAINER = {"remove_unused_columns": False, "label_names": []}
 TERMS = ("kl", "activation", "total", "on_policy")
@@ -245,7 +243,7 @@ def build_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
     conversations, per_file = read_distill_data(data_paths)
     if init_adapter is not None:  # its config and weights, before any model loads
         check_adapter_dir(init_adapter, "init adapter")
-    config = training.make_config("distill", DEFAULT_TRAINER, {**trainer, **FIXED_TRAINER}, out / training.CHECKPOINTS,
+    config = trainer_fields.make_config("distill", DEFAULT_TRAINER, {**trainer, **FIXED_TRAINER}, out / training.CHECKPOINTS,
                                   seed)
     tokenizer = training.load_tokenizer(model_path)
     template = answer_template(tokenizer, model_path, config.chat_template_path)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from character_training.errors import UserError
-from character_training.train.settings import ACTIVATION_LOSSES, DISTILL_LOSSES
+from character_training.config.training import ACTIVATION_LOSSES, DISTILL_LOSSES
 
 
 def without_system(messages: list[dict]) -> list[dict]:

@@ -12,42 +12,22 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
+from character_training.config import trainer_fields
 from character_training.train import common as training
-from character_training.train import devices
-from character_training.train.settings import LoraSettings, check_loop_negatives
+from character_training.config import devices
+from character_training.config.training import DPO_TRAINER, LoraSettings, check_loop_negatives
 from character_training.train.sft import check_message, read_records
 
-# Where a recipe's dpo.trainer leaves a field out (recipes/demo.yaml sets its own values for most
-# of these). The SFT term beside the DPO loss (`loss_type=["sigmoid", "sft"]`, the NLL of the
-# chosen answers) anchors the model to fluent text; the learning rate is one at which a small
-# LoRA moves in a few dozen steps. Larger datasets want a lower rate.
-DEFAULT_TRAINER: dict[str, Any] = {
-    "learning_rate": 5e-4,
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 2,
-    "beta": 0.1,
-    "loss_type": ["sigmoid", "sft"],
-    "loss_weights": [1.0, 1.0],
-    "max_length": 384,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 2,
-    "logging_steps": 1,
-    "save_strategy": "steps",   # checkpoints/: a killed run resumes from the last one
-    "save_steps": 5,
-    "save_total_limit": 1,
-    "report_to": "none",
-}
+DEFAULT_TRAINER = DPO_TRAINER  # the section's (config/training.py): where a recipe's dpo.trainer leaves a field out
 
 
 def check_trainer_fields(trainer: dict, where: str) -> None:
     """Unknown trainer keys are errors that name the key (they are TRL's DPOConfig fields)."""
-    training.check_trainer_fields(trainer, where, "dpo")
+    trainer_fields.check_trainer_fields(trainer, where, "dpo")
 
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -172,7 +152,7 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
     dataset = with_system_prompt(load_pairs(Path(pairs_path)), system_prompt)
     pairs_read = len(dataset)
     dataset, n_loops = add_loop_negatives(dataset, loop_negatives, seed)
-    config = training.make_config("dpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
+    config = trainer_fields.make_config("dpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     lengths = [max(training.chat_length(tokenizer, r["prompt"] + r["chosen"]),
                    training.chat_length(tokenizer, r["prompt"] + r["rejected"])) for r in dataset]

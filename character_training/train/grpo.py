@@ -25,32 +25,17 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
+from character_training.config import trainer_fields
 from character_training.train import common as training
-from character_training.train import devices
-from character_training.train.settings import LoraSettings
+from character_training.config import devices
+from character_training.config.training import GRPO_TRAINER, LoraSettings
 from data_gen.backends import Backend, Sampling
 from data_gen.judging import EXAMPLES_KEPT, judge_request, judge_rounds, read_score
 
-# A small CPU run (the tiny and 135M models); on a GPU raise num_generations (8-16), the batch
-# and max_completion_length, and consider use_vllm for generation.
-DEFAULT_TRAINER: dict[str, Any] = {
-    "learning_rate": 1e-5,
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 1,
-    "num_generations": 4,             # answers per prompt: a group of 4 per step at batch 4
-    "max_completion_length": 64,
-    "logging_steps": 1,
-    "save_strategy": "steps",         # checkpoints/: a killed run resumes from the last one
-    "save_steps": 5,
-    "save_total_limit": 1,
-    "report_to": "none",
-    "use_vllm": False,
-}
+DEFAULT_TRAINER = GRPO_TRAINER  # the section's (config/training.py)
 
 def _content(message: dict) -> str:
     content = message.get("content") or ""
@@ -144,7 +129,7 @@ class JudgeReward:
 
 def check_trainer_fields(trainer: dict, where: str) -> None:
     """Unknown trainer keys are errors that name the key (they are TRL's GRPOConfig fields)."""
-    training.check_trainer_fields(trainer, where, "grpo")
+    trainer_fields.check_trainer_fields(trainer, where, "grpo")
 
 
 def load_prompts(path: Path) -> tuple[list[str], int]:
@@ -205,7 +190,7 @@ def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_back
     prompts, skipped = load_prompts(Path(prompts_path))
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     dataset = Dataset.from_list([{"prompt": head + [{"role": "user", "content": p}]} for p in prompts])
-    config = training.make_config("grpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
+    config = trainer_fields.make_config("grpo", DEFAULT_TRAINER, trainer or {}, out_dir / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
                                              model_kwargs=devices.model_load_kwargs(config),

@@ -16,34 +16,17 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 from character_training.adapters.io import check_adapter_dir
 from character_training.card import DataFile, ModelCard, write_card
 from character_training.errors import UserError
+from character_training.config import trainer_fields
+from character_training.config.training import lm_fields
 from character_training.train import common as training
-from character_training.train import devices
-from character_training.train.settings import LoraSettings
+from character_training.config import devices
+from character_training.config.training import LM_TRAINER, SFT_TRAINER, LoraSettings
 
-DEFAULT_SFT: dict[str, Any] = {
-    "learning_rate": 2e-4,
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 2,
-    "max_length": 512,
-    "assistant_only_loss": True,  # the character's turns are trained, the user's are context
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 2,
-    "logging_steps": 1,
-    "save_strategy": "steps",     # checkpoints/: a killed run resumes from the last one
-    "save_steps": 10,
-    "save_total_limit": 2,
-    "report_to": "none",
-}
-# Documents are longer than chat turns; "bfd_split" packs a document longer than max_length
-# as several pieces instead of cutting its end off (plain "bfd" truncates).
-DEFAULT_LM: dict[str, Any] = {**{k: v for k, v in DEFAULT_SFT.items() if k != "assistant_only_loss"},
-                              "max_length": 1024, "packing_strategy": "bfd_split"}
+DEFAULT_SFT, DEFAULT_LM = SFT_TRAINER, LM_TRAINER  # the sections' (config/training.py)
 
 # SmolLM2's ChatML template with {% generation %} markers (TRL ships none for it).
 TRAINING_TEMPLATES = [Path(__file__).parents[1] / "templates" / "chatml_training.jinja"]
@@ -223,7 +206,7 @@ def build_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
         conversations += [with_system_prompt(m, system_prompt) for m in found]
     if init_adapter is not None:  # its config and weights, before any model loads
         check_adapter_dir(init_adapter, "init adapter")
-    config = training.make_config("sft", DEFAULT_SFT, trainer or {}, Path(out_dir) / training.CHECKPOINTS, seed)
+    config = trainer_fields.make_config("sft", DEFAULT_SFT, trainer or {}, Path(out_dir) / training.CHECKPOINTS, seed)
     tokenizer = training.load_tokenizer(model_path)
     lengths = [training.chat_length(tokenizer, c) for c in conversations]
     keep, length_counts = training.length_limit(lengths, config.max_length, overlong, "conversations",
@@ -270,12 +253,6 @@ def train_sft(model_path: str, data_paths: list[Path], out_dir: Path, *, lora: L
     return manifest
 
 
-def lm_fields(packing: bool, marker: str | None) -> dict:
-    """The SFTConfig fields ``train_lm``'s own arguments set (over the recipe's trainer fields).
-    TRL builds the labels before packing, so a marker's -100 labels survive packing."""
-    return {"packing": packing, "dataset_text_field": "text", "completion_only_loss": bool(marker)}
-
-
 def build_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: LoraSettings = LoraSettings(),
              trainer: dict | None = None, seed: int = 0, init_adapter: str | Path | None = None,
              start: str = "continue", packing: bool = True, marker: str | None = None,
@@ -317,7 +294,7 @@ def build_lm(model_path: str, documents_path: Path, out_dir: Path, *, lora: Lora
     else:
         rows = {"text": documents + chats}
     dataset = Dataset.from_dict(rows).shuffle(seed=seed)
-    config = training.make_config("lm", DEFAULT_LM, {**(trainer or {}), **lm_fields(packing, marker)},
+    config = trainer_fields.make_config("lm", DEFAULT_LM, {**(trainer or {}), **lm_fields(packing, marker)},
                                   Path(out_dir) / training.CHECKPOINTS, seed)
     model, peft_config = training.load_start(model_path, init_adapter=init_adapter, mode=start, bf16=config.bf16,
                                              model_kwargs=devices.model_load_kwargs(config),

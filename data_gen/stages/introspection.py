@@ -78,6 +78,9 @@ class InteractionSettings:
 
 
 # The stages' default sampling (a recipe's sampling: overrides some of its keys).
+# What each stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
+REFLECTION_OUTPUTS = {"chats": "reflection.jsonl"}
+INTERACTION_OUTPUTS = {"chats": "interaction.jsonl"}
 REFLECTION_SAMPLING = Sampling(temperature=0.8, max_tokens=300)
 INTERACTION_SAMPLING = Sampling(temperature=0.8, max_tokens=160)
 
@@ -199,7 +202,7 @@ def run_reflection(backend: Backend, constitution, out_dir: Path, *,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "reflection.jsonl", records)
+    write_jsonl(out_dir / REFLECTION_OUTPUTS["chats"], records)
     return {
         **_manifest("reflection", backend, seed, sampling, settings, adapter, system_prompt),
         "prompts_file": str(settings.prompts_file or REFLECTION_PROMPTS),
@@ -276,7 +279,7 @@ def run_self_interaction(backend: Backend, constitution, out_dir: Path, *,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "interaction.jsonl", records)
+    write_jsonl(out_dir / INTERACTION_OUTPUTS["chats"], records)
     kept = [said for said in turns if len(said) >= settings.min_exchanges]
     return {
         **_manifest("interaction", backend, seed, sampling, settings, adapter, persona),

@@ -32,6 +32,8 @@ from data_gen.store import write_jsonl
 
 
 UNFINISHED = ("drop", "trim")
+# What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
+OUTPUTS = {"pairs": "pairs.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
         })
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "pairs.jsonl", records)
+    write_jsonl(out_dir / OUTPUTS["pairs"], records)
     return {
         "stage": "pairs",
         "model": backend.model,

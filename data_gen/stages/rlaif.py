@@ -33,6 +33,8 @@ from data_gen.stages.prompts import normalize
 from data_gen.store import write_jsonl
 
 
+# What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
+OUTPUTS = {"pairs": "pairs.jsonl"}
 SAMPLING = Sampling(temperature=0.9, max_tokens=160)  # the candidates' default; a recipe's rlaif.sampling overrides keys
 
 
@@ -120,7 +122,7 @@ def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "pairs.jsonl", records)
+    write_jsonl(out_dir / OUTPUTS["pairs"], records)
     write_jsonl(out_dir / "judgments.jsonl", judgments)
     kept_margins = [j["margin"] for j in judgments if j["kept"]]
     return {

@@ -3,7 +3,7 @@ adapters act as their algebra says? (``character-training algebra``)
 
 Two personas, A and B, each from its own run: its constitution (system prompt, markers), its
 pairs (the teacher's persona answers against the student's plain ones) and its trained adapter.
-The conditions (algebra_conditions.py: base, each system prompt, each adapter, A+B, scaled,
+The conditions (conditions.py: base, each system prompt, each adapter, A+B, scaled,
 negated, orthogonalized, PEFT's sums, re-compressed) all answer the same prompts: both runs'
 held-out prompts and the shipped neutral prompts, none of them in either run's training data
 (the contamination check leaves out any that is, and says so). vLLM engines with LoRA, one per
@@ -31,14 +31,14 @@ from typing import Callable
 import numpy as np
 
 from character_training.errors import UserError
-from character_training.evaluation.algebra_conditions import (PERSONAS, Spec, algebra_specs, build_adapters,
+from character_training.evaluation.algebra.conditions import (PERSONAS, Spec, algebra_specs, build_adapters,
                                                               weight_check)
-from character_training.evaluation.algebra_output import analyses, markdown_report, plot_report
+from character_training.evaluation.algebra.output import analyses, markdown_report, plot_report
 from character_training.evaluation.core import (PARTS, Condition, answers_of, fit_classifier, forget_stale,
                                                 generate_conditions, input_key, kept_part, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
-from character_training.evaluation.markers import markers_in
-from character_training.evaluation.settings import EvalSettings
+from character_training.config.markers import markers_in
+from character_training.config.eval_settings import EvalSettings
 from character_training.util import file_sha256
 from data_gen.backends import Backend, Sampling
 from data_gen.store import write_json, write_jsonl
@@ -196,7 +196,7 @@ def rank_groups(conditions: list[Condition]) -> list[tuple[int, list[Condition]]
     generated 2.7x faster in an engine of rank 16 than of rank 64, so the one rank-48 condition
     ((A+B)-B) gets an engine of its own rather than slowing the other twenty."""
     from character_training.adapters.io import read_config
-    from character_training.run.pipeline import lora_rank_for_vllm
+    from character_training.adapters.io import lora_rank_for_vllm
 
     ranks = {c.adapter: lora_rank_for_vllm([read_config(c.adapter)]) for c in conditions if c.adapter}
     first = min(ranks.values(), default=8)
@@ -225,7 +225,7 @@ def _cells(specs, generated, texts, flags, nll, personas, adapters, seed, k) -> 
 
 def _per_prompt(flags: dict, texts: dict, personas: list[Persona], k: int) -> dict:
     """{measure: {condition: {persona: mean per prompt}}}: what the analyses' paired bootstrap resamples."""
-    from character_training.evaluation.markers import marker_flags
+    from character_training.config.markers import marker_flags
 
     out = {"persona_rate": {name: {p: f.reshape(-1, k).mean(axis=1) for p, f in by.items()}
                             for name, by in flags.items()}}

@@ -1,4 +1,4 @@
-"""`character-training algebra`: persona algebra, shown on behaviour (evaluation/algebra.py).
+"""`character-training algebra`: persona algebra, shown on behaviour (evaluation/algebra/).
 
     character-training algebra --persona RECIPE_A --persona RECIPE_B -o OUT [--set eval.KEY=VALUE ...]
 
@@ -42,7 +42,7 @@ def algebra_settings(overrides: list[str]):
     """The evaluation settings from ``--set eval.KEY=VALUE`` over EvalSettings' defaults, with the
     recipe's checks and messages; keys the algebra report does not read are refused."""
     from character_training.config.recipe import apply_overrides, build, locate_override
-    from character_training.evaluation.settings import EvalSettings
+    from character_training.config.eval_settings import EvalSettings
 
     allowed = ", ".join(f"eval.{k}" for k in ALGEBRA_SETTINGS)
     fields = {f.name for f in dataclasses.fields(EvalSettings)}
@@ -66,9 +66,9 @@ def load_persona(key: str, recipe_path: str, engines):
     saying what, why and how to fix it."""
     from character_training.adapters.io import check_adapter_dir
     from character_training.config.recipe import load_recipe
-    from character_training.evaluation.algebra import Persona
+    from character_training.evaluation.algebra.report import Persona
     from character_training.evaluation.capability import training_texts_of_run
-    from character_training.run import layout
+    from character_training.config import layout
     from character_training.run.context import final_adapter, make_context
     from data_gen.store import read_jsonl
 
@@ -121,10 +121,11 @@ def check_pair(paths: list[str], loaded: list) -> None:
 
 
 def lora_engine(ctx, adapters: list[str]):
-    """The eval stage's LoRA engine of the student (run/pipeline.py ``eval_engine``), once every
+    """The eval stage's LoRA engine of the student (run/stages.py ``eval_engine``), once every
     condition's adapter is known to fit vLLM's largest LoRA rank."""
     from character_training.adapters.io import read_config
-    from character_training.run.pipeline import eval_engine, lora_rank_for_vllm
+    from character_training.adapters.io import lora_rank_for_vllm
+    from character_training.run.stages import eval_engine
 
     rank = lora_rank_for_vllm([read_config(a) for a in adapters])
     if rank > VLLM_MAX_LORA_RANK:
@@ -134,9 +135,9 @@ def lora_engine(ctx, adapters: list[str]):
 
 
 def run_algebra(args) -> int:
-    from character_training.evaluation.algebra import algebra_report
-    from character_training.evaluation.algebra_output import format_summary
-    from character_training.run import layout
+    from character_training.evaluation.algebra.report import algebra_report
+    from character_training.evaluation.algebra.output import format_summary
+    from character_training.config import layout
     from data_gen.backends import Engines, Sampling
     from data_gen.store import write_manifest
 

@@ -1,11 +1,10 @@
-"""Where a run keeps its files: the one place that says which file each stage writes.
+"""Where a run keeps its files: the run's directories and files, from the stage table (config/stages.py).
 
     RUN_DIR/recipe.json                  the recipe as run (final values, model, versions)
     RUN_DIR/STAGE/manifest.json          written last: the stage is finished
-    RUN_DIR/prompts/prompts.jsonl        training and held-out user prompts ("split")
-    RUN_DIR/pairs/pairs.jsonl            teacher (chosen) vs student (rejected) answers
-    RUN_DIR/{sdf,critique,rlaif,reflection,interaction}/...   see DATA below
-    RUN_DIR/{midtrain,distill,dpo,sft,grpo}/adapter/          the PEFT adapter and its model card
+    RUN_DIR/STAGE/FILE                   a data stage's records (DATA below; the stage table's ``writes``):
+                                         prompts/prompts.jsonl, pairs/pairs.jsonl, critique/sft.jsonl, ...
+    RUN_DIR/STAGE/adapter/               a training stage's PEFT adapter and its model card
     RUN_DIR/eval/                        eval.json (quick check) or report.md/report.json
 
 The pipeline reads its stages' inputs from here, the CLI prints what a stage wrote from here,
@@ -23,33 +22,27 @@ import json
 import shutil
 from pathlib import Path
 
+from character_training.config import stages
 from character_training.errors import UserError
 from character_training.util import unsafe_place as _unsafe_place
 from data_gen.cache import CACHE_FILE
 from data_gen.store import MANIFEST, MARKER
 
 RECIPE = "recipe.json"
-PROMPTS = "prompts.jsonl"
-ADAPTER = "adapter"
+ADAPTER = stages.ADAPTER
 CHECKPOINTS = "checkpoints"  # a training stage's resumable checkpoints
 PARTS = "parts"              # the eval report's finished model-side parts
 
-# The data each generation stage writes for training stages, by the kind of record it holds:
-# preference pairs (DPO), chat conversations (SFT), documents (midtraining).
-PAIRS = {"pairs": "pairs.jsonl", "critique": "pairs.jsonl", "rlaif": "pairs.jsonl"}
-CHATS = {"critique": "sft.jsonl", "reflection": "reflection.jsonl", "interaction": "interaction.jsonl"}
-DOCUMENTS = {"sdf": "documents.jsonl"}
+# The data each data stage writes for later stages, by the kind of record it holds (the stage
+# table's ``writes``): user prompts, preference pairs (DPO, KTO), chat conversations (SFT),
+# documents (midtraining).
+PROMPTS = next(iter(stages.writers("prompts").values()))  # the one stage that writes user prompts
+PAIRS = stages.writers("pairs")
+CHATS = stages.writers("chats")
+DOCUMENTS = stages.writers("documents")
 
-# Every generation stage's data outputs, in the order the CLI reports them.
-DATA: dict[str, tuple[str, ...]] = {
-    "prompts": (PROMPTS,),
-    "pairs": (PAIRS["pairs"],),
-    "sdf": (DOCUMENTS["sdf"],),
-    "critique": (CHATS["critique"], PAIRS["critique"]),
-    "rlaif": (PAIRS["rlaif"],),
-    "reflection": (CHATS["reflection"],),
-    "interaction": (CHATS["interaction"],),
-}
+# Every data stage's outputs, in the order the CLI reports them.
+DATA: dict[str, tuple[str, ...]] = {s.name: tuple(s.writes.values()) for s in stages.TABLE if s.kind == stages.DATA}
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:

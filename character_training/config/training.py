@@ -1,15 +1,20 @@
-"""The training stages' settings: each class is its stage's recipe section (``midtrain``, ``dpo``,
-``sft``, ``grpo``) and what ``character-training train --set`` builds.
+"""The training stages' settings: each class is its stage's recipe section (``midtrain``, ``distill``,
+``dpo``, ``sft``, ``grpo``, ...) and what ``character-training train --set`` builds.
+
+Each class holds every default of its stage, the TRL trainer's included (``trainer_defaults``,
+under the recipe's ``trainer`` fields): what a recipe leaves out is in the section, so the
+recipe.json of a run and the stage's settings key see it, and changing a default here makes a
+finished stage ask for ``--force``.
 
 Range and choice checks live here, in ``__post_init__`` (a ``UserError`` "FIELD: VALUE; how to
 fix", which the recipe loader prefixes with the file and section). The ``trainer`` mapping holds
-TRL config fields; it is checked against TRL by ``train.common.check_trainer_fields`` when a recipe
+TRL config fields; it is checked against TRL by ``config.trainer_fields.check_trainer_fields`` when a recipe
 is validated, not here: importing this module must not import TRL.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from character_training.errors import UserError
 
@@ -67,17 +72,114 @@ def check_loop_negatives(share: float) -> None:
                         "of the pairs also train against a looping copy of their chosen answer)")
 
 
+# The TRL trainer fields of each stage where a recipe's ``trainer`` leaves them out.
+#
+# SFT: the character's turns are trained, the user's are context.
+SFT_TRAINER: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "max_length": 512,
+    "assistant_only_loss": True,  # the character's turns are trained, the user's are context
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 2,
+    "logging_steps": 1,
+    "save_strategy": "steps",     # checkpoints/: a killed run resumes from the last one
+    "save_steps": 10,
+    "save_total_limit": 2,
+    "report_to": "none",
+}
+# Midtraining: documents are longer than chat turns; "bfd_split" packs a document longer than
+# max_length as several pieces instead of cutting its end off (plain "bfd" truncates).
+LM_TRAINER: dict[str, Any] = {**{k: v for k, v in SFT_TRAINER.items() if k != "assistant_only_loss"},
+                              "max_length": 1024, "packing_strategy": "bfd_split"}
+# Distillation: SFT's defaults less its loss mask (the answer tokens are picked from the two views);
+# max_length is per view (the teacher's, with the constitution, is the longer one).
+DISTILL_TRAINER: dict[str, Any] = {k: v for k, v in SFT_TRAINER.items() if k != "assistant_only_loss"}
+# DPO (recipes/demo.yaml sets its own values for most of these). The SFT term beside the DPO loss
+# (`loss_type=["sigmoid", "sft"]`, the NLL of the chosen answers) anchors the model to fluent text;
+# the learning rate is one at which a small LoRA moves in a few dozen steps. Larger datasets want
+# a lower rate.
+DPO_TRAINER: dict[str, Any] = {
+    "learning_rate": 5e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "beta": 0.1,
+    "loss_type": ["sigmoid", "sft"],
+    "loss_weights": [1.0, 1.0],
+    "max_length": 384,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 2,
+    "logging_steps": 1,
+    "save_strategy": "steps",   # checkpoints/: a killed run resumes from the last one
+    "save_steps": 5,
+    "save_total_limit": 1,
+    "report_to": "none",
+}
+# GRPO: a small CPU run (the tiny and 135M models); on a GPU raise num_generations (8-16), the
+# batch and max_completion_length, and consider use_vllm for generation.
+GRPO_TRAINER: dict[str, Any] = {
+    "learning_rate": 1e-5,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "num_generations": 4,             # answers per prompt: a group of 4 per step at batch 4
+    "max_completion_length": 64,
+    "logging_steps": 1,
+    "save_strategy": "steps",         # checkpoints/: a killed run resumes from the last one
+    "save_steps": 5,
+    "save_total_limit": 1,
+    "report_to": "none",
+    "use_vllm": False,
+}
+# KTO (TRL's KTOTrainer): unpaired answers, each labelled desirable or not; a learning rate at which
+# a small LoRA moves in a few dozen steps, as DPO's.
+KTO_TRAINER: dict[str, Any] = {
+    "learning_rate": 5e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "beta": 0.1,
+    "max_length": 384,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 2,
+    "logging_steps": 1,
+    "save_strategy": "steps",   # checkpoints/: a killed run resumes from the last one
+    "save_steps": 5,
+    "save_total_limit": 1,
+    "report_to": "none",
+}
+
+
+def lm_fields(packing: bool, marker: str | None) -> dict:
+    """The SFTConfig fields midtraining (``train.sft.train_lm``) sets from its own settings, over the
+    recipe's trainer fields. TRL builds the labels before packing, so a marker's -100 labels survive
+    packing."""
+    return {"packing": packing, "dataset_text_field": "text", "completion_only_loss": bool(marker)}
+
+
 @dataclass
 class TrainingSection:
     """What every training stage's section holds; each stage's class adds its own settings."""
 
-    kind: ClassVar[str]  # TRL config kind (train.common.config_class)
+    kind: ClassVar[str]  # TRL config kind (config.trainer_fields.config_class)
+    trainer_defaults: ClassVar[dict]  # the TRL fields a recipe's ``trainer`` leaves out
+    config_name: ClassVar[str]  # the TRL config class its trainer fields are fields of
+    uses_judge: ClassVar[bool] = False  # its reward is a judge's (which may be this process's engine)
     lora: LoraSettings = field(default_factory=LoraSettings)
     trainer: dict = field(default_factory=dict)  # the TRL config's own fields (DPOConfig, SFTConfig, GRPOConfig)
     start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
 
+    def fixed_trainer_fields(self) -> dict:
+        """TRL config fields the stage sets from its own settings, over the recipe's trainer fields."""
+        return {}
+
     def __post_init__(self):
         check_start(self.start)
+        if isinstance(self.trainer, dict):  # a non-mapping is refused, naming the section, by the recipe check
+            self.trainer = {**self.trainer_defaults, **self.trainer}
         data = getattr(self, "data", None)
         if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
             default = type(self).__dataclass_fields__["data"].default_factory()
@@ -88,10 +190,15 @@ class TrainingSection:
 @dataclass
 class MidtrainSection(TrainingSection):
     kind: ClassVar[str] = "lm"  # causal-LM training on documents (SFTConfig)
+    trainer_defaults: ClassVar[dict] = LM_TRAINER
+    config_name: ClassVar[str] = "SFTConfig"
     data: list = field(default_factory=lambda: ["sdf"])
     packing: bool = True
     marker: str | None = None  # prefixed to every document and masked from the loss
     chat_ratio: float = 0.0  # share of chat examples (from the sft data stages that ran) mixed in
+
+    def fixed_trainer_fields(self) -> dict:
+        return lm_fields(self.packing, self.marker)
 
     def __post_init__(self):
         super().__post_init__()
@@ -101,22 +208,45 @@ class MidtrainSection(TrainingSection):
 
 
 @dataclass
-class DpoSection(TrainingSection):
-    kind: ClassVar[str] = "dpo"
+class PairsSection(TrainingSection):
+    """What the training stages on preference pairs (DPO, KTO) share."""
+
     data: list = field(default_factory=lambda: ["pairs"])  # stages whose pairs.jsonl it trains on: pairs, critique, rlaif
     system_prompt: str | None = None  # training-time system prompt (inoculation-style), absent at evaluation
     overlong: str = "truncate"  # examples over trainer.max_length: "truncate" (TRL cuts them) or "drop"; counted
-    loop_negatives: float = 0.0  # share of pairs that also get a looping copy of their chosen answer as rejected
 
     def __post_init__(self):
         super().__post_init__()
         check_overlong(self.overlong)
+
+
+@dataclass
+class DpoSection(PairsSection):
+    kind: ClassVar[str] = "dpo"
+    trainer_defaults: ClassVar[dict] = DPO_TRAINER
+    config_name: ClassVar[str] = "DPOConfig"
+    loop_negatives: float = 0.0  # share of pairs that also get a looping copy of their chosen answer as rejected
+
+    def __post_init__(self):
+        super().__post_init__()
         check_loop_negatives(self.loop_negatives)
+
+
+@dataclass
+class KtoSection(PairsSection):
+    """KTO (``train.kto``): each pair's chosen answer is a desirable example and its rejected one an
+    undesirable example, trained unpaired (TRL's KTOTrainer; its fields are KTOConfig's)."""
+
+    kind: ClassVar[str] = "kto"
+    trainer_defaults: ClassVar[dict] = KTO_TRAINER
+    config_name: ClassVar[str] = "KTOConfig"
 
 
 @dataclass
 class SftSection(TrainingSection):
     kind: ClassVar[str] = "sft"
+    trainer_defaults: ClassVar[dict] = SFT_TRAINER
+    config_name: ClassVar[str] = "SFTConfig"
     data: list = field(default_factory=lambda: ["critique", "reflection", "interaction"])  # those that ran
     system_prompt: str | None = None
     overlong: str = "truncate"
@@ -129,6 +259,9 @@ class SftSection(TrainingSection):
 @dataclass
 class GrpoSection(TrainingSection):
     kind: ClassVar[str] = "grpo"
+    trainer_defaults: ClassVar[dict] = GRPO_TRAINER
+    config_name: ClassVar[str] = "GRPOConfig"
+    uses_judge: ClassVar[bool] = True
     data: list = field(default_factory=lambda: ["prompts"])  # its training prompts
     system_prompt: str | None = None
     judge_retries: int = 2  # a failed or unparseable verdict is asked again, then counted as missing
@@ -157,6 +290,8 @@ class DistillSection(TrainingSection):
     (the same model, LoRA disabled, the constitution as system prompt) on the teacher's answers."""
 
     kind: ClassVar[str] = "distill"  # its trainer fields are TRL's SFTConfig fields (a TrainingArguments)
+    trainer_defaults: ClassVar[dict] = DISTILL_TRAINER
+    config_name: ClassVar[str] = "SFTConfig"
     data: list = field(default_factory=lambda: ["pairs"])  # the pairs' chosen answers, or conversation stages
     student_system_prompt: str | None = None  # None: the chat template's default (the model as it is used)
     overlong: str = "truncate"  # conversations over trainer.max_length: "truncate" or "drop"; counted
@@ -202,7 +337,3 @@ class DistillSection(TrainingSection):
         if not ok:
             raise UserError(f"layers: {layers!r}; give 'best' (the persona vector's best layer) or a list of layer "
                             "numbers of 1 or more, e.g. [6, 12] (hidden_states indices; 0 is the embeddings)")
-
-
-TRAINING_SECTIONS = {"midtrain": MidtrainSection, "distill": DistillSection, "dpo": DpoSection, "sft": SftSection,
-                     "grpo": GrpoSection}
