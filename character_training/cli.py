@@ -244,14 +244,6 @@ def train_section(args):
     return section
 
 
-# What `train KIND` needs beyond --data: one data file (its stage reads one), a constitution.
-ONE_FILE = {"lm": "one --data documents file (a 'text' field per line)",
-            "grpo": "one --data prompts file (a 'prompt' field per line; the prompts stage's prompts.jsonl)"}
-NEEDS_CONSTITUTION = {"grpo": "the judge scores answers against its traits and principles",
-                      "distill": "the teacher is the model with its system prompt; the student learns to answer as "
-                                 "it does without one"}
-
-
 def _train(args) -> int:
     """One training stage on its own: its section from --set and the flags, its inputs (--data,
     --init-adapter, --constitution) from the command line, run by the one path every stage runs by
@@ -281,10 +273,10 @@ def _train(args) -> int:
                             "(e.g. RUN_DIR/pairs/pairs.jsonl)")
         if not Path(path).is_file():
             raise UserError(f"--data {path}: file not found")
-    if args.kind in ONE_FILE and len(args.data) != 1:
-        raise UserError(f"train {args.kind}: give {ONE_FILE[args.kind]}")
-    if args.kind in NEEDS_CONSTITUTION and not args.constitution:
-        raise UserError(f"train {args.kind}: --constitution is required ({NEEDS_CONSTITUTION[args.kind]})")
+    if section.one_data_file and len(args.data) != 1:
+        raise UserError(f"train {args.kind}: give one --data {section.one_data_file}")
+    if section.needs_constitution and not args.constitution:
+        raise UserError(f"train {args.kind}: --constitution is required ({section.needs_constitution})")
     recipe = Recipe(constitution=str(args.constitution or ""), run_dir=str(out.parent), model=args.model,
                     seed=args.seed, stages=[stage], **{stage: section},
                     backend=BackendSection(kind=args.backend, base_urls=args.base_url or [],
@@ -412,9 +404,11 @@ def _add_generate_command(sub) -> None:
 
 
 def _add_recipe_commands(sub) -> None:
+    from character_training.config.stages import EVAL_STAGE
+
     for name, func, help_text in (("run", _run, "run a recipe's stages in order"),
-                                  ("eval", _eval, "evaluate an adapter on a run's held-out prompts (the recipe's "
-                                                  "eval.report: full or quick)")):
+                                  (EVAL_STAGE, _eval, "evaluate an adapter on a run's held-out prompts (the recipe's "
+                                                      "eval.report: full or quick)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="recipe YAML (recipes/ has the shipped ones)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
+# The kinds of records a data stage writes for later stages: each stage module's OUTPUTS maps a
+# kind to its file; the stage table (character_training/config/stages.py) reads them there.
+USER_PROMPTS = "user prompts"        # {"prompt", "split", ...}: the prompts stage
+PREFERENCES = "preference pairs"     # {"prompt", "chosen", "rejected"}: DPO, KTO, distillation
+CONVERSATIONS = "conversations"      # {"messages"}: SFT, distillation, midtraining's chat mix
+DOCUMENTS = "documents"              # {"text"}: midtraining
 MARKER = ".character-training"  # in a directory a command made (character_training/config/layout.py)
 
 

@@ -26,7 +26,8 @@ from character_training.config import stages
 from character_training.errors import UserError
 from character_training.util import unsafe_place as _unsafe_place
 from data_gen.cache import CACHE_FILE
-from data_gen.store import MANIFEST, MARKER
+from data_gen.store import CONVERSATIONS, MANIFEST, MARKER, PREFERENCES, USER_PROMPTS
+from data_gen.store import DOCUMENTS as DOCUMENT_RECORDS
 
 RECIPE = "recipe.json"
 ADAPTER = stages.ADAPTER
@@ -36,10 +37,10 @@ PARTS = "parts"              # the eval report's finished model-side parts
 # The data each data stage writes for later stages, by the kind of record it holds (the stage
 # table's ``writes``): user prompts, preference pairs (DPO, KTO), chat conversations (SFT),
 # documents (midtraining).
-PROMPTS = next(iter(stages.writers("prompts").values()))  # the one stage that writes user prompts
-PAIRS = stages.writers("pairs")
-CHATS = stages.writers("chats")
-DOCUMENTS = stages.writers("documents")
+PROMPTS = next(iter(stages.writers(USER_PROMPTS).values()))  # the one stage that writes user prompts
+PAIRS = stages.writers(PREFERENCES)
+CHATS = stages.writers(CONVERSATIONS)
+DOCUMENTS = stages.writers(DOCUMENT_RECORDS)
 
 # Every data stage's outputs, in the order the CLI reports them.
 DATA: dict[str, tuple[str, ...]] = {s.name: tuple(s.writes.values()) for s in stages.TABLE if s.kind == stages.DATA}

@@ -4,8 +4,8 @@ A row says what a stage is: its name (the recipe's section and the stage's direc
 (``data``: generates training data; ``train``: trains a LoRA; ``eval``: evaluates one), its
 recipe section's class (every default in it, a training stage's TRL trainer defaults included, so
 a stage's settings key sees them), the stages whose outputs it reads, and what it writes for
-later stages, by kind of record (``prompts``, ``pairs``, ``chats``, ``documents``; a training
-stage writes ``adapter/``). Everything that lists stages derives from here: the recipe's stage
+later stages, by kind of record (user prompts, preference pairs, conversations, documents:
+data_gen/store.py; a training stage writes ``adapter/``). Everything that lists stages derives from here: the recipe's stage
 vocabulary and sections (config/recipe.py), the order checks, the run layout (config/layout.py),
 the CLI's ``train`` and ``generate`` commands and their help, the model card and the manifest.
 
@@ -100,5 +100,6 @@ EVAL_STAGE = EVAL_STAGES[0]  # what `character-training eval` runs
 
 
 def writers(record: str) -> dict[str, str]:
-    """{stage: file} of the stages that write records of this kind (``pairs``, ``chats``, ...)."""
+    """{stage: file} of the stages that write records of this kind (data_gen.store's USER_PROMPTS,
+    PREFERENCES, CONVERSATIONS, DOCUMENTS)."""
     return {s.name: s.writes[record] for s in TABLE if record in s.writes and s.kind == DATA}

@@ -57,7 +57,7 @@ TRAINER_RANGES = {
 }
 
 
-def check_trainer_fields(trainer: dict, where: str, kind: str = "dpo", section: str | None = None, *,
+def check_trainer_fields(trainer: dict, where: str, kind: str, section: str | None = None, *,
                          build: bool = True, extra: dict | None = None) -> None:
     """A recipe's ``trainer`` mapping against TRL's config: unknown keys (naming the nearest field,
     or the ``lora`` mapping for a LoRA setting), values of the wrong type or out of range, and, with

@@ -168,6 +168,8 @@ class TrainingSection:
     trainer_defaults: ClassVar[dict]  # the TRL fields a recipe's ``trainer`` leaves out
     config_name: ClassVar[str]  # the TRL config class its trainer fields are fields of
     uses_judge: ClassVar[bool] = False  # its reward is a judge's (which may be this process's engine)
+    one_data_file: ClassVar[str | None] = None  # `train KIND` takes one --data file of this kind
+    needs_constitution: ClassVar[str | None] = None  # `train KIND` needs --constitution, for this reason
     lora: LoraSettings = field(default_factory=LoraSettings)
     trainer: dict = field(default_factory=dict)  # the TRL config's own fields (DPOConfig, SFTConfig, GRPOConfig)
     start: str = "continue"  # from an earlier training stage's adapter: continue it, or merge it and train a new one
@@ -190,6 +192,7 @@ class TrainingSection:
 @dataclass
 class MidtrainSection(TrainingSection):
     kind: ClassVar[str] = "lm"  # causal-LM training on documents (SFTConfig)
+    one_data_file: ClassVar[str | None] = "documents file (a 'text' field per line)"
     trainer_defaults: ClassVar[dict] = LM_TRAINER
     config_name: ClassVar[str] = "SFTConfig"
     data: list = field(default_factory=lambda: ["sdf"])
@@ -262,6 +265,8 @@ class GrpoSection(TrainingSection):
     trainer_defaults: ClassVar[dict] = GRPO_TRAINER
     config_name: ClassVar[str] = "GRPOConfig"
     uses_judge: ClassVar[bool] = True
+    one_data_file: ClassVar[str | None] = "prompts file (a 'prompt' field per line; the prompts stage's prompts.jsonl)"
+    needs_constitution: ClassVar[str | None] = "the judge scores answers against its traits and principles"
     data: list = field(default_factory=lambda: ["prompts"])  # its training prompts
     system_prompt: str | None = None
     judge_retries: int = 2  # a failed or unparseable verdict is asked again, then counted as missing
@@ -292,6 +297,8 @@ class DistillSection(TrainingSection):
     kind: ClassVar[str] = "distill"  # its trainer fields are TRL's SFTConfig fields (a TrainingArguments)
     trainer_defaults: ClassVar[dict] = DISTILL_TRAINER
     config_name: ClassVar[str] = "SFTConfig"
+    needs_constitution: ClassVar[str | None] = ("the teacher is the model with its system prompt; the student learns "
+                                                "to answer as it does without one")
     data: list = field(default_factory=lambda: ["pairs"])  # the pairs' chosen answers, or conversation stages
     student_system_prompt: str | None = None  # None: the chat template's default (the model as it is used)
     overlong: str = "truncate"  # conversations over trainer.max_length: "truncate" or "drop"; counted

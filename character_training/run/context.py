@@ -12,7 +12,7 @@ from character_training.errors import UserError
 from character_training.config import layout
 from character_training.run.generation import Role, make_backend, resolve_roles
 from data_gen.backends import Engines
-from data_gen.store import read_jsonl
+from data_gen.store import USER_PROMPTS, read_jsonl
 
 # The student answers with a plain assistant prompt and the teacher with the constitution; both
 # get the same answer-length hint so that the pair differs in character, not in length (and so
@@ -94,7 +94,7 @@ def prompts_stage() -> str:
     """The stage that writes the user prompts."""
     from character_training.config.stages import writers
 
-    return next(iter(writers("prompts")))
+    return next(iter(writers(USER_PROMPTS)))
 
 
 def data_files(ctx: Context, stage: str, files: dict[str, str]) -> list[Path]:

@@ -17,10 +17,10 @@ from character_training.config import layout
 from character_training.config.stages import writers
 from character_training.run.context import Context, data_files, previous_adapter, prompts_stage
 from data_gen.backends import Sampling
-from data_gen.store import read_jsonl, read_manifest, write_jsonl
+from data_gen.store import PREFERENCES, read_jsonl, read_manifest, write_jsonl
 
 
-PAIRS_STAGE = next(iter(writers("pairs")))  # the teacher-vs-student pairs (the first stage that writes pairs)
+PAIRS_STAGE = next(iter(writers(PREFERENCES)))  # the teacher-vs-student pairs (the first stage that writes pairs)
 
 
 def provenance(ctx: Context, upto: str) -> dict:

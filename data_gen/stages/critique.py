@@ -33,11 +33,11 @@ from data_gen.backends import Backend, Completion, Conversation, Message, Sampli
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem, strip_boilerplate
 from data_gen.stages.prompts import normalize
-from data_gen.store import write_jsonl
+from data_gen.store import CONVERSATIONS, PREFERENCES, write_jsonl
 from data_gen.templating import render
 
 # What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
-OUTPUTS = {"chats": "sft.jsonl", "pairs": "pairs.jsonl"}
+OUTPUTS = {CONVERSATIONS: "sft.jsonl", PREFERENCES: "pairs.jsonl"}
 CONSTITUTION = "constitution"  # the system-prompt option meaning "the constitution's system prompt"
 
 
@@ -155,8 +155,8 @@ def _write_outputs(chains: list[dict], finished: list[dict], out_dir: Path) -> t
         if ch["dropped"]:
             ch["final"] = None
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / OUTPUTS["chats"], sft)
-    write_jsonl(out_dir / OUTPUTS["pairs"], pairs)
+    write_jsonl(out_dir / OUTPUTS[CONVERSATIONS], sft)
+    write_jsonl(out_dir / OUTPUTS[PREFERENCES], pairs)
     write_jsonl(out_dir / "dialogues.jsonl", ({k: v for k, v in ch.items() if k != "principles"} for ch in chains))
     return sft, pairs, pair_drops
 

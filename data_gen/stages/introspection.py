@@ -30,7 +30,7 @@ import yaml
 from data_gen.backends import Backend, Completion, Sampling
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem, strip_boilerplate
-from data_gen.store import write_jsonl
+from data_gen.store import CONVERSATIONS, write_jsonl
 from data_gen.templating import TEMPLATES, environment, render
 
 REFLECTION_PROMPTS = TEMPLATES / "reflection_prompts.yaml"
@@ -79,8 +79,8 @@ class InteractionSettings:
 
 # The stages' default sampling (a recipe's sampling: overrides some of its keys).
 # What each stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
-REFLECTION_OUTPUTS = {"chats": "reflection.jsonl"}
-INTERACTION_OUTPUTS = {"chats": "interaction.jsonl"}
+REFLECTION_OUTPUTS = {CONVERSATIONS: "reflection.jsonl"}
+INTERACTION_OUTPUTS = {CONVERSATIONS: "interaction.jsonl"}
 REFLECTION_SAMPLING = Sampling(temperature=0.8, max_tokens=300)
 INTERACTION_SAMPLING = Sampling(temperature=0.8, max_tokens=160)
 
@@ -202,7 +202,7 @@ def run_reflection(backend: Backend, constitution, out_dir: Path, *,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / REFLECTION_OUTPUTS["chats"], records)
+    write_jsonl(out_dir / REFLECTION_OUTPUTS[CONVERSATIONS], records)
     return {
         **_manifest("reflection", backend, seed, sampling, settings, adapter, system_prompt),
         "prompts_file": str(settings.prompts_file or REFLECTION_PROMPTS),
@@ -279,7 +279,7 @@ def run_self_interaction(backend: Backend, constitution, out_dir: Path, *,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / INTERACTION_OUTPUTS["chats"], records)
+    write_jsonl(out_dir / INTERACTION_OUTPUTS[CONVERSATIONS], records)
     kept = [said for said in turns if len(said) >= settings.min_exchanges]
     return {
         **_manifest("interaction", backend, seed, sampling, settings, adapter, persona),

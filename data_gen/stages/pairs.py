@@ -28,12 +28,12 @@ from pathlib import Path
 from data_gen.backends import Backend, Completion, Sampling, check_sampling
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem, trim_to_sentence
-from data_gen.store import write_jsonl
+from data_gen.store import PREFERENCES, write_jsonl
 
 
 UNFINISHED = ("drop", "trim")
 # What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
-OUTPUTS = {"pairs": "pairs.jsonl"}
+OUTPUTS = {PREFERENCES: "pairs.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def generate_pairs(backend: Backend, prompts: list[str], system_prompt: str, out
         })
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / OUTPUTS["pairs"], records)
+    write_jsonl(out_dir / OUTPUTS[PREFERENCES], records)
     return {
         "stage": "pairs",
         "model": backend.model,

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from data_gen.backends import Backend, Sampling, check_sampling
 from data_gen.errors import UserError
-from data_gen.store import write_jsonl
+from data_gen.store import USER_PROMPTS, write_jsonl
 from data_gen.templating import render
 
 # What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
-OUTPUTS = {"prompts": "prompts.jsonl"}
+OUTPUTS = {USER_PROMPTS: "prompts.jsonl"}
 
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.):]|\(\d+\)|[A-Za-z][.)])\s*")
 # Several messages run together on one line as inline bullets: "What is X? - How do I Y? - ..."
@@ -203,7 +203,7 @@ def expand_prompts(backend: Backend, seed_questions: dict[str, list[str]], out_d
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / OUTPUTS["prompts"], records)
+    write_jsonl(out_dir / OUTPUTS[USER_PROMPTS], records)
     # The raw generations, to see what the parser kept and dropped.
     write_jsonl(out_dir / "expansions.jsonl", ({"trait": t, "text": c.text, "finish_reason": c.finish_reason}
                                                for t, c in zip(owners, completions)))

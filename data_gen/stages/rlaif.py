@@ -30,11 +30,11 @@ from data_gen.filters import completion_problem
 from data_gen.judging import choice_verdict, judge_request, judge_rounds, read_choice
 from data_gen.stages.critique import CONSTITUTION, require_principles, system_head
 from data_gen.stages.prompts import normalize
-from data_gen.store import write_jsonl
+from data_gen.store import PREFERENCES, write_jsonl
 
 
 # What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
-OUTPUTS = {"pairs": "pairs.jsonl"}
+OUTPUTS = {PREFERENCES: "pairs.jsonl"}
 SAMPLING = Sampling(temperature=0.9, max_tokens=160)  # the candidates' default; a recipe's rlaif.sampling overrides keys
 
 
@@ -122,7 +122,7 @@ def run_rlaif(backend: Backend, constitution, prompts: list[str], out_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / OUTPUTS["pairs"], records)
+    write_jsonl(out_dir / OUTPUTS[PREFERENCES], records)
     write_jsonl(out_dir / "judgments.jsonl", judgments)
     kept_margins = [j["margin"] for j in judgments if j["kept"]]
     return {

@@ -32,7 +32,7 @@ from data_gen.dedup import near_duplicates
 from data_gen.errors import UserError
 from data_gen.filters import completion_problem, is_refusal, strip_boilerplate
 from data_gen.judging import judge_request, judge_rounds, read_yes_no
-from data_gen.store import write_json, write_jsonl
+from data_gen.store import DOCUMENTS, write_json, write_jsonl
 from data_gen.templating import render
 
 SEED_TYPES = (
@@ -76,7 +76,7 @@ JUDGE_SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_tokens=4, logprobs=5)
 
 
 # What the stage writes for others, by kind of record (the stage table, config/stages.py, reads it here).
-OUTPUTS = {"documents": "documents.jsonl"}
+OUTPUTS = {DOCUMENTS: "documents.jsonl"}
 SAMPLING = Sampling(temperature=0.9, max_tokens=400)  # the stage's default; a recipe's sdf.sampling overrides keys
 
 
@@ -430,7 +430,7 @@ def run_sdf(backend: Backend, constitution, out_dir: Path, *, settings: SdfSetti
 def write_outputs(out_dir: Path, docs: list[dict], dropped: list[dict], types: dict, stats: dict) -> None:
     """documents.jsonl, dropped.jsonl, types.json, stats.json and lengths.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / OUTPUTS["documents"], (
+    write_jsonl(out_dir / OUTPUTS[DOCUMENTS], (
         {"text": d["text"], "type": d["type"], "idea": d["idea"], "attributes": d["attributes"],
          "facts": d["facts"], "revised": d["revised"]} for d in docs))
     write_jsonl(out_dir / "dropped.jsonl", dropped)
