@@ -347,6 +347,10 @@ CASES = [
          directory("constitution.yaml"), mention=["director"]),
     case("new-onto-a-directory", "constitution", "constitution new my-persona -o somedir", directory("somedir"),
          mention=["director"]),
+    case("generate-prompts-non-utf8", "dataset", "generate critique --constitution constitution.yaml -o out "
+         "--prompts p.txt", constitution(), write("p.txt", "Caf\xe9?\n".encode("latin-1")), mention=["--prompts", "utf-8"]),
+    case("generate-prompts-jsonl-no-prompt", "dataset", "generate critique --constitution constitution.yaml -o out "
+         "--prompts p.jsonl", constitution(), write("p.jsonl", '{"text": "Hi?"}\n'), mention=["p.jsonl:1", "prompt"]),
     case("generate-non-utf8", "constitution", "generate sdf --constitution c.yaml -o out",
          corpus("constitutions/latin1.yaml", "c.yaml"), mention=["utf-8"]),
 
@@ -377,6 +381,12 @@ CASES = [
     case("non-utf8", "recipe", "run recipe.yaml", recipe("latin1"), mention=["utf-8"]),
     case("a-directory", "recipe", "run recipe.yaml", directory("recipe.yaml"), mention=["director"]),
     case("eval-command-bad-sampling", "recipe", QUICK, recipe("eval_top_p_2"), adapter(), mention=["top_p"]),
+    case("teacher-served-as-another-model", "recipe", "run recipe.yaml", recipe("teacher_served_model"),
+         mention=["models.teacher.model", "served_model", "big-model"]),
+    case("distill-layers-past-the-model", "recipe", "run recipe.yaml --model {tiny}", recipe("distill_layers_99"),
+         mention=["recipe.yaml", "distill.layers", "2 layers"]),
+    case("launch-grpo-in-process-judge", "recipe", "run recipe.yaml", recipe("launch_grpo_local_judge"),
+         mention=["launch", "judge", "http"]),
 
     # --- --set ----------------------------------------------------------------------------------
     case("malformed-yaml", "set", ["run", "recipe.yaml", "--set", "pairs.temperature=[0.7"], recipe("_good"),
@@ -456,6 +466,8 @@ CASES = [
          mention=["nan"]),
     case("inf-factor-scale", "adapter", "adapters scale persona --weight 2 -o out",
          adapter(break_it=poisoned(float("inf"))), mention=["inf"]),
+    case("compose-no-path-before-weight", "adapter", "adapters compose :1 -o out", adapter(),
+         mention=["no adapter before the weight"]),
     case("missing-config", "adapter", "adapters inspect somedir", directory("somedir"),
          mention=["adapter_config.json"]),
 
@@ -476,6 +488,8 @@ CASES = [
          adapter("other", source="other")),
     case("inspect-json-onto-config", "output", "adapters inspect persona --json persona/adapter_config.json",
          adapter()),
+    case("inspect-json-into-a-missing-directory", "output", "adapters inspect persona --json nodir/x.json", adapter(),
+         mention=["nodir", "does not exist"]),
     case("inspect-png-onto-weights", "output",
          "adapters inspect persona --png persona/adapter_model.safetensors", adapter()),
     case("inspect-default-png-exists", "output", "adapters inspect persona", adapter(),

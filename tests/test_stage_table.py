@@ -126,3 +126,17 @@ def test_kto_trains_from_a_recipe_after_pairs_and_from_the_command_line(tmp_path
                      *sets]) == 0
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["stage"] == "kto" and manifest["counts"]["steps"] == 1 and MANIFEST_KEYS <= set(manifest)
+
+
+def test_recipe_json_shows_no_server_credentials(run_recipe, tmp_path):
+    """recipe.json is a record to read and share: a base URL's user info and token parameters are
+    ***; the launched processes get the recipe itself in a private file (run/stages.py)."""
+    data = yaml.safe_load(run_recipe.read_text())
+    data["backend"] = {"kind": "openai", "base_urls": ["http://user:s3cret-pass@127.0.0.1:1/v1?api_key=t0ken-value"],
+                       "served_model": "m"}
+    run_recipe.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(run_recipe, ["stages=[prompts]"])
+    pipeline.run(recipe, log=lambda _: None)
+    written = (tmp_path / "run" / "recipe.json").read_text()
+    assert "s3cret-pass" not in written and "t0ken-value" not in written and "127.0.0.1" in written
+    assert recipe.backend.base_urls[0].startswith("http://user:s3cret-pass@")  # the run itself uses them as given

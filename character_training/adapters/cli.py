@@ -27,6 +27,8 @@ def parse_term(text: str) -> tuple[str, float]:
     path, sep, weight = text.rpartition(":")
     if not sep:
         return text, 1.0
+    if not path.strip():
+        raise UserError(f"'{text}': no adapter before the weight; write ADAPTER:WEIGHT, e.g. personas/pirate:0.5")
     try:
         return path, float(weight)
     except ValueError:

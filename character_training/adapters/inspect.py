@@ -137,6 +137,9 @@ def check_report_path(path: str | Path, flag: str, inputs: Sequence) -> None:
                             f"(it would overwrite or add to the adapter's files); nothing was changed; {fix}")
     if path.is_dir():
         raise UserError(f"{flag} {given}: is a directory; {flag} names the file to write; {fix}")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {given}: its directory {path.parent} does not exist; nothing was computed or "
+                        f"written; create it first, or {fix}")
     if path.exists():
         ours = _png_is_ours(path) if flag == "--png" else _json_is_ours(path)
         if not ours:

@@ -266,7 +266,13 @@ def check_stages(recipe: Recipe, where: str) -> None:
                 s in TRAINING_STAGES for s in order[:order.index(stage)]):
             raise UserError(f"{where}: {stage}.adapter: 'previous' but no training stage comes before {stage} "
                             f"in 'stages'; put a training stage (e.g. dpo) before it, or set {stage}.adapter: null")
-    role_backends(recipe.models, recipe.backend, lambda data, prefix: build(BackendSection, data, where, prefix))
+    backends = role_backends(recipe.models, recipe.backend,
+                             lambda data, prefix: build(BackendSection, data, where, prefix), where)
+    judged = [s for s in order if s in TRAINING_STAGES and getattr(recipe, s).uses_judge]
+    if recipe.launch.enabled and judged and backends["judge"].kind == "vllm":
+        raise UserError(f"{where}: launch: {judged[0]} is judged by an in-process vLLM engine, and under launch every "
+                        f"process would start its own judge engine (not supported yet); serve the judge over HTTP "
+                        "(models.judge: {model: M, backend: {kind: openai, base_urls: [...]}}) or remove launch")
     for stage, kind in TRAINING_STAGES.items():
         section = getattr(recipe, stage)
         check_trainer_fields(section.trainer, where, kind, stage, build=stage in order,

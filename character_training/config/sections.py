@@ -110,21 +110,38 @@ class ModelsSection:
     judge: RoleSection = field(default_factory=RoleSection)    # judges; default: the teacher
 
 
-def role_backends(models: ModelsSection, backend: BackendSection, build) -> dict[str, BackendSection]:
+def role_backends(models: ModelsSection, backend: BackendSection, build, where: str = "") -> dict[str, BackendSection]:
     """Each role's backend section (``build(mapping, prefix)`` builds and checks one); a role
-    without a model starts from the backend of the role it defaults to."""
+    without a model starts from the backend of the role it defaults to. A teacher or judge with a
+    model of its own is never silently served as another model (``check_served``)."""
     found: dict[str, BackendSection] = {}
     for name in ROLES:
         section = getattr(models, name)
         start = found[ROLE_DEFAULTS[name]] if name in ROLE_DEFAULTS and section.model is None else backend
         if not section.backend:
             found[name] = start
-            continue
-        merged = {**dataclasses.asdict(start), **section.backend}
-        if isinstance(section.backend.get("engine"), dict):  # engine options: the role's over the recipe's
-            merged["engine"] = {**start.engine, **section.backend["engine"]}
-        found[name] = build(merged, f"models.{name}.backend.")
+        else:
+            merged = {**dataclasses.asdict(start), **section.backend}
+            if isinstance(section.backend.get("engine"), dict):  # engine options: the role's over the recipe's
+                merged["engine"] = {**start.engine, **section.backend["engine"]}
+            found[name] = build(merged, f"models.{name}.backend.")
+        check_served(name, section, found[name], where)
     return found
+
+
+def check_served(name: str, section: RoleSection, backend: BackendSection, where: str = "") -> None:
+    """Over HTTP a role's model is the name its servers serve. A teacher or judge with a model of
+    its own and a ``served_model`` that names another would ask the servers for the other model:
+    the role would silently be someone else (the pairs' teacher the student), so it is refused."""
+    if name == ROLES[0] or section.model is None or backend.kind != "openai":
+        return
+    if backend.served_model and backend.served_model != section.model:
+        given = f"models.{name}.backend.served_model" if "served_model" in section.backend else "backend.served_model"
+        raise UserError(f"{where + ': ' if where else ''}models.{name}.model: '{section.model}' is served over HTTP, "
+                        f"but {given}: '{backend.served_model}' names the model its servers serve, so every {name} "
+                        f"request would go to '{backend.served_model}'; drop {given} (over HTTP a role's model is the "
+                        f"name its servers serve), or give the {name} its own servers: "
+                        f"models.{name}.backend: {{base_urls: [...], served_model: null}}")
 
 
 @dataclass

@@ -178,6 +178,11 @@ class TrainingSection:
         """TRL config fields the stage sets from its own settings, over the recipe's trainer fields."""
         return {}
 
+    def model_problem(self, config: dict) -> str | None:
+        """What in this section the model (its config.json) cannot do, as "KEY: problem; fix", or
+        None: checked before the run's first stage, not when the stage is reached."""
+        return None
+
     def __post_init__(self):
         check_start(self.start)
         if isinstance(self.trainer, dict):  # a non-mapping is refused, naming the section, by the recipe check
@@ -336,6 +341,16 @@ class DistillSection(TrainingSection):
         if self.activation_loss not in ACTIVATION_LOSSES:
             raise UserError(f"activation_loss: {self.activation_loss!r}; use 'mse' (normalized per layer) or "
                             "'cosine'")
+
+    def model_problem(self, config: dict) -> str | None:
+        layers, count = self.layers, config.get("num_hidden_layers")
+        if not self.activation_weight or not isinstance(layers, list) or not isinstance(count, int):
+            return None
+        wrong = [layer for layer in layers if layer > count]
+        if wrong:
+            return (f"layers: {wrong}; the model has {count} layers (its config.json): give layer numbers from 1 to "
+                    f"{count}, or 'best' (the persona vector's best layer)")
+        return None
 
     def _check_layers(self):
         layers = self.layers

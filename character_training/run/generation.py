@@ -144,15 +144,32 @@ def run_generation_stage(stage: str, *, backend, constitution, out: Path, sectio
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """User prompts from a .jsonl file (a "prompt" field per line) or a text file (one per line)."""
+    import json
+
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--prompts {path}: is a directory; give a .jsonl file (a 'prompt' field per line) or a text "
+                        "file (one prompt per line)")
     if not path.is_file():
-        raise UserError(f"{path}: prompt file not found")
-    if path.suffix == ".jsonl":
-        from data_gen.store import read_jsonl
-
+        raise UserError(f"--prompts {path}: prompt file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark an editor wrote is not part of the first prompt
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"--prompts {path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.suffix != ".jsonl":
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
         try:
-            return [r["prompt"] for r in read_jsonl(path)]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}: each line must be a JSON object with a 'prompt' field ({exc})") from None
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
+            record = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"--prompts {path}:{number}: not a JSON object ({exc.msg}); each line of a .jsonl prompt "
+                            "file is an object with a 'prompt' field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise UserError(f"--prompts {path}:{number}: each line must be a JSON object with a non-empty 'prompt' "
+                            "text field")
+        prompts.append(record["prompt"])
+    return prompts

