@@ -28,18 +28,23 @@ class EvalSettings:
     persona_vectors: bool = True
     capability: bool = True             # perplexity on neutral text, multiple-choice accuracy
     lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs lm-eval + its data)
+    persistence_turns: int = 0          # conversations of this many user turns: does the persona hold? (0: skip)
+    persistence_conversations: int = 16  # how many (each a different sequence of held-out prompts)
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
             raise UserError(f"samples_per_prompt: {self.samples_per_prompt}; give 1 or more "
                             "(answers per held-out prompt and condition)")
-        for name in ("neutral_prompts", "general_prompts", "adversarial", "revealed_prompts"):
+        for name in ("neutral_prompts", "general_prompts", "adversarial", "revealed_prompts", "persistence_turns"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}: {getattr(self, name)}; give 0 (skip) or more")
         if not math.isfinite(self.steering_coefficient):
             raise UserError(f"steering_coefficient: {self.steering_coefficient}; give a finite number (2.0 is usual)")
         if not all(isinstance(t, str) and t.strip() for t in self.lm_eval_tasks):
             raise UserError(f"lm_eval_tasks: {self.lm_eval_tasks!r}; give a list of lm-evaluation-harness task names")
+        if self.persistence_turns and self.persistence_conversations < 2:
+            raise UserError(f"persistence_conversations: {self.persistence_conversations}; give 2 or more (the "
+                            "persona classifier is cross-fitted over two folds of conversations)")
         check_sampling(self)  # the eval engine's sampling: vLLM's ranges, before any engine starts
         if self.report not in REPORTS:
             raise UserError(f"report: '{self.report}'; use 'full' (the report: adversarial, prefill, "

@@ -128,7 +128,8 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
         report = quick_check(backend, ctx.model, quick_conditions(ctx.teacher_prompt(), first, also), sets, training,
                              out, sampling=sampling, seed=ctx.recipe.seed,
                              samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
-        return {"stage": "eval", "adapter": adapter, **({"also": also} if also else {}), **report}
+        persisted = _persistence(e, ctx, backend, first, sets["heldout"], training, out, sampling)
+        return {"stage": "eval", "adapter": adapter, **({"also": also} if also else {}), **report, **persisted}
 
     from character_training.evaluation.report import adapter_names, evaluate
 
@@ -155,8 +156,34 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
                       pairs=read_jsonl(pairs_path), training_texts=training_texts_of_run(ctx.run_dir), out_dir=out,
                       sampling=sampling, settings=e, seed=ctx.recipe.seed,
                       release=ctx.engines.release)
+    first = next(iter(named.values()))
+    persisted = _persistence(e, ctx, engine() if e.persistence_turns else None, first, ctx.prompts("heldout"),
+                             [t for texts in training_texts_of_run(ctx.run_dir).values() for t in texts], out, sampling)
     return {"stage": "eval", "adapter": adapter, "adapters": named, "conditions": report["conditions"],
-            "report": "report.md"}
+            "report": "report.md", **persisted}
+
+
+def _persistence(e, ctx: Context, backend, adapter: str, heldout: list[str], training: list[str], out: Path,
+                 sampling: Sampling) -> dict:
+    """``eval.persistence_turns``: conversations of that many user turns (held-out prompts, the
+    model's own answers fed back) under base, the system prompt, the adapter and the adapter with
+    the system prompt; the persona rate per turn (evaluation/persistence.py) in OUT/persistence/."""
+    if not e.persistence_turns:
+        return {}
+    from character_training.evaluation.contamination import check_contamination
+    from character_training.evaluation.core import ADAPTER, BASE, PROMPTED, Condition
+    from character_training.evaluation.persistence import format_persistence, persistence_check
+
+    prompts = check_contamination(list(dict.fromkeys(heldout)), training).kept[:e.persistence_conversations]
+    system = ctx.teacher_prompt()
+    conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=system),
+                  Condition(ADAPTER, adapter=adapter, kind="adapter"),
+                  Condition(f"{ADAPTER}+system_prompt", adapter=adapter, system_prompt=system, kind="adapter")]
+    report = persistence_check(backend, conditions, prompts, out / "persistence", turns=e.persistence_turns,
+                               sampling=sampling, seed=ctx.recipe.seed, markers=ctx.constitution.markers)
+    print(format_persistence(report), flush=True)
+    return {"persistence": {"turns": report["turns"], "conversations": report["conversations"],
+                            "report": "persistence/persistence.json"}}
 
 
 
