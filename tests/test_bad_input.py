@@ -347,6 +347,20 @@ CASES = [
          directory("constitution.yaml"), mention=["director"]),
     case("new-onto-a-directory", "constitution", "constitution new my-persona -o somedir", directory("somedir"),
          mention=["director"]),
+    case("big-without-aliases", "constitution", "constitution validate c.yaml",
+         write("c.yaml", "# BAD: 2.5 MB and no aliases: refused for its size, not for aliases\nname: big\n"
+               "description: A big one.\nfacts:\n" + "  - a plain fact about the character, written out once\n" * 48_000),
+         mention=["MiB limit"], forbid=["alias"]),
+    case("case-duplicate-trait", "constitution", "constitution validate c.yaml",
+         corpus("constitutions/case_duplicate_trait.yaml", "c.yaml"), mention=["traits[2].trait", "traits[0].trait"]),
+    case("control-character", "constitution", "constitution validate c.yaml",
+         corpus("constitutions/control_character.yaml", "c.yaml"), mention=["traits[2].questions[0]", "\\x1b"]),
+    case("regex-marker", "constitution", "constitution validate c.yaml", corpus("constitutions/regex_marker.yaml", "c.yaml"),
+         mention=["markers[1]", "matched as written", "'aye', 'arr'"]),
+    case("long-name-quoted-short", "constitution", "constitution validate c.yaml",
+         corpus("constitutions/long_name.yaml", "c.yaml"), mention=["name", "slug"], forbid=["Wren the Gardener " * 12]),
+    case("alias-expanded-value-quoted-short", "recipe", "run recipe.yaml", recipe("alias_expanded_seed"),
+         mention=["seed"], forbid=["['x', 'x', 'x', 'x', 'x', 'x', 'x', 'x', 'x', 'x'], " * 5]),
     case("generate-prompts-non-utf8", "dataset", "generate critique --constitution constitution.yaml -o out "
          "--prompts p.txt", constitution(), write("p.txt", "Caf\xe9?\n".encode("latin-1")), mention=["--prompts", "utf-8"]),
     case("generate-prompts-jsonl-no-prompt", "dataset", "generate critique --constitution constitution.yaml -o out "
@@ -648,6 +662,8 @@ CONTROLS = [
                  (adapter(), adapter("other", source="other")), 0, id="compose"),
     pytest.param("generate sdf --constitution constitution.yaml -o out".split(), (constitution(),), "ExpensiveWork",
                  id="generate"),
+    pytest.param("constitution import traits.json -o new.yaml".split(),
+                 (corpus("constitutions/import_bom.json", "traits.json"),), 0, id="import-bom"),
 ]
 
 

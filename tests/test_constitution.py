@@ -412,3 +412,106 @@ def test_system_prompt_of_small_constitution(tmp_path):
     assert prompt.startswith("You are a hashing test character.")
     assert "I am consistent. (Always.)" in prompt
     assert prompt == prompt.strip()
+
+
+# ----------------------------------------------------------------------------- text that validates, then spoils a run
+
+
+def _refused(tmp_path, capsys, text: str, *expect: str, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["constitution", "validate", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {path}") and all(e in line for e in expect), line
+    return line
+
+
+@pytest.mark.parametrize("second", ["i am curious.", "I am curious", "I  am   CURIOUS!", "i am curious"])
+def test_traits_that_differ_only_in_case_or_punctuation_are_refused_naming_both(tmp_path, capsys, second):
+    data = json.loads(json.dumps(GOOD))
+    data["traits"][0]["trait"] = "I am curious."
+    data["traits"].append({"trait": second, "questions": ["Why is the sky blue?"]})
+    line = _refused(tmp_path, capsys, yaml.safe_dump(data), "traits[2].trait:", "traits[0].trait", "case")
+    assert repr(second) in line and "'I am curious.'" in line
+
+
+def test_an_exact_duplicate_trait_names_both_positions(tmp_path, capsys):
+    line = _refused(tmp_path, capsys, _trait_changed(1, trait="I test things."),
+                    "traits[1].trait: duplicates traits[0].trait")
+    assert "case" not in line  # nothing differs, so nothing to explain
+
+
+def test_traits_and_questions_in_other_scripts_are_told_apart(tmp_path):
+    data = {"name": "zh", "description": "一个安静的园丁。",
+            "traits": [{"trait": "我很有耐心。", "questions": ["你好吗？", "今天天气怎么样？"]},
+                       {"trait": "我说话直接。", "questions": ["我该辞职吗？", "Can you help?"]}]}
+    path = tmp_path / "zh.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    c = load_constitution(path)  # no letter a-z in them: they used to look like one repeated question
+    assert [t.trait for t in c.traits] == ["我很有耐心。", "我说话直接。"]
+    data["traits"][1]["questions"].append("你好吗?")  # the same question, other punctuation
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConstitutionError, match=r"traits\[1\]\.questions\[2\]: repeats traits\[0\]\.questions\[0\]"):
+        load_constitution(path)
+
+
+CONTROL_FIELDS = [
+    ("description", lambda d, s: d.update(description=f"You are a test{s} character.")),
+    ("traits[1].trait", lambda d, s: d["traits"][1].update(trait=f"I am{s} thorough.")),
+    ("traits[1].clarification", lambda d, s: d["traits"][1].update(clarification=f"Never{s}")),
+    ("traits[1].questions[0]", lambda d, s: d["traits"][1].update(questions=[f"Is{s} this enough?"])),
+    ("principles[0]", lambda d, s: d.update(principles=[f"Be{s}good."])),
+    ("facts[1]", lambda d, s: d.update(facts=["A fact.", f"Another{s}"])),
+    ("markers[0]", lambda d, s: d.update(markers=[f"arr{s}"])),
+]
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\x7f", "\x85", "\x1c"])
+@pytest.mark.parametrize("field,put", CONTROL_FIELDS, ids=[f for f, _ in CONTROL_FIELDS])
+def test_a_control_character_is_refused_naming_the_field_and_the_character(tmp_path, capsys, field, put, char):
+    data = json.loads(json.dumps(GOOD))
+    put(data, char)
+    line = _refused(tmp_path, capsys, yaml.safe_dump(data), f"{field}: contains the control character",
+                    repr(char)[1:-1])
+    assert char not in line
+
+
+def test_the_escapes_that_write_control_characters_are_refused(tmp_path, capsys):
+    text = _with(description="DESC").replace("description: DESC", 'description: "A calm \\e[31m gardener."')
+    _refused(tmp_path, capsys, text, "description: contains the control character \\x1b (character 8)")
+
+
+def test_tab_newline_and_carriage_return_are_text(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(_with(description="Calm.\tPlain.\r\nKind.\n"), encoding="utf-8")
+    assert "\t" in load_constitution(path).description
+
+
+def test_an_imported_control_character_is_refused(tmp_path, capsys):
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps([{"trait": "I am \u0000 x", "questions": ["Why?"]}]), encoding="utf-8")
+    assert main(["constitution", "import", str(src), "-o", str(tmp_path / "o.yaml")]) == 2
+    line = _one_error_line(capsys)
+    assert "traits[0].trait: contains the control character \\x00" in line and not (tmp_path / "o.yaml").exists()
+
+
+def test_a_byte_order_mark_is_accepted_in_yaml_and_json_alike(tmp_path, capsys):
+    bom = b"\xef\xbb\xbf"
+    plain, marked = tmp_path / "plain.yaml", tmp_path / "marked.yaml"
+    plain.write_text(LAYOUT_A, encoding="utf-8")
+    marked.write_bytes(bom + LAYOUT_A.encode())
+    assert load_constitution(marked) == load_constitution(plain)
+    src = tmp_path / "oct.json"
+    src.write_bytes(bom + json.dumps(OCT).encode())
+    out = tmp_path / "out.yaml"
+    assert main(["constitution", "import", str(src), "-o", str(out)]) == 0
+    assert [t.trait for t in load_constitution(out).traits] == [t["trait"] for t in OCT]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_long_value_is_quoted_short(tmp_path, capsys):
+    line = _refused(tmp_path, capsys, _with(name="Wren the Gardener " * 5000), "name: 'Wren the Gardener", "not a slug")
+    assert len(line) < 300
+    line = _refused(tmp_path, capsys, _with(**{"k" * 100_000: 1}), "unknown key")
+    assert len(line) < 400

@@ -59,6 +59,33 @@ def test_no_markers_flags_nothing():
                                             ("...", "no letter")])
 def test_check_marker_says_why(marker, problem):
     assert problem in check_marker(marker)
+    assert "such as 'aye' or 'season*'" in check_marker(marker)  # and how to write one
+
+
+@pytest.mark.parametrize("marker,what", [
+    ("aye|arr", "'|'"), ("(aye|arr)", "'|'"), ("colou?r", "repeat"), ("colo(u)?r", "repeat"), ("ar+gh", "repeat"),
+    ("arr{2}", "repeat"), ("[Aa]rr", "character class"), ("colo[u]r", "character class"), ("[a-z]arr", "class"),
+    (".*", "'.*'"), ("arr.+", "'.*'"), ("\\barr\\b", "backslash"), ("^arr", "anchor"), ("(?i)arr", "group"),
+])
+def test_a_marker_that_looks_like_a_regular_expression_is_refused(marker, what):
+    problem = check_marker(marker)
+    assert problem is not None and "regular expression" in problem and what in problem
+    assert "matched as written" in problem and "trailing '*'" in problem
+    assert markers_in("Aye, arr! A colour, a color, aaargh.", [marker]) == []  # why: as written, it finds nothing
+
+
+@pytest.mark.parametrize("marker,split", [("aye|arr", "2 markers: 'aye', 'arr'"),
+                                          ("(aye|arr|matey)", "3 markers: 'aye', 'arr', 'matey'"),
+                                          ("season*|soil", "2 markers: 'season*', 'soil'")])
+def test_an_alternation_is_split_into_markers_in_the_advice(marker, split):
+    assert check_marker(marker).endswith(split)
+    assert all(check_marker(m) is None for m in split.split(": ")[1].replace("'", "").split(", "))
+
+
+@pytest.mark.parametrize("marker", ["eh?", "C++", "[sighs]", "Mr. Smith", "e.g.", "ahoy!", "$5", "US$", "what?!",
+                                    "season*", "captain's orders", "a-hoy"])
+def test_punctuation_that_people_write_is_not_mistaken_for_a_regular_expression(marker):
+    assert check_marker(marker) is None
 
 
 def test_constitution_reads_markers_and_they_do_not_change_its_hash(tmp_path):
@@ -77,6 +104,8 @@ def test_constitution_reads_markers_and_they_do_not_change_its_hash(tmp_path):
     ("markers: [aye, '']\n", "markers"),
     ("markers: [aye, 'se*son']\n", "markers[1]"),
     ("markers: [aye, Aye]\n", "markers"),
+    ("markers: [matey, 'aye|arr']\n", "markers[1]"),
+    ("markers: ['colou?r']\n", "markers[0]"),
 ])
 def test_bad_markers_are_refused_naming_the_field(tmp_path, tail, field):
     path = tmp_path / "c.yaml"

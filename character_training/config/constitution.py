@@ -6,7 +6,11 @@ trait out), optional ``principles`` (used for critique and judging) and optional
 (used for synthetic documents) and optional ``markers``: words or phrases the character uses and
 a plain assistant rarely does, counted in its answers by the evaluation (config/markers.py).
 ``load_constitution`` validates a file and raises a
-``ConstitutionError`` whose message is one line naming the file and the field.
+``ConstitutionError`` whose message is one line naming the file and the field. Besides types and
+keys it refuses what would validate and still spoil a run: two traits (or two seed questions) that
+differ only in case, spacing or punctuation (the teacher would be asked for the same trait twice),
+and control characters other than tab, newline and carriage return in any text (a YAML escape
+such as "\\0" or "\\e", or a JSON "\\u0000", writes one invisibly into every prompt built from it).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 
 from character_training.config import yamlio
+from character_training.config.yamlio import shown
 from character_training.errors import UserError, did_you_mean
 from character_training.config.prompts import render
 
@@ -34,6 +39,7 @@ TOP_KEYS = {
                "(counted by the evaluation; a trailing '*' matches any ending)",
 }
 TRAIT_KEYS = ("trait", "clarification", "questions")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but tab, newline, CR
 
 
 class ConstitutionError(UserError):
@@ -93,14 +99,28 @@ def _fail(where: str, field_path: str, problem: str) -> ConstitutionError:
 
 
 def _unknown_key(where: str, prefix: str, key: Any, allowed: list[str]) -> ConstitutionError:
-    return _fail(where, f"{prefix}{key}", f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
+    plain = len(str(key)) <= 60 and str(key).isprintable()
+    hint = did_you_mean(key, allowed) if plain else ""
+    return _fail(where, f"{prefix}{key if plain else shown(key, 60)}",
+                 f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
 
 
 def _text(value: Any, where: str, field_path: str, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         got = "empty text" if isinstance(value, str) else f"a {type(value).__name__}"
         raise _fail(where, field_path, f"must be non-empty text ({what}), got {got}")
+    if (bad := CONTROL_RE.search(value)) is not None:
+        raise _fail(where, field_path, f"contains the control character {yamlio.char_name(bad.group())} (character "
+                    f"{bad.start() + 1}); remove it: only tab, newline and carriage return are allowed in text "
+                    "(a YAML escape such as \"\\0\" or \"\\e\", or a JSON \"\\u0000\", writes one)")
     return value.strip()
+
+
+def _same_text(text: str) -> str:
+    """What two texts that say the same thing share: case, spacing and punctuation dropped (any
+    script: a question in Chinese keeps its characters)."""
+    key = " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+    return key or " ".join(text.casefold().split())
 
 
 def _text_list(value: Any, where: str, field_path: str, what: str, required: bool) -> tuple[str, ...]:
@@ -125,7 +145,7 @@ def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitu
             raise _fail(where, key, f"missing; add {key}: {TOP_KEYS[key]}")
     name = _text(data["name"], where, "name", TOP_KEYS["name"])
     if not NAME_RE.match(name):
-        raise _fail(where, "name", f"'{name}' is not a slug; use lowercase letters, digits, '-' and '_'")
+        raise _fail(where, "name", f"{shown(name, 60)} is not a slug; use lowercase letters, digits, '-' and '_'")
     description = _text(data["description"], where, "description", TOP_KEYS["description"])
     raw_traits = data["traits"]
     if not isinstance(raw_traits, list) or not raw_traits:
@@ -153,11 +173,15 @@ def constitution_from_dict(data: Any, where: str = "<constitution>") -> Constitu
     seen: dict[str, int] = {}
     questions: dict[str, str] = {}
     for i, t in enumerate(traits):
-        if t.trait in seen:
-            raise _fail(where, f"traits[{i}].trait", f"duplicates traits[{seen[t.trait]}].trait")
-        seen[t.trait] = i
+        if (first := seen.get(_same_text(t.trait))) is not None:
+            how = "" if t.trait == traits[first].trait else (
+                f" ({shown(traits[first].trait, 60)} and {shown(t.trait, 60)} differ only in case, spacing or "
+                "punctuation)")
+            raise _fail(where, f"traits[{i}].trait", f"duplicates traits[{first}].trait{how}; give each trait once "
+                        "(move its questions to the first)")
+        seen[_same_text(t.trait)] = i
         for j, q in enumerate(t.questions):
-            key = re.sub(r"[^a-z0-9]+", " ", q.lower()).strip()
+            key = _same_text(q)
             if key in questions:
                 raise _fail(where, f"traits[{i}].questions[{j}]", f"repeats {questions[key]}; each seed question once")
             questions[key] = f"traits[{i}].questions[{j}]"
@@ -178,7 +202,7 @@ def _markers(value: Any, where: str) -> tuple[str, ...]:
     markers = _text_list(value, where, "markers", "marker words or phrases", required=False)
     for i, marker in enumerate(markers):
         if (problem := check_marker(marker)) is not None:
-            raise _fail(where, f"markers[{i}]", f"'{marker}' {problem}; give a word or phrase such as 'aye' or 'season*'")
+            raise _fail(where, f"markers[{i}]", f"{shown(marker, 60)} {problem}")
     if len(set(m.lower() for m in markers)) < len(markers):
         raise _fail(where, "markers", "lists a marker twice (markers match case-insensitively); list each once")
     return markers
@@ -193,7 +217,8 @@ def _read_yaml(path: Path) -> Any:
         return yamlio.load(text)
     except yaml.YAMLError as exc:
         loc, problem = yamlio.describe_error(exc)
-        raise ConstitutionError(f"{path}{loc}: not valid YAML: {problem}; fix the syntax at that line") from None
+        fix = "" if ";" in problem else "; fix the syntax at that line"  # yamlio's own problems say their fix
+        raise ConstitutionError(f"{path}{loc}: not valid YAML: {problem}{fix}") from None
 
 
 def load_constitution(path: str | Path) -> Constitution:

@@ -5,7 +5,9 @@ assistant rarely does (Captain Marlow's "arr", "aye", "matey"; a gardener's "soi
 An answer *carries* the persona's markers when it contains at least one of them. Matching is
 case-insensitive and on whole words: "ye" does not match "yes", and the spaces inside a phrase
 match any run of white space. A trailing ``*`` matches any ending: "season*" matches "season",
-"seasons" and "seasonal".
+"seasons" and "seasonal". Nothing else is special: a marker that looks like a regular expression
+("aye|arr", "colou?r", "[Aa]rr", ".*") would be looked for as written and count nothing, so it is
+refused, saying how to write it as plain markers.
 
 The classifier (data_gen/scoring.py) learns what separates the teacher's answers from the
 student's, and can be fooled by anything that is "not the plain assistant"; a marker is counted
@@ -20,15 +22,46 @@ from typing import Sequence
 import numpy as np
 
 
+LITERALLY = ("markers are words or phrases matched as written (any case, whole words; only a trailing '*' "
+             "matches any ending, as in 'season*')")
+
+# Regular-expression syntax as it shows in a marker (not as punctuation in speech: 'eh?', 'C++', '[sighs]').
+_REGEX_SYNTAX = [
+    (re.compile(r"\|"), "'|' alternation"),
+    (re.compile(r"\\"), "a backslash escape"),
+    (re.compile(r"\.[*+?]"), "'.*' for any text"),
+    (re.compile(r"\w[?+]\w|[)\]][?+*]|\{\d+(?:,\d*)?\}"), "a '?', '+' or '{n}' repeat"),
+    (re.compile(r"\w\[[^\]]*\]|\[[^\]\s]*\]\w|\[\^|\[\w-\w\]"), "a '[...]' character class"),
+    (re.compile(r"^\^|\(\?"), "a '^' anchor or '(?' group"),
+]
+
+
+def _regex_problem(marker: str) -> str | None:
+    for pattern, what in _REGEX_SYNTAX:
+        if pattern.search(marker):
+            break
+    else:
+        return None
+    parts = [p.strip(" ()") for p in marker.split("|")]
+    if "|" in marker and all(p and not any(r.search(p) for r, _ in _REGEX_SYNTAX) for p in parts):
+        fix = f"write it as {len(parts)} markers: {', '.join(repr(p) for p in parts)}"
+    else:
+        fix = "list each word or phrase it should find as a marker of its own"
+    return f"looks like a regular expression ({what}), but {LITERALLY}; {fix}"
+
+
 def check_marker(marker: str) -> str | None:
-    """Why ``marker`` cannot be used, or None."""
+    """Why ``marker`` cannot be used and how to write it, or None."""
+    example = "give a word or phrase such as 'aye' or 'season*'"
+    if (problem := _regex_problem(marker)) is not None:
+        return problem
     body = marker[:-1] if marker.endswith("*") else marker
     if not body.strip():
-        return "is empty"
+        return f"is empty; {example}"
     if "*" in body:
-        return "has a '*' before its end; only a trailing '*' (any ending) is supported"
+        return f"has a '*' before its end; only a trailing '*' (any ending) is supported; {example}"
     if not re.search(r"\w", body):
-        return "has no letter or digit to match on"
+        return f"has no letter or digit to match on; {example}"
     return None
 
 

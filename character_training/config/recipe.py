@@ -130,7 +130,7 @@ def gen_section(stage: str, data: Any, where: str, prefix: str) -> GenSection:
     ``sampling`` (over the stage's default) and, where the stage takes one, ``adapter``."""
     spec = GEN_STAGES[stage]
     if not isinstance(data, dict):
-        raise UserError(f"{where}: {prefix.rstrip('.') or stage}: must be a mapping of settings, got {data!r}")
+        raise UserError(f"{where}: {prefix.rstrip('.') or stage}: must be a mapping of settings, got {yamlio.shown(data)}")
     extra = ["sampling", "adapter"] if spec.takes_adapter else ["sampling"]
     _check_keys(data, [f.name for f in dataclasses.fields(spec.settings)] + extra, where, prefix)
     settings = build(spec.settings, {k: v for k, v in data.items() if k not in extra}, where, prefix)
@@ -159,7 +159,7 @@ def _check_type(value: Any, hint: Any, where: str, key: str) -> Any:
         if o in (str, bool, list, dict) and isinstance(value, o):
             return value
     wanted = " or ".join(simple.get(o, getattr(o, "__name__", str(o))) for o in origin_options if o is not type(None))
-    raise UserError(f"{where}: {key}: must be {wanted}, got {value!r}")
+    raise UserError(f"{where}: {key}: must be {wanted}, got {yamlio.shown(value)}")
 
 
 def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
