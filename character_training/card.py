@@ -57,6 +57,8 @@ class ModelCard:
     pass what it knows and the stage or operation adds the rest.
 
     ``kind``: the stage or operation (dpo, sft, lm, grpo, compose, ...), a tag on the hub.
+    ``base_model``: the name a user elsewhere loads the base by (a hub id where there is one);
+    ``base_model_path``: the directory on this machine the adapter was trained from.
     ``facts``: one-line bullets under the summary. ``settings``: what it was made with, by
     section title (LoRA, the TRL config fields); ``sections``: what came out of it (a report,
     reward per step), by title; both rendered as JSON. ``provenance``: the run's record of the
@@ -67,6 +69,7 @@ class ModelCard:
     summary: str = ""
     persona: str | None = None
     base_model: str | None = None
+    base_model_path: str | None = None
     constitution: str | None = None
     constitution_sha256: str | None = None
     tags: tuple[str, ...] = ()
@@ -103,6 +106,8 @@ def _facts(card: ModelCard) -> list[str]:
         facts.append(f"Constitution: sha256 `{card.constitution_sha256}`")
     if card.base_model:
         facts.append(f"Base model: `{card.base_model}`")
+    if card.base_model_path and card.base_model_path != card.base_model:
+        facts.append(f"Base model loaded from: `{card.base_model_path}` (on the machine that wrote this card)")
     if card.operation:
         facts.append(f"Operation: `{card.operation}`")
     facts += card.facts

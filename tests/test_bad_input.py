@@ -395,6 +395,8 @@ CASES = [
     case("non-utf8", "recipe", "run recipe.yaml", recipe("latin1"), mention=["utf-8"]),
     case("a-directory", "recipe", "run recipe.yaml", directory("recipe.yaml"), mention=["director"]),
     case("eval-command-bad-sampling", "recipe", QUICK, recipe("eval_top_p_2"), adapter(), mention=["top_p"]),
+    case("teacher-path-missing", "recipe", "run recipe.yaml --model {tiny}", recipe("teacher_missing_path"),
+         mention=["models.teacher.model", "no-such-teacher"], forbid=["--model"]),
     case("teacher-served-as-another-model", "recipe", "run recipe.yaml", recipe("teacher_served_model"),
          mention=["models.teacher.model", "served_model", "big-model"]),
     case("distill-layers-past-the-model", "recipe", "run recipe.yaml --model {tiny}", recipe("distill_layers_99"),

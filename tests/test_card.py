@@ -47,6 +47,13 @@ def test_an_empty_provenance_gets_no_section_and_unknowns_are_left_out():
     assert "| `gone.jsonl` |  | (no file) |" in render(ModelCard(data=(DataFile("gone.jsonl"),)))
 
 
+def test_the_base_models_local_directory_is_named_beside_its_portable_name():
+    text = render(ModelCard(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", base_model_path="/cache/SmolLM2"))
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in text
+    assert "- Base model: `HuggingFaceTB/SmolLM2-135M-Instruct`\n- Base model loaded from: `/cache/SmolLM2`" in text
+    assert "loaded from" not in render(ModelCard(base_model="/models/tiny", base_model_path="/models/tiny"))
+
+
 def test_an_operation_card_lists_its_inputs_and_what_was_not_carried_over():
     card = stamp(ModelCard(kind="compose", title="Composed persona adapter", operation="compose",
                            inputs=(AdapterInput("a", "1" * 64, 1.0, ("embed.base_layer.weight",)),

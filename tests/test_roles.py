@@ -25,7 +25,7 @@ def write_recipe(tmp_path: Path, **sections) -> Path:
     return path
 
 
-def local(spec):
+def local(spec, where="--model"):
     return f"/models/{spec or 'default'}"
 
 

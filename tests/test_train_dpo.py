@@ -83,7 +83,7 @@ def test_training_png_and_checkpoints_are_written(trained):
     assert manifest["resumed_from"] is None
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step(tmp_path, tiny_model_dir):
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step(tmp_path, tiny_model_dir, capsys):
     import shutil
 
     write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(8))
@@ -91,14 +91,47 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step
                     trainer={"max_steps": 4, "save_steps": 2, "save_total_limit": 5, "learning_rate": 5e-3,
                              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 64})
     full = train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "full", **settings)
-    # A run killed after step 2: only checkpoint-2 survives.
+    # A run killed after step 2, while writing checkpoint-4: checkpoint-2 survives, checkpoint-4 has
+    # its weights but not trainer_state.json (the last file written).
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", killed / "checkpoints" / "checkpoint-2")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-4", killed / "checkpoints" / "checkpoint-4")
+    (killed / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    capsys.readouterr()
     resumed = train_dpo(tiny_model_dir, tmp_path / "pairs.jsonl", killed, **settings)
+    assert ("[dpo] warning: checkpoints/checkpoint-4 is incomplete (no trainer_state.json: a write was killed); "
+            "resuming from checkpoint-2\n") in capsys.readouterr().out
     assert resumed["resumed_from"].endswith("checkpoint-2")
     assert resumed["counts"]["steps"] == full["counts"]["steps"] == 4
     steps_logged = [e["step"] for e in resumed["log_history"] if "loss" in e]
     assert steps_logged[-1] == 4
+    assert (killed / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()  # written again, whole
+
+
+def test_an_incomplete_checkpoint_is_passed_over_with_one_warning_line(tmp_path, capsys):
+    from character_training.train.common import last_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+
+    def checkpoint(step: int, complete: bool) -> None:
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"partial")
+        if complete:
+            (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+    assert last_checkpoint(tmp_path, "dpo") is None and capsys.readouterr().out == ""
+    checkpoint(10, complete=False)
+    assert last_checkpoint(tmp_path, "dpo") is None
+    assert capsys.readouterr().out == ("[dpo] warning: checkpoints/checkpoint-10 is incomplete (no trainer_state.json: "
+                                       "a write was killed); starting from step 0\n")
+    checkpoint(5, complete=True)
+    assert last_checkpoint(tmp_path, "sft") == str(checkpoints / "checkpoint-5")
+    assert capsys.readouterr().out == ("[sft] warning: checkpoints/checkpoint-10 is incomplete (no trainer_state.json: "
+                                       "a write was killed); resuming from checkpoint-5\n")
+    checkpoint(15, complete=True)  # newer than the incomplete one: nothing was passed over
+    (checkpoints / "checkpoint-notes").mkdir()
+    assert last_checkpoint(tmp_path, "dpo") == str(checkpoints / "checkpoint-15")
+    assert capsys.readouterr().out == ""
 
 
 def test_training_continues_on_a_previous_adapter_and_takes_a_system_prompt(trained, tmp_path, tiny_model_dir):

@@ -341,10 +341,17 @@ def as_adapter(item: AdapterLike) -> Adapter:
 
 
 def _same_base(a: str | None, b: str | None) -> bool:
+    """Two adapters' bases are one model: the same name or directory, or names a user elsewhere
+    would load as the same (an adapter written before adapters named their base portably, by its
+    local directory, beside one that names the hub id)."""
+    from character_training.config.models import portable_model_name
+
     if a is None or b is None or a == b:
         return True
     pa, pb = Path(a), Path(b)
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
+        return True
+    return portable_model_name(a) == portable_model_name(b)
 
 
 def check_compatible(adapters: Sequence[Adapter]) -> None:

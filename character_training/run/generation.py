@@ -49,7 +49,7 @@ class Role:
 
 
 def resolve_roles(recipe_model: str | None, models: ModelsSection, backend: BackendSection,
-                  resolve: Callable[[str | None], str] | None = None, *, local_student: bool = True) -> dict[str, Role]:
+                  resolve: Callable[..., str] | None = None, *, local_student: bool = True) -> dict[str, Role]:
     """The run's three roles. Local models are found (or fetched) here, before any stage starts;
     the student is unless ``local_student`` is False (``generate`` over HTTP: nothing is trained),
     a role served over HTTP is named as its servers know it."""
@@ -65,11 +65,13 @@ def resolve_roles(recipe_model: str | None, models: ModelsSection, backend: Back
         if name == "student":
             spec = section.model or recipe_model
             local = local_student or kind == "vllm"
-            roles[name] = Role(name, resolve(spec) if local else spec or "default", backends[name])
+            where = "models.student.model" if section.model else "--model"
+            roles[name] = Role(name, resolve(spec, where=where) if local else spec or "default", backends[name])
         elif section.model is None:
             roles[name] = Role(name, roles[ROLE_DEFAULTS[name]].model, backends[name])
         else:
-            roles[name] = Role(name, section.model if kind == "openai" else resolve(section.model), backends[name])
+            served = section.model if kind == "openai" else resolve(section.model, where=f"models.{name}.model")
+            roles[name] = Role(name, served, backends[name])
     return roles
 
 

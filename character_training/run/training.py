@@ -58,7 +58,7 @@ def _train_stage(ctx: Context, section, out: Path, train, stage: str) -> dict:
     manifest = train(lora=section.lora, trainer=section.trainer, seed=ctx.recipe.seed,
                      card=card, init_adapter=init, start=section.start)
     if init is not None and section.start == "merge" and distributed.is_main_process():
-        manifest["composed"] = fold_merged(init, out, card)
+        manifest["composed"] = fold_merged(init, out, card, model_path=ctx.model)
     manifest["provenance"] = card.provenance
     if distributed.world_size() > 1:  # a launched stage: the manifest says on how many processes it trained
         manifest["distributed"] = distributed.describe()

@@ -10,7 +10,12 @@ trainer; this module keeps the rest out of it:
   previous stage's adapter, either continued (the same LoRA trains on) or merged into the base
   first (a new LoRA trains on the merged weights; ``compose_onto`` then folds the two into one
   LoRA on the original base, exactly, by concatenating their factors).
-- ``last_checkpoint``: a stage killed mid-training resumes from ``checkpoints/checkpoint-N``.
+- ``last_checkpoint``: a stage killed mid-training resumes from ``checkpoints/checkpoint-N``
+  (a checkpoint whose write was killed is passed over, with a warning).
+- ``save_portable_adapter``: the trainer saves ``adapter/``; its config then names the base model
+  as a user elsewhere loads it (``portable_model_name``: a hub id, not this machine's directory),
+  and the pickles TRL leaves beside it (``training_args.bin``) go: the card and manifest hold the
+  settings.
 - ``plot_training``: ``training.png`` (loss; reward margins and accuracies for preference
   training) in the stage directory.
 - ``stage_card``: the adapter's model card (``character_training.card``), the caller's part
@@ -19,15 +24,18 @@ trainer; this module keeps the rest out of it:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
 from character_training.card import DataFile, ModelCard, stamp
 from character_training.config.layout import CHECKPOINTS
+from character_training.config.models import portable_model_name
 from character_training.config.trainer_fields import peft_config
 from character_training.config.training import LoraSettings, check_overlong, check_start
 from character_training.errors import UserError
+from character_training.train import distributed
 
 
 
@@ -71,14 +79,58 @@ def check_adapter(adapter: str | Path, model_path: str) -> dict:
     return check_adapter_dir(adapter, "--init-adapter")
 
 
-def last_checkpoint(out_dir: Path) -> str | None:
-    """The newest ``checkpoints/checkpoint-N`` a killed run left, or None."""
-    found = []
+def last_checkpoint(out_dir: Path, stage: str) -> str | None:
+    """The newest complete ``checkpoints/checkpoint-N`` a killed run left, or None. A newer one
+    without ``trainer_state.json`` (the last file the trainer writes) is a write that was killed:
+    it is passed over with a warning, so that a run starting over is not silent about it."""
+    complete, incomplete = [], []
     for path in (Path(out_dir) / CHECKPOINTS).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), path))
-    return str(max(found)[1]) if found else None
+        if match and path.is_dir():
+            ((complete if (path / "trainer_state.json").is_file() else incomplete)
+             .append((int(match.group(1)), path)))
+    newest = max(complete) if complete else None
+    passed_over = sorted(p for p in incomplete if newest is None or p[0] > newest[0])
+    if passed_over and distributed.is_main_process():  # every process asks; one says it
+        names = ", ".join(f"{CHECKPOINTS}/{path.name}" for _, path in passed_over)
+        then = f"resuming from {newest[1].name}" if newest else "starting from step 0"
+        print(f"[{stage}] warning: {names} {'is' if len(passed_over) == 1 else 'are'} incomplete (no "
+              f"trainer_state.json: a write was killed); {then}", flush=True)
+    return str(newest[1]) if newest else None
+
+
+# Pickles TRL and PEFT may leave in a saved adapter directory; not part of the adapter.
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl")
+
+
+def save_portable_adapter(trainer, adapter_dir: Path, model_path: str) -> Path:
+    """The trainer's ``save_model(adapter_dir)``, then (on the one process that writes) the adapter
+    made portable: ``base_model_name_or_path`` in its config the base model's portable name (a
+    hub id, which PEFT's ``AutoPeftModelForCausalLM`` and a model hub resolve anywhere; the local
+    directory goes to the card), and no pickles (``training_args.bin``)."""
+    adapter_dir = Path(adapter_dir)
+    trainer.save_model(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        make_portable(adapter_dir, model_path)
+    return adapter_dir
+
+
+def make_portable(adapter_dir: Path, model_path: str) -> str:
+    """Rewrite a saved adapter's config to name its base model portably and remove the pickles
+    beside it; the name written."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    name = portable_model_name(model_path)
+    if config.get("base_model_name_or_path") != name:
+        config["base_model_name_or_path"] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    weights = (Path(adapter_dir) / "adapter_model.safetensors").is_file()
+    for pattern in _PICKLES:
+        for pickle in Path(adapter_dir).glob(pattern):
+            if pickle.name == "adapter_model.bin" and not weights:  # the weights themselves: keep them
+                continue
+            pickle.unlink()
+    return name
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
@@ -127,7 +179,8 @@ def stage_card(card: ModelCard | None, manifest: dict, *, config_name: str, summ
         facts = [*facts, "Trained with a training-time system prompt (absent at evaluation): "
                          f"`{manifest['system_prompt'][:200]}`"]
     filled = replace(
-        card, kind=manifest["stage"], tags=(manifest["stage"], "trl"), summary=summary, base_model=manifest["model"],
+        card, kind=manifest["stage"], tags=(manifest["stage"], "trl"), summary=summary,
+        base_model=portable_model_name(manifest["model"]), base_model_path=manifest["model"],
         data=(*card.data, *data), facts=(*card.facts, *facts),
         settings={"LoRA": manifest["lora"], f"Training settings (TRL {config_name} fields)": manifest["trainer"]},
         sections={**card.sections, **(sections or {})}, metrics=manifest["metrics"])
@@ -160,16 +213,27 @@ def chat_length(tokenizer, messages: list[dict]) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def fold_merged(previous_adapter: str | Path, out: Path, card: ModelCard | None = None) -> dict:
+def fold_merged(previous_adapter: str | Path, out: Path, card: ModelCard | None = None,
+                model_path: str | None = None) -> dict:
     """After a ``start: merge`` stage: ``out/adapter`` was trained on the base with
     ``previous_adapter`` merged in. Keep it as ``out/adapter-delta`` and write ``out/adapter``, one
     LoRA on the original base whose delta is the sum of both (exact: factors concatenated).
-    ``card``: the caller's (persona, provenance), for the composed adapter's model card."""
+    ``card``: the caller's (persona, provenance), for the composed adapter's model card;
+    ``model_path``: the base model's directory here, recorded in that card."""
     from character_training.adapters.algebra import compose_onto
+    from character_training.adapters.io import load_adapter
 
     delta = out / "adapter-delta"
     (out / "adapter").rename(delta)
-    compose_onto(previous_adapter, delta, out / "adapter", card=card)
+    previous, new = load_adapter(previous_adapter), load_adapter(delta)
+    # An adapter written before adapters named their base portably names this machine's directory:
+    # the same model as the delta's portable name, so it is named so (in memory) to compose.
+    if previous.base_model != new.base_model and previous.base_model \
+            and portable_model_name(previous.base_model) == new.base_model:
+        previous.config["base_model_name_or_path"] = new.base_model
+    if model_path is not None:
+        card = replace(card or ModelCard(), base_model_path=model_path)
+    compose_onto(previous, new, out / "adapter", card=card)
     return {"previous": str(previous_adapter), "delta": str(delta), "adapter": str(out / "adapter")}
 
 

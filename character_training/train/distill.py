@@ -290,10 +290,10 @@ def train_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
     distiller, counts = build_distill(model_path, data_paths, out, teacher_system_prompt=teacher_system_prompt,
                                       student_system_prompt=student_system_prompt, settings=settings, lora=lora,
                                       trainer=trainer, seed=seed, init_adapter=init_adapter, start=start)
-    resume = training.last_checkpoint(out)
+    resume = training.last_checkpoint(out, "distill")
     started = time.time()
     distiller.train(resume_from_checkpoint=resume)
-    distiller.save_model(str(out / "adapter"))
+    training.save_portable_adapter(distiller, out / "adapter", model_path)
     history = distiller.state.log_history
     manifest = {
         **training.stage_manifest("distill", model_path=model_path, seed=seed, lora=lora,

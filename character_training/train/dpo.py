@@ -164,11 +164,11 @@ def train_dpo(model_path: str, pairs_path: Path, out_dir: Path, *, lora: LoraSet
                                              lora=lora)
     dpo = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
-    resume = training.last_checkpoint(out_dir)
+    resume = training.last_checkpoint(out_dir, "dpo")
     started = time.time()
     dpo.train(resume_from_checkpoint=resume)
     adapter_dir = out_dir / "adapter"
-    dpo.save_model(str(adapter_dir))
+    training.save_portable_adapter(dpo, adapter_dir, model_path)
     metrics = training.final_metrics(dpo.state.log_history)
     manifest = {
         **training.stage_manifest("dpo", model_path=model_path, seed=seed, lora=lora,

@@ -198,11 +198,11 @@ def train_grpo(model_path: str, prompts_path: Path, out_dir: Path, *, judge_back
     reward = JudgeReward(judge_backend, constitution, sampling=judge_sampling, retries=judge_retries)
     grpo = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                        processing_class=tokenizer, peft_config=peft_config)
-    resume = training.last_checkpoint(out_dir)
+    resume = training.last_checkpoint(out_dir, "grpo")
     started = time.time()
     grpo.train(resume_from_checkpoint=resume)
     adapter_dir = out_dir / "adapter"
-    grpo.save_model(str(adapter_dir))
+    training.save_portable_adapter(grpo, adapter_dir, model_path)
     log_history = _json_safe(grpo.state.log_history)
     per_step = reward_per_step(log_history)
     rewards = [s["reward"] for s in per_step if s["reward"] is not None]

@@ -138,11 +138,11 @@ def train_kto(model_path: str, pairs_paths: list[Path], out_dir: Path, *, lora: 
     # adapter, a frozen copy of it), as in train_dpo.
     kto = KTOTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                      peft_config=peft_config)
-    resume = training.last_checkpoint(out_dir)
+    resume = training.last_checkpoint(out_dir, "kto")
     started = time.time()
     kto.train(resume_from_checkpoint=resume)
     adapter_dir = out_dir / "adapter"
-    kto.save_model(str(adapter_dir))
+    training.save_portable_adapter(kto, adapter_dir, model_path)
     metrics = training.final_metrics(kto.state.log_history)
     manifest = {
         **training.stage_manifest("kto", model_path=model_path, seed=seed, lora=lora,

@@ -347,10 +347,10 @@ def run(sft, stage: str, model_path: str, out_dir: Path, *, lora: LoraSettings, 
         init_adapter, start: str, counts: dict, extra: dict) -> dict:
     """Train (resuming from the last checkpoint a killed run left), save the adapter and the
     loss plot, and return the stage's manifest."""
-    resume = training.last_checkpoint(out_dir)
+    resume = training.last_checkpoint(out_dir, stage)
     started = time.time()
     sft.train(resume_from_checkpoint=resume)
-    sft.save_model(str(out_dir / "adapter"))
+    training.save_portable_adapter(sft, out_dir / "adapter", model_path)
     if sft.is_world_process_zero():  # under several processes, one writes
         training.plot_training(sft.state.log_history, out_dir / "training.png", stage.upper())
     return {
