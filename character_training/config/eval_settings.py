@@ -30,6 +30,8 @@ class EvalSettings:
     lm_eval_tasks: list = field(default_factory=list)  # lm-evaluation-harness tasks (needs lm-eval + its data)
     persistence_turns: int = 0          # conversations of this many user turns: does the persona hold? (0: skip)
     persistence_conversations: int = 16  # how many (each a different sequence of held-out prompts)
+    spread_per_kind: int = 0            # requests for a format (JSON, code, summary, tool call, translation) of each kind:
+                                        # does the persona leak into them, does it break the format? (0: skip)
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
@@ -42,6 +44,9 @@ class EvalSettings:
             raise UserError(f"steering_coefficient: {self.steering_coefficient}; give a finite number (2.0 is usual)")
         if not all(isinstance(t, str) and t.strip() for t in self.lm_eval_tasks):
             raise UserError(f"lm_eval_tasks: {self.lm_eval_tasks!r}; give a list of lm-evaluation-harness task names")
+        if self.spread_per_kind and self.spread_per_kind < 2:
+            raise UserError(f"spread_per_kind: {self.spread_per_kind}; give 0 (skip) or 2 or more (the persona "
+                            "classifier is cross-fitted over two folds of each kind's requests)")
         if self.persistence_turns and self.persistence_conversations < 2:
             raise UserError(f"persistence_conversations: {self.persistence_conversations}; give 2 or more (the "
                             "persona classifier is cross-fitted over two folds of conversations)")

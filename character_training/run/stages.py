@@ -129,7 +129,9 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
                              out, sampling=sampling, seed=ctx.recipe.seed,
                              samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
         persisted = _persistence(e, ctx, backend, first, sets["heldout"], training, out, sampling)
-        return {"stage": "eval", "adapter": adapter, **({"also": also} if also else {}), **report, **persisted}
+        spread = _spread(e, ctx, backend, first, out)
+        return {"stage": "eval", "adapter": adapter, **({"also": also} if also else {}), **report, **persisted,
+                **spread}
 
     from character_training.evaluation.report import adapter_names, evaluate
 
@@ -159,8 +161,27 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
     first = next(iter(named.values()))
     persisted = _persistence(e, ctx, engine() if e.persistence_turns else None, first, ctx.prompts("heldout"),
                              [t for texts in training_texts_of_run(ctx.run_dir).values() for t in texts], out, sampling)
+    spread = _spread(e, ctx, engine() if e.spread_per_kind else None, first, out)
     return {"stage": "eval", "adapter": adapter, "adapters": named, "conditions": report["conditions"],
-            "report": "report.md", **persisted}
+            "report": "report.md", **persisted, **spread}
+
+
+def _spread(e, ctx: Context, backend, adapter: str, out: Path) -> dict:
+    """``eval.spread_per_kind``: requests for a format (evaluation/spread.py) under base, the
+    system prompt and the adapter; where the persona shows, and where it breaks the format, in
+    OUT/spread/."""
+    if not e.spread_per_kind:
+        return {}
+    from character_training.evaluation.core import ADAPTER, BASE, PROMPTED, Condition
+    from character_training.evaluation.spread import format_spread, spread_check
+
+    conditions = [Condition(BASE), Condition(PROMPTED, system_prompt=ctx.teacher_prompt()),
+                  Condition(ADAPTER, adapter=adapter, kind="adapter")]
+    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=max(e.max_tokens, 384))  # code fits
+    report = spread_check(backend, conditions, out / "spread", per_kind=e.spread_per_kind, sampling=sampling,
+                          seed=ctx.recipe.seed, markers=ctx.constitution.markers)
+    print(format_spread(report), flush=True)
+    return {"spread": {"per_kind": report["per_kind"], "kinds": report["kinds"], "report": "spread/spread.json"}}
 
 
 def _persistence(e, ctx: Context, backend, adapter: str, heldout: list[str], training: list[str], out: Path,
