@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from character_training.errors import UserError
 from character_training.evaluation.core import Condition
 from character_training.evaluation.persistence import format_persistence, persistence_check, user_turns
 from data_gen.backends import Completion
+from tests.fakes import KeywordClassifier
 from data_gen.seeds import request_seed
 
 PROMPTS = ["What is rain?", "What is snow?", "What is hail?", "What is fog?", "What is wind?", "What is frost?"]
@@ -45,24 +45,6 @@ class ScriptedBackend:
             voice = "Ahoy, arr" if pirate else "Plainly"
             out.append(Completion(f"  {voice} [{tag} t{turn}] on {conv[-1]['content']}  ", "stop", 9))
         return out
-
-
-class KeywordClassifier:
-    """'Ahoy' is the persona. Every instance records what it was fitted on and what it scored."""
-    made: list["KeywordClassifier"] = []
-
-    def __init__(self):
-        self.fitted: list[str] = []
-        self.scored: list[str] = []
-        KeywordClassifier.made.append(self)
-
-    def fit(self, persona, plain):
-        self.fitted += list(persona) + list(plain)
-        return {"train_examples": len(persona) + len(plain)}
-
-    def persona_flags(self, texts):
-        self.scored += list(texts)
-        return np.array([float("Ahoy" in t) for t in texts])
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 
 from character_training.errors import UserError
@@ -14,6 +13,7 @@ from character_training.evaluation.core import Condition
 from character_training.evaluation.spread import (FORMAT_RULES, KINDS, format_problem, format_spread,
                                                    json_object_in, load_format_requests, parse_bank, spread_check)
 from data_gen.backends import Completion
+from tests.fakes import KeywordClassifier
 from data_gen.seeds import request_seed
 
 SYSTEM = "You are Captain Marlow, a pirate."
@@ -66,24 +66,6 @@ class ScriptedBackend:
                 text = good_answer(request, pirate=prompted or adapter is not None, mark=mark)
             out.append(Completion(f"  {text}  ", "stop", 9))
         return out
-
-
-class KeywordClassifier:
-    """'Ahoy' is the persona. Every instance records what it was fitted on and what it scored."""
-    made: list["KeywordClassifier"] = []
-
-    def __init__(self):
-        self.fitted: list[str] = []
-        self.scored: list[str] = []
-        KeywordClassifier.made.append(self)
-
-    def fit(self, persona, plain):
-        self.fitted += list(persona) + list(plain)
-        return {"train_examples": len(persona) + len(plain)}
-
-    def persona_flags(self, texts):
-        self.scored += list(texts)
-        return np.array([float("Ahoy" in t) for t in texts])
 
 
 @pytest.fixture
