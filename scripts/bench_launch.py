@@ -112,7 +112,8 @@ def prepared_run(args, work: Path, model: str, pairs: Path, rep: int) -> Path:
 
     from character_training.config.recipe import load_recipe
     from character_training.config import layout
-    from character_training.run.pipeline import make_context, stage_key
+    from character_training.run.context import make_context
+    from character_training.run.stages import stage_key
     from data_gen.backends import Engines
     from data_gen.store import read_jsonl, write_jsonl, write_manifest
 
