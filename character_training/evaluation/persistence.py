@@ -100,17 +100,23 @@ def _check(conditions: list[Condition], prompts: list[str], turns: int, plain: s
     if len(prompts) < FOLDS:
         raise UserError(f"persistence check: {len(prompts)} distinct prompt(s); give at least {FOLDS} (the classifier "
                         "is cross-fitted over two folds of conversations, one conversation per prompt)")
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise UserError(f"persistence check: condition names repeat ({names}); give each condition its own name")
-    for role, name in (("plain", plain), ("persona", persona)):
-        if name not in names:
-            raise UserError(f"persistence check: the {role} condition {name!r} is not among the conditions {names}; "
-                            f"the classifier is fitted on it: add it, or name another with {role}=")
+    check_names("persistence check", conditions, plain, persona)
     odd = [c.name for c in conditions if c.prefill or c.kind == "steered"]
     if odd:
         raise UserError(f"persistence check: conditions {odd} are prefilled or steered, which a conversation of the "
                         "model's own turns cannot hold; leave them out")
+
+
+def check_names(what: str, conditions: list[Condition], plain: str, persona: str) -> None:
+    """Each condition named once, and the two the classifier is fitted on among them (the
+    persistence and spread checks: ``what`` names which)."""
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise UserError(f"{what}: condition names repeat ({names}); give each condition its own name")
+    for role, name in (("plain", plain), ("persona", persona)):
+        if name not in names:
+            raise UserError(f"{what}: the {role} condition {name!r} is not among the conditions {names}; "
+                            f"the classifier is fitted on it: add it, or name another with {role}=")
 
 
 def user_turns(prompts: list[str], turns: int) -> list[list[str]]:

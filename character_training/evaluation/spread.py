@@ -46,7 +46,7 @@ from character_training.config.markers import marker_flags, markers_in
 from character_training.errors import UserError, did_you_mean
 from character_training.evaluation.core import BASE, FOLDS, PROMPTED, Condition
 from character_training.evaluation.paired import clustered_interval, paired_difference
-from character_training.evaluation.persistence import comparisons
+from character_training.evaluation.persistence import check_names, comparisons
 from data_gen.backends import Backend, Sampling
 from data_gen.seeds import seeds_for
 from data_gen.store import write_json, write_jsonl
@@ -311,13 +311,7 @@ def _check(conditions: list[Condition], kinds, per_kind: int, plain: str, person
     if not isinstance(per_kind, int) or isinstance(per_kind, bool) or per_kind < FOLDS:
         raise UserError(f"per_kind: {per_kind!r}; give a whole number of {FOLDS} or more (requests of each kind; the "
                         f"classifier is cross-fitted over {FOLDS} folds of requests, each holding every kind; 8 is usual)")
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise UserError(f"spread check: condition names repeat ({names}); give each condition its own name")
-    for role, name in (("plain", plain), ("persona", persona)):
-        if name not in names:
-            raise UserError(f"spread check: the {role} condition {name!r} is not among the conditions {names}; "
-                            f"the classifier is fitted on it: add it, or name another with {role}=")
+    check_names("spread check", conditions, plain, persona)
     if plain == persona:
         raise UserError(f"spread check: plain and persona are both {plain!r}; the classifier is fitted on two "
                         "different conditions: name the system-prompted one as persona")
