@@ -17,8 +17,8 @@ class EvalSettings:
     max_tokens: int = 160
     report: str = "full"                # "full": the report (evaluation/report.py); "quick": 3 conditions
     samples_per_prompt: int = 1         # answers per held-out prompt and condition (sampled)
-    neutral_prompts: int = 12           # the full report: shipped neutral prompts added to the held-out ones (0: none)
-    general_prompts: int = 48           # the quick check: shipped general prompts, reported apart (0: none)
+    general_prompts: int = 48           # shipped general prompts (not from any constitution), reported apart from
+                                        # the held-out ones: the quick check, the full report, the algebra (0: none)
     adversarial: int = 2                # shipped adversarial suffixes applied to each adapter (0: none)
     prefill: bool = True                # the base model writes the first turn, the adapter continues
     steering: bool = True               # baseline: the persona vector added at the best layer
@@ -37,7 +37,7 @@ class EvalSettings:
         if self.samples_per_prompt < 1:
             raise UserError(f"samples_per_prompt: {self.samples_per_prompt}; give 1 or more "
                             "(answers per held-out prompt and condition)")
-        for name in ("neutral_prompts", "general_prompts", "adversarial", "revealed_prompts", "persistence_turns"):
+        for name in ("general_prompts", "adversarial", "revealed_prompts", "persistence_turns"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}: {getattr(self, name)}; give 0 (skip) or more")
         if not math.isfinite(self.steering_coefficient):

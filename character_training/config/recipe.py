@@ -111,6 +111,9 @@ def _key_hint(cls: type | None, key: Any, prefix: str) -> str:
     the suggestion from the right place, not the nearest spelling (``lora_rank`` is not ``local_rank``)."""
     from character_training.config.trainer_fields import LORA_KEYS
 
+    if key == "neutral_prompts" and getattr(cls, "__name__", "") == "EvalSettings":
+        return (" (the evaluations' second prompt set is the 247 shipped general prompts now, not the 48 neutral "
+                f"ones: set '{prefix}general_prompts')")
     if cls is BackendSection and key == "judge_model":
         return " (the judge is a role now: set models.judge: MODEL)"
     if cls is LoraSettings and str(key) in LORA_KEYS:
