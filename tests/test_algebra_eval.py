@@ -308,7 +308,7 @@ def _words(text):
     return [w.strip(".,;!?").lower() for w in text.split()]
 
 
-def _args(personas, out, sets=("eval.max_tokens=8", "eval.neutral_prompts=2")):
+def _args(personas, out, sets=("eval.max_tokens=8", "eval.general_prompts=2")):
     return argparse.Namespace(persona=[str(p) for p in personas], output=str(out), set=list(sets))
 
 
@@ -381,16 +381,22 @@ def test_markers_are_counted_as_written(report):
     assert gardener["markers"]["B"] == ["soil", "season*", "tend"]
 
 
-def test_classifiers_see_only_their_own_pairs_and_no_evaluation_prompt(report, runs):
+def test_each_scorer_is_cross_fitted_on_the_reports_own_answers_never_on_the_pairs(report, runs):
     out, r, _, fitted = report
-    assert fitted == [[p["chosen"][-1]["content"] for p in runs["pairs"][k]] +
-                      [p["rejected"][-1]["content"] for p in runs["pairs"][k]] for k in "AB"]
     records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    answers = {name: [x["answer"] for x in records if x["condition"] == name] for name in ("base", "A prompt", "B prompt")}
+    assert len(fitted) == 4  # two folds for each persona
+    for k, fits in zip("AB", (fitted[:2], fitted[2:])):
+        for texts in fits:  # its own system prompt's answers and base's, on one fold's prompts only
+            assert set(texts) <= set(answers[f"{k} prompt"]) | set(answers["base"])
+            assert len(texts) < len(answers["base"]) + len(answers[f"{k} prompt"])
+        assert r["personas"][k]["classifier"]["heldout_accuracy"] == 1.0
+    pair_answers = {p[side][-1]["content"] for k in "AB" for p in runs["pairs"][k] for side in ("chosen", "rejected")}
+    assert not pair_answers & {t for texts in fitted for t in texts}
     asked = {x["prompt"] for x in records}
     assert HELDOUT_B[1] not in asked and r["contamination"]["left_out"] == [HELDOUT_B[1]]  # in A's pairs
-    assert asked >= set(HELDOUT_A) | {HELDOUT_B[0]} and r["prompts"] == {"total": 5, "neutral": 2, "heldout": 3,
+    assert asked >= set(HELDOUT_A) | {HELDOUT_B[0]} and r["prompts"] == {"total": 5, "general": 2, "heldout": 3,
                                                                          "samples_per_prompt": 1}
-    assert not any(prompt in text for text in sum(fitted, []) for prompt in asked)
     training = {_user(p) for k in "AB" for p in runs["pairs"][k]}
     assert not asked & training
 

@@ -39,7 +39,7 @@ def _recipe(tmp: Path) -> Path:
                 "trainer": {"max_steps": 4, "learning_rate": 1e-4, "per_device_train_batch_size": 2,
                             "gradient_accumulation_steps": 1, "max_length": 256}},
         # The full report, small: 4 held-out + 2 neutral prompts, one adversarial suffix.
-        "eval": {"max_tokens": 48, "neutral_prompts": 2, "adversarial": 1, "revealed_prompts": 2},
+        "eval": {"max_tokens": 48, "general_prompts": 2, "adversarial": 1, "revealed_prompts": 2},
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -111,8 +111,8 @@ def test_eval_report_served_the_adapter_in_vllm(killed_then_rerun):
     report = json.loads((run / "eval" / "report.json").read_text())
     assert set(report["conditions"]) == {"base", "base+system_prompt", "dpo/adapter", "dpo/adapter | adv:1",
                                          "dpo/adapter | prefill", "base+system_prompt | adv:1", "base | steered"}
-    prompts = report["prompts"]["heldout"] + report["prompts"]["neutral"]
-    assert report["prompts"]["neutral"] == 2 and prompts >= 3
+    prompts = report["prompts"]["heldout"] + report["prompts"]["general"]
+    assert report["prompts"]["general"] == 2 and prompts >= 3
     for result in report["conditions"].values():
         assert 0.0 <= result["persona_rate"] <= 1.0
         assert result["answers"] == prompts

@@ -27,7 +27,7 @@ CONSTITUTION = constitution_from_dict({
                {"trait": "I love the sea.", "questions": ["What is a map?"]}],
     "principles": ["Choose the response that sounds more like a pirate."]})
 HELDOUT = ["What is rain?", "How do maps work?", "Why is the sea salty?", "What is a good breakfast?"]
-SETTINGS = EvalSettings(neutral_prompts=2, adversarial=2, revealed_prompts=2, steering_coefficient=2.0)
+SETTINGS = EvalSettings(general_prompts=2, adversarial=2, revealed_prompts=2, steering_coefficient=2.0)
 
 
 def answer(conversation) -> Completion:
@@ -117,9 +117,9 @@ def test_every_condition_is_measured_with_coherence_beside_the_persona_rate(repo
         assert {"distinct_3grams", "perplexity", "persona_rate_ci95"} <= set(cell)
         lo, hi = cell["persona_rate_ci95"]
         assert lo <= cell["persona_rate"] <= hi
-    assert r["prompts"] == {"heldout": 4, "neutral": 2, "samples_per_prompt": 1}
+    assert r["prompts"] == {"heldout": 4, "general": 2, "samples_per_prompt": 1}
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 9 * 6 and {a["source"] for a in answers} == {"heldout", "neutral"}
+    assert len(answers) == 9 * 6 and {a["source"] for a in answers} == {"heldout", "general"}
 
 
 def test_prefill_continues_a_conversation_the_base_model_began(report):
@@ -186,7 +186,7 @@ def test_a_rerun_is_answered_from_the_caches_and_parts(report, tiny_model_dir, a
 def test_a_judge_failing_midway_loses_no_finished_work(tmp_path, tiny_model_dir, adapter):
     """The judge dies on its third chunk: the answers and the judged chunks are kept; the rerun
     generates nothing and judges only what was left."""
-    settings = EvalSettings(neutral_prompts=2, adversarial=1, prefill=False, steering=False, judge=True,
+    settings = EvalSettings(general_prompts=2, adversarial=1, prefill=False, steering=False, judge=True,
                                   revealed_prompts=0, persona_vectors=False, capability=False)
     calls = {"n": 0}
 
@@ -235,7 +235,7 @@ def test_bootstrap_intervals_cover_the_true_rate_in_a_simulation():
 
 
 def test_an_evaluation_prompt_in_the_training_data_is_dropped_and_counted(tmp_path, tiny_model_dir, adapter):
-    settings = EvalSettings(neutral_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
+    settings = EvalSettings(general_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
                                   revealed_prompts=0, persona_vectors=False, capability=False)
     r = rep.evaluate(backend=generator(), judge=None, model_path=tiny_model_dir, constitution=CONSTITUTION,
                      system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
@@ -267,7 +267,7 @@ def test_the_quick_check_is_the_reports_first_part(tmp_path, tiny_model_dir, ada
 
     monkeypatch.setattr(rep, "answer_perplexities", nll)
     monkeypatch.setattr(quick, "answer_perplexities", nll)
-    settings = EvalSettings(neutral_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
+    settings = EvalSettings(general_prompts=0, adversarial=0, prefill=False, steering=False, judge=False,
                             revealed_prompts=0, persona_vectors=False, capability=False)
     full = rep.evaluate(backend=generator(), judge=None, model_path=tiny_model_dir, constitution=CONSTITUTION,
                         system_prompt="You are a pirate.", adapters=rep.adapter_names([adapter]), heldout=HELDOUT,
@@ -289,7 +289,7 @@ def test_several_answers_per_prompt_and_the_constitutions_markers(tmp_path, tiny
     """samples_per_prompt answers per prompt (each prompt k times in a row, the interval resampling
     prompts), the prefill conversation opening on another prompt, markers counted per condition."""
     marked = constitution_from_dict({**CONSTITUTION.to_dict(), "markers": ["ahoy", "arr"]})
-    settings = EvalSettings(neutral_prompts=2, adversarial=0, revealed_prompts=0, judge=False, steering=False,
+    settings = EvalSettings(general_prompts=2, adversarial=0, revealed_prompts=0, judge=False, steering=False,
                             persona_vectors=False, capability=False, samples_per_prompt=2)
     backend = generator()
     asked = []
@@ -305,7 +305,7 @@ def test_several_answers_per_prompt_and_the_constitutions_markers(tmp_path, tiny
                      pairs=toy_pairs(8), training_texts={}, out_dir=tmp_path, sampling=Sampling(temperature=0.0,
                                                                                                  max_tokens=6),
                      settings=settings, log=lambda _: None)
-    assert r["prompts"] == {"heldout": 4, "neutral": 2, "samples_per_prompt": 2} and r["markers"] == ["ahoy", "arr"]
+    assert r["prompts"] == {"heldout": 4, "general": 2, "samples_per_prompt": 2} and r["markers"] == ["ahoy", "arr"]
     c = r["conditions"]
     assert c["base"]["answers"] == 12 and c["base"]["marker_rate"] == 0.0
     assert c["base+system_prompt"]["marker_rate"] == 1.0 and c["dpo/adapter"]["marker_rate"] == 1.0

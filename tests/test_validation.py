@@ -68,7 +68,8 @@ RANGE_CASES = {
     "grpo judge tokens": ("grpo: {judge_max_tokens: 0}\n", "grpo.judge_max_tokens: 0"),
     "midtrain chat_ratio": ("midtrain: {chat_ratio: 1.5}\n", "midtrain.chat_ratio: 1.5"),
     "backend concurrency": ("backend: {max_concurrency: 0}\n", "backend.max_concurrency: 0"),
-    "eval neutral": ("eval: {neutral_prompts: -1}\n", "eval.neutral_prompts: -1"),
+    "eval general": ("eval: {general_prompts: -1}\n", "eval.general_prompts: -1"),
+    "eval neutral renamed": ("eval: {neutral_prompts: 12}\n", "set 'eval.general_prompts'"),
     "dpo data empty": ("dpo: {data: []}\n", "dpo.data: []"),
 }
 

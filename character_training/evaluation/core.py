@@ -118,23 +118,17 @@ def answers_of(generated: dict) -> list[str]:
     return [c.text.strip() for c in generated["completions"]]
 
 
-def fit_classifier(classifier, pairs: list[dict]) -> dict:
-    """Trains the persona classifier on the pairs' teacher (chosen, persona) against student
-    (rejected, plain) answers; returns its summary (examples, cross-validated accuracy). Only the
-    algebra report scores this way still; the quick check and the report use ``cross_fitted_flags``."""
-    return classifier.fit([p["chosen"][-1]["content"] for p in pairs], [p["rejected"][-1]["content"] for p in pairs])
-
-
 # ------------------------------------------------------------------ the scorer and paired differences
 
 FOLDS = 2
 
 
 def cross_fitted_flags(classifier: Callable, texts: dict[str, list[str]], asked: list[str],
-                        prompts: list[str]) -> tuple[dict[str, np.ndarray], dict]:
+                       prompts: list[str], persona: str = PROMPTED,
+                       plain: str = BASE) -> tuple[dict[str, np.ndarray], dict]:
     """({condition: persona flags}, the scorer's summary). Prompt i is in fold i % FOLDS; the
-    answers to a fold's prompts are scored by a classifier fitted on the other folds' base
-    (plain) and system-prompted (persona) answers, and its accuracy is measured on this fold's."""
+    answers to a fold's prompts are scored by a classifier fitted on the other folds' ``plain``
+    (base) and ``persona`` (system-prompted) answers, and its accuracy is measured on this fold's."""
     fold_of = {p: i % FOLDS for i, p in enumerate(prompts)}
     folds = np.array([fold_of[p] for p in asked])
     flags = {name: np.zeros(len(asked)) for name in texts}
@@ -144,12 +138,12 @@ def cross_fitted_flags(classifier: Callable, texts: dict[str, list[str]], asked:
         if not len(test):
             continue
         scorer = classifier()
-        fitted.append(scorer.fit([texts[PROMPTED][i] for i in train], [texts[BASE][i] for i in train]))
+        fitted.append(scorer.fit([texts[persona][i] for i in train], [texts[plain][i] for i in train]))
         for name in texts:
             flags[name][test] = scorer.persona_flags([texts[name][i] for i in test])
-        correct += int(flags[PROMPTED][test].sum() + (1 - flags[BASE][test]).sum())
+        correct += int(flags[persona][test].sum() + (1 - flags[plain][test]).sum())
         scored += 2 * len(test)
-    return flags, {"fitted_on": f"this evaluation's {BASE} (plain) and {PROMPTED} (persona) answers, "
+    return flags, {"fitted_on": f"this evaluation's {plain} (plain) and {persona} (persona) answers, "
                                 f"cross-fitted over {FOLDS} folds of prompts",
                    "heldout_accuracy": correct / scored if scored else None,
                    "train_examples": [f["train_examples"] for f in fitted]}

@@ -1,8 +1,10 @@
 """The evaluation report: did the persona take, does it hold under pressure, did it change the
 model inside? (``character-training eval``, the ``eval`` stage of a recipe.)
 
-Every condition answers the same evaluation prompts (the run's held-out prompts plus shipped
-neutral prompts across domains):
+Every condition answers the same evaluation prompts: the run's held-out prompts (does the persona
+show where its traits ask for it?) and the shipped general prompts (evaluation/capability.py
+``general_prompts``, written for this project and derived from no constitution: does it show
+where no trait asked for it?), reported apart:
 
   base                        the base model, no system prompt
   base+system_prompt          the base model with the constitution as its system prompt
@@ -126,18 +128,18 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
     if not pairs:
         raise UserError("no teacher-vs-student pairs to train the persona classifier on; run the pairs stage")
     hashes = _forget_stale(out, model_path, adapters, log)  # the adapters' weights, hashed once
-    heldout, neutral = _prompts(heldout, settings)
-    contamination = _contamination(heldout + neutral, training_texts, log)
+    heldout, general = _prompts(heldout, settings)
+    contamination = _contamination(heldout + general, training_texts, log)
     clean = set(contamination.pop("kept_prompts"))
-    heldout, neutral = [p for p in heldout if p in clean], [p for p in neutral if p in clean]
-    prompts = heldout + neutral
+    heldout, general = [p for p in heldout if p in clean], [p for p in general if p in clean]
+    prompts = heldout + general
     if not prompts:
         raise UserError("no evaluation prompt is left: every one is in the run's training data (report.json, "
-                        "contamination); rerun the prompts stage, or raise eval.neutral_prompts")
+                        "contamination); rerun the prompts stage, or raise eval.general_prompts")
     k = settings.samples_per_prompt
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row (answers are sampled)
     report: dict = {"model": model_path, "adapters": adapters, "seed": seed, "sampling": sampling.to_dict(),
-                    "settings": asdict(settings), "prompts": {"heldout": len(heldout), "neutral": len(neutral),
+                    "settings": asdict(settings), "prompts": {"heldout": len(heldout), "general": len(general),
                                                               "samples_per_prompt": k},
                     "markers": list(constitution.markers),
                     "contamination": contamination}
@@ -176,12 +178,13 @@ def evaluate(*, backend, judge, model_path: str, constitution, system_prompt: st
 
 
 def _prompts(heldout: list[str], settings: EvalSettings) -> tuple[list[str], list[str]]:
-    """(held-out prompts without repeats, the shipped neutral prompts added to them)."""
+    """(held-out prompts without repeats, the first ``eval.general_prompts`` shipped general prompts
+    that are not among them)."""
     from character_training.evaluation import capability
 
     heldout = list(dict.fromkeys(heldout))
-    neutral = [p for p in (r["prompt"] for r in capability.load_neutral_prompts()) if p not in heldout]
-    return heldout, neutral[:settings.neutral_prompts]
+    general = [p for p in capability.general_prompts(settings.general_prompts + len(heldout)) if p not in heldout]
+    return heldout, general[:settings.general_prompts]
 
 
 def _contamination(prompts: list[str], training_texts: dict[str, list[str]], log) -> dict:
@@ -229,7 +232,7 @@ def _classify(classifier, conditions: list[Condition], generated: dict, asked: l
     records = []
     for cond in conditions:
         completions = generated[cond.name]["completions"]
-        records += [{"condition": cond.name, "prompt": p, "source": "heldout" if p in heldout else "neutral",
+        records += [{"condition": cond.name, "prompt": p, "source": "heldout" if p in heldout else "general",
                      "answer": t, "persona": bool(f), "finish_reason": c.finish_reason,
                      **({"markers": markers_in(t, markers)} if markers else {})}
                     for p, t, f, c in zip(asked, texts_of[cond.name], flags_of[cond.name], completions)]
@@ -240,14 +243,14 @@ def _paired(conditions: list[Condition], generated: dict, asked: list[str], held
             adapters: dict[str, str], k: int, seed: int, markers: tuple[str, ...]) -> dict:
     """Each adapter against the system prompt and against base, the system prompt against base,
     and each adapter against each later one (two recipes in one report), as paired differences over
-    prompts (core.answer_metrics), on the held-out and on the neutral prompts apart."""
+    prompts (core.answer_metrics), on the held-out and on the general prompts apart."""
     per_answer = {cond.name: answer_metrics(answers_of(generated[cond.name]), flags_of[cond.name], markers)
                   for cond in conditions}
     names = list(adapters)
     comparisons = ([(name, other) for name in names for other in (PROMPTED, BASE)] + [(PROMPTED, BASE)]
                    + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])  # recipe against recipe
     found = {}
-    for stratum in ("heldout", "neutral"):
+    for stratum in ("heldout", "general"):
         idx = np.array([i for i, p in enumerate(asked) if (p in heldout) == (stratum == "heldout")], dtype=int)
         if len(idx):
             found[stratum] = paired_comparisons(per_answer, idx, comparisons, k, seed)
@@ -277,7 +280,7 @@ def _surface(out: Path, model_path: str, conditions: list[Condition], generated:
              heldout: set[str], flags_of: dict, records: list[dict], seed: int, log, samples_per_prompt: int = 1,
              markers: tuple[str, ...] = ()) -> dict:
     """Each condition's surface metrics (core.surface_metrics) and its persona rate on the
-    held-out and on the neutral prompts; the perplexities are kept in parts/answer_nll.json."""
+    held-out and on the general prompts; the perplexities are kept in parts/answer_nll.json."""
     log("[eval] persona rate and coherence")
     nll_all = kept_part(out, "answer_nll", input_key(model_path, prompts, [r["answer"] for r in records]),
                         lambda: {"nll": {c.name: answer_perplexities(model_path, prompts,
@@ -292,7 +295,7 @@ def _surface(out: Path, model_path: str, conditions: list[Condition], generated:
                                                                     [tuple(x) for x in nll_all[cond.name]],
                                                                     [c.finished for c in completions], seed,
                                                                     samples_per_prompt, markers)}
-        for stratum in ("heldout", "neutral"):
+        for stratum in ("heldout", "general"):
             idx = [i for i, p in enumerate(prompts) if (p in heldout) == (stratum == "heldout")]
             if idx:
                 results[cond.name][f"persona_rate_{stratum}"] = float(flags[idx].mean())

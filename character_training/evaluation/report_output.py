@@ -158,7 +158,7 @@ def markdown_report(report: dict) -> str:
     lines = ["# Persona evaluation", "",
              f"Model `{report['model']}`; adapters: " + (", ".join(f"`{n}` ({p})" for n, p in report["adapters"].items())
                                                          or "none") + ".",
-             f"{report['prompts']['heldout']} held-out prompts and {report['prompts']['neutral']} neutral prompts, "
+             f"{report['prompts']['heldout']} held-out prompts and {report['prompts']['general']} general prompts, "
              f"{report['prompts'].get('samples_per_prompt', 1)} answer(s) each (intervals resample prompts); "
              f"sampling {report['sampling']}; seed {report['seed']}.", "",
              "## Persona rate, with coherence beside it", "",

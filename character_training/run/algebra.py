@@ -5,7 +5,7 @@
 Each ``--persona`` is the recipe of a finished run: its constitution (name, system prompt,
 markers), its run's pairs (the persona's classifier and vector), held-out prompts and final
 adapter (the last training stage's, whichever it is). Both runs must be on the same base model.
-``--set eval.KEY=VALUE`` sets the evaluation (sampling, samples_per_prompt, neutral_prompts,
+``--set eval.KEY=VALUE`` sets the evaluation (sampling, samples_per_prompt, general_prompts,
 persona_vectors; the defaults are EvalSettings', not either recipe's, so that neither persona's
 recipe decides for both). Everything is checked before anything is written; the output is a new
 directory, or one this command made (a rerun resumes it).
@@ -20,7 +20,7 @@ from pathlib import Path
 from character_training.errors import UserError
 
 # The EvalSettings the algebra report reads; the others (adversarial, judge, ...) are the full report's.
-ALGEBRA_SETTINGS = ("temperature", "top_p", "max_tokens", "samples_per_prompt", "neutral_prompts", "persona_vectors")
+ALGEBRA_SETTINGS = ("temperature", "top_p", "max_tokens", "samples_per_prompt", "general_prompts", "persona_vectors")
 VLLM_MAX_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts
 
 
@@ -90,13 +90,13 @@ def load_persona(key: str, recipe_path: str, engines):
     check_adapter_dir(adapter, where)  # complete, finite safetensors weights
     pairs_path = layout.data_file(run_dir, "pairs", layout.PAIRS)
     if not pairs_path.is_file():
-        raise UserError(f"{where}: {pairs_path} missing; the algebra trains each persona's classifier and persona "
-                        f"vector on its run's teacher/student pairs: add 'pairs' to the recipe's stages, then {fix}")
+        raise UserError(f"{where}: {pairs_path} missing; the algebra takes each persona's persona "
+                        f"vector from its run's teacher/student pairs: add 'pairs' to the recipe's stages, then {fix}")
     pairs = read_jsonl(pairs_path)
     if not pairs:
         raise UserError(f"{where}: {pairs_path} is empty (every pair was dropped: see "
                         f"{pairs_path.parent / 'manifest.json'}); "
-                        f"its classifier needs teacher/student pairs: rerun its pairs stage with `character-training "
+                        f"its persona vector needs teacher/student pairs: rerun its pairs stage with `character-training "
                         f"run {recipe_path} --force pairs`")
     try:
         heldout = ctx.prompts("heldout")

@@ -149,9 +149,10 @@ def markdown_report(report: dict) -> str:
     prompts = report["prompts"]
     lines = [f"# Persona algebra: A = {a}, B = {b}", "",
              f"Model `{report['model']}`. Every condition answered the same {prompts['total']} prompts "
-             f"({prompts['heldout']} held out by the runs, {prompts['neutral']} neutral) x "
+             f"({prompts['heldout']} held out by the runs, {prompts['general']} general) x "
              f"{prompts['samples_per_prompt']} (sampling: {_sampling(report['sampling'])}). Rates: each persona's own "
-             "classifier (trained on its own pairs) and its constitution's markers; intervals are 95% bootstrap "
+             "classifier (fitted on this report's base and that persona's system-prompted answers, cross-fitted over "
+             "two folds of prompts; never on the runs' pairs) and its constitution's markers; intervals are 95% bootstrap "
              "intervals resampling prompts (paired across conditions in the answers below).", "",
              "![rates](heatmap.png)", "", *_rate_table(report), ""]
     lines += _answers_md(report)
@@ -264,8 +265,9 @@ def _checks_md(report: dict) -> list[str]:
              f"data; {found}."]
     for p, info in report["personas"].items():
         cls = info["classifier"]
-        acc = f", cross-validated accuracy {cls['cv_accuracy']:.2f}" if cls.get("cv_accuracy") is not None else ""
-        lines.append(f"Classifier {p} ({info['name']}): {cls['train_examples']} teacher/student answers{acc}.")
+        acc = (f"; accuracy on the held-out fold {cls['heldout_accuracy']:.2f}"
+               if cls.get("heldout_accuracy") is not None else "")
+        lines.append(f"Classifier {p} ({info['name']}): fitted on {cls['fitted_on']}{acc}.")
     for name, why in report.get("skipped", {}).items():
         lines.append(f"Skipped {name}: {why}")
     return lines

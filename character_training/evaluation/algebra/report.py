@@ -5,13 +5,13 @@ Two personas, A and B, each from its own run: its constitution (system prompt, m
 pairs (the teacher's persona answers against the student's plain ones) and its trained adapter.
 The conditions (conditions.py: base, each system prompt, each adapter, A+B, scaled,
 negated, orthogonalized, PEFT's sums, re-compressed) all answer the same prompts: both runs'
-held-out prompts and the shipped neutral prompts, none of them in either run's training data
+held-out prompts and the shipped general prompts, none of them in either run's training data
 (the contamination check leaves out any that is, and says so). vLLM engines with LoRA, one per
 adapter rank (``rank_groups``), answer every condition through the generation cache, so a killed
 run resumes.
 
-Per condition and persona: the persona rate by that persona's own classifier (trained on its
-own pairs only) and the share of answers with its markers, each with a 95% interval resampling
+Per condition and persona: the persona rate by that persona's own classifier and the share of
+answers with its markers, each with a 95% interval resampling
 prompts; per condition, coherence (distinct 3-grams, perplexity under the base model); and the
 projection of the condition's activations onto each persona's vector at its best layer, as a
 ratio to that persona's system-prompt condition. ``analyses`` turns these into the report's
@@ -34,7 +34,7 @@ from character_training.errors import UserError
 from character_training.evaluation.algebra.conditions import (PERSONAS, Spec, algebra_specs, build_adapters,
                                                               weight_check)
 from character_training.evaluation.algebra.output import analyses, markdown_report, plot_report
-from character_training.evaluation.core import (PARTS, Condition, answers_of, fit_classifier, forget_stale,
+from character_training.evaluation.core import (PARTS, Condition, answers_of, cross_fitted_flags, forget_stale,
                                                 generate_conditions, input_key, kept_part, surface_metrics)
 from character_training.evaluation.likelihood import answer_perplexities
 from character_training.config.markers import markers_in
@@ -53,7 +53,7 @@ class Persona:
     name: str                    # the constitution's name
     system_prompt: str           # the teacher's: the constitution (and the run's answer hint)
     adapter: str                 # the run's final adapter
-    pairs: list[dict]            # the run's teacher-vs-student pairs: its classifier and persona vector
+    pairs: list[dict]            # the run's teacher-vs-student pairs: its persona vector
     heldout: list[str]           # the run's held-out prompts
     markers: tuple[str, ...] = ()
     training_texts: dict[str, list[str]] = field(default_factory=dict)  # capability.training_texts_of_run
@@ -78,9 +78,9 @@ def algebra_report(*, engine: Callable[[list[str]], Backend], model_path: str, p
         raise ValueError(f"personas: give exactly {PERSONAS}, in that order")
     for p in personas:
         if not p.pairs:
-            raise UserError(f"persona {p.key} ({p.name}): no teacher-vs-student pairs to train its classifier and "
-                            f"persona vector on; run its recipe's pairs stage ({p.recipe or 'its recipe'})")
-    prompts, sources, contamination = evaluation_prompts(personas, settings.neutral_prompts, log)
+            raise UserError(f"persona {p.key} ({p.name}): no teacher-vs-student pairs to take its persona vector "
+                            f"from; run its recipe's pairs stage ({p.recipe or 'its recipe'})")
+    prompts, sources, contamination = evaluation_prompts(personas, settings.general_prompts, log)
     _forget_stale(out, model_path, personas, log)
     specs = algebra_specs()
     adapters, operations, skipped = build_adapters(specs, {p.key: p.adapter for p in personas}, out / "adapters",
@@ -89,10 +89,6 @@ def algebra_report(*, engine: Callable[[list[str]], Backend], model_path: str, p
     conditions = [_condition(s, personas, adapters) for s in specs]
     k = settings.samples_per_prompt
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row (answers are sampled)
-    classifiers, classifier_info = {}, {}
-    for p in personas:  # each on its own pairs' answers only: no evaluation prompt or answer
-        classifiers[p.key] = (classifier_factory or _persona_classifier)()
-        classifier_info[p.key] = fit_classifier(classifiers[p.key], p.pairs)
     vectors = _persona_vectors(out, model_path, personas, log) if settings.persona_vectors else {}
 
     groups = rank_groups(conditions)
@@ -106,20 +102,19 @@ def algebra_report(*, engine: Callable[[list[str]], Backend], model_path: str, p
     release()
 
     texts = {c.name: answers_of(generated[c.name]) for c in conditions}
-    flags = {c.name: {p.key: np.asarray(classifiers[p.key].persona_flags(texts[c.name]), dtype=float)
-                      for p in personas} for c in conditions}
+    flags, classifier_info = _cross_fitted(classifier_factory or _persona_classifier, texts, asked, prompts, personas)
     nll = kept_part(out, "answer_nll", input_key(model_path, asked, texts),
                     lambda: {name: answer_perplexities(model_path, asked, t, desc=f"perplexity: {name}")
                              for name, t in texts.items()})
     cells = _cells(specs, generated, texts, flags, nll, personas, adapters, seed, k)
     report = {"model": model_path, "seed": seed, "sampling": sampling.to_dict(),
-              "settings": {"samples_per_prompt": k, "neutral_prompts": settings.neutral_prompts,
+              "settings": {"samples_per_prompt": k, "general_prompts": settings.general_prompts,
                            "persona_vectors": settings.persona_vectors},
               "personas": {p.key: {"name": p.name, "adapter": p.adapter, "recipe": p.recipe, "run_dir": p.run_dir,
                                    "markers": list(p.markers), "pairs": len(p.pairs), "heldout": len(p.heldout),
                                    "classifier": classifier_info[p.key]} for p in personas},
-              "prompts": {"total": len(prompts), "neutral": sum(s == "neutral" for s in sources.values()),
-                          "heldout": sum(s != "neutral" for s in sources.values()), "samples_per_prompt": k},
+              "prompts": {"total": len(prompts), "general": sum(s == "general" for s in sources.values()),
+                          "heldout": sum(s != "general" for s in sources.values()), "samples_per_prompt": k},
               "contamination": contamination, "skipped": skipped, "operations": operations,
               "weights": weight_check(specs, adapters), "conditions": cells}
     if vectors:
@@ -140,39 +135,55 @@ def _persona_classifier():
     return PersonaClassifier()
 
 
+def _cross_fitted(classifier_factory, texts: dict[str, list[str]], asked: list[str], prompts: list[str],
+                  personas: list[Persona]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict]]:
+    """({condition: {persona: flags}}, {persona: its scorer's summary}). Each persona's scorer is
+    fitted on this report's own answers, base (plain) against that persona's system prompt
+    (persona), cross-fitted over two folds of prompts (core.cross_fitted_flags): never on the
+    run's pairs, which its pairs stage selected and its adapter learned."""
+    flags: dict[str, dict[str, np.ndarray]] = {name: {} for name in texts}
+    info = {}
+    for p in personas:
+        found, info[p.key] = cross_fitted_flags(classifier_factory, texts, asked, prompts,
+                                                persona=f"{p.key} prompt", plain="base")
+        for name, f in found.items():
+            flags[name][p.key] = np.asarray(f, dtype=float)
+    return flags, info
+
+
 # ----------------------------------------------------------------------------------- prompts
 
-def evaluation_prompts(personas: list[Persona], neutral: int, log) -> tuple[list[str], dict[str, str], dict]:
+def evaluation_prompts(personas: list[Persona], general: int, log) -> tuple[list[str], dict[str, str], dict]:
     """(the prompts every condition answers, {prompt: where it comes from}, the contamination check):
-    both runs' held-out prompts, then up to ``neutral`` shipped neutral prompts. A prompt found in
+    both runs' held-out prompts, then up to ``general`` shipped general prompts. A prompt found in
     either run's training data (a near-duplicate or a quote: contamination.check_contamination) is left out."""
-    from character_training.evaluation.capability import load_neutral_prompts
+    from character_training.evaluation.capability import general_prompts
     from character_training.evaluation.contamination import check_contamination
 
     heldout: dict[str, list[str]] = {}
     for p in personas:
         for prompt in dict.fromkeys(p.heldout):
             heldout.setdefault(prompt, []).append(p.key)
-    shipped = [r["prompt"] for r in load_neutral_prompts() if r["prompt"] not in heldout]
+    shipped = [q for q in general_prompts(general + len(heldout)) if q not in heldout]
     training = {f"{p.key} ({p.name}) {source}": texts for p in personas for source, texts in p.training_texts.items()}
     log("[algebra] contamination check: evaluation prompts against both runs' training data")
     found = check_contamination(list(heldout) + shipped, [t for texts in training.values() for t in texts])
     bad = {d["prompt"] for d in found.dropped}
     left_out = [q for q in heldout if q in bad]
-    neutral_kept: list[str] = []
-    for q in shipped:  # the first ``neutral`` clean ones; a contaminated one is replaced by the next
-        if len(neutral_kept) == neutral:
+    general_kept: list[str] = []
+    for q in shipped:  # the first ``general`` clean ones; a contaminated one is replaced by the next
+        if len(general_kept) == general:
             break
-        (left_out if q in bad else neutral_kept).append(q)
+        (left_out if q in bad else general_kept).append(q)
     if left_out:
         log(f"[algebra] WARNING: {len(left_out)} evaluation prompt(s) appear in a run's training data (exactly or "
             "nearly): left out of the evaluation (listed in algebra.json, contamination.left_out)")
-    kept = [q for q in heldout if q not in bad] + neutral_kept
+    kept = [q for q in heldout if q not in bad] + general_kept
     if not kept:
         raise UserError("no evaluation prompt is left: every held-out prompt of both runs is in a run's training "
-                        "data and no neutral prompt was asked for; raise --set eval.neutral_prompts=12, or rerun a "
+                        "data and no general prompt was asked for; raise --set eval.general_prompts=48, or rerun a "
                         "run's prompts stage so that its held-out prompts are new")
-    sources = {q: ("heldout " + "+".join(heldout[q]) if q in heldout else "neutral") for q in kept}
+    sources = {q: ("heldout " + "+".join(heldout[q]) if q in heldout else "general") for q in kept}
     matches = [d for d in found.dropped if d["prompt"] in set(left_out)]
     return kept, sources, {"clean": not left_out, "left_out": left_out, "matches": matches,
                            "checked": len(heldout) + len(shipped),
