@@ -32,6 +32,8 @@ class EvalSettings:
     persistence_conversations: int = 16  # how many (each a different sequence of held-out prompts)
     spread_per_kind: int = 0            # requests for a format (JSON, code, summary, tool call, translation) of each kind:
                                         # does the persona leak into them, does it break the format? (0: skip)
+    side_effects: bool | list = False   # off-target traits (config/off_target.py): did the adapter move toward
+                                        # them? true: every trait of the bank; a list: those traits (false: skip)
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
@@ -50,6 +52,10 @@ class EvalSettings:
         if self.persistence_turns and self.persistence_conversations < 2:
             raise UserError(f"persistence_conversations: {self.persistence_conversations}; give 2 or more (the "
                             "persona classifier is cross-fitted over two folds of conversations)")
+        if self.side_effects is not False:
+            from character_training.config.off_target import select_traits
+
+            select_traits(self.side_effects, "side_effects")
         check_sampling(self)  # the eval engine's sampling: vLLM's ranges, before any engine starts
         if self.report not in REPORTS:
             raise UserError(f"report: '{self.report}'; use 'full' (the report: adversarial, prefill, "

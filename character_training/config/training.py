@@ -72,6 +72,41 @@ def check_loop_negatives(share: float) -> None:
                         "of the pairs also train against a looping copy of their chosen answer)")
 
 
+@dataclass(frozen=True)
+class ScreenSettings:
+    """``screen:`` of the stages that train on teacher answers (dpo, kto, distill, sft): before
+    training, each example is scored by how far its teacher answer lies past the student's
+    along each off-target trait (config/off_target.py; run/screening.py), in units of the
+    trait's vector (1: as far as the trait's system prompt moves the base model), and dropped
+    when past ``threshold`` on any trait, or among the ``top_fraction`` highest on any trait.
+    Off unless one of the two is given."""
+
+    traits: list | None = None          # off-target trait names; None: every trait of the bank
+    threshold: float | None = None      # drop examples scoring above this on any trait
+    top_fraction: float | None = None   # or drop the floor(top_fraction * n) highest on each trait
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None or self.top_fraction is not None
+
+    def __post_init__(self):
+        from character_training.config.off_target import select_traits
+
+        if self.threshold is not None and self.top_fraction is not None:
+            raise UserError(f"threshold: {self.threshold} and top_fraction {self.top_fraction} both given; "
+                            "give one (threshold: a score in trait units, e.g. 0.5; top_fraction: a share, e.g. 0.1)")
+        if self.traits is not None and not self.enabled:
+            raise UserError("traits: given without threshold or top_fraction; add one (e.g. threshold: 0.5 "
+                            "or top_fraction: 0.1), or leave screen out")
+        if self.threshold is not None and (not _number(self.threshold) or abs(self.threshold) == float("inf")):
+            raise UserError(f"threshold: {self.threshold!r}; give a finite number (in trait units: 1 is as "
+                            "far as the trait's system prompt moves the base model; 0.5 is a usual start)")
+        if self.top_fraction is not None and (not _number(self.top_fraction) or not 0 < self.top_fraction < 1):
+            raise UserError(f"top_fraction: {self.top_fraction!r}; give a share above 0 and below 1, e.g. 0.1")
+        if self.enabled:
+            select_traits(self.traits, "traits")
+
+
 # The TRL trainer fields of each stage where a recipe's ``trainer`` leaves them out.
 #
 # SFT: the character's turns are trained, the user's are context.
@@ -222,6 +257,7 @@ class PairsSection(TrainingSection):
     data: list = field(default_factory=lambda: ["pairs"])  # stages whose pairs.jsonl it trains on: pairs, critique, rlaif
     system_prompt: str | None = None  # training-time system prompt (inoculation-style), absent at evaluation
     overlong: str = "truncate"  # examples over trainer.max_length: "truncate" (TRL cuts them) or "drop"; counted
+    screen: ScreenSettings = field(default_factory=ScreenSettings)  # drop pairs that pull toward off-target traits
 
     def __post_init__(self):
         super().__post_init__()
@@ -258,6 +294,7 @@ class SftSection(TrainingSection):
     data: list = field(default_factory=lambda: ["critique", "reflection", "interaction"])  # those that ran
     system_prompt: str | None = None
     overlong: str = "truncate"
+    screen: ScreenSettings = field(default_factory=ScreenSettings)  # drop conversations that pull off-target
 
     def __post_init__(self):
         super().__post_init__()
@@ -315,6 +352,7 @@ class DistillSection(TrainingSection):
     activation_weight: float = 0.0  # weight of the activation-consistency term; 0: off
     layers: list | str = "best"  # hidden_states layers (1..L) for it, or the persona vectors' best layer
     activation_loss: str = "mse"  # "mse" (normalized by the teacher's mean squared norm) or "cosine"
+    screen: ScreenSettings = field(default_factory=ScreenSettings)  # drop examples that pull off-target
 
     def __post_init__(self):
         super().__post_init__()
