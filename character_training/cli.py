@@ -4,7 +4,7 @@
     character-training constitution new NAME [-o FILE]
     character-training constitution import FILE -o OUT.yaml
     character-training run RECIPE.yaml [--force STAGE] [--set KEY=VALUE] [--model M] [--run-dir D]
-    character-training eval RECIPE.yaml [--adapter DIR] [--also NAME=DIR] [--set KEY=VALUE]
+    character-training eval RECIPE.yaml [--adapter DIR] [--also NAME=DIR] [--set KEY=VALUE] [--side-effects [TRAIT...]]
     character-training generate STAGE --constitution C -o DIR [--set KEY=VALUE]
     character-training train {dpo,sft,lm,grpo,distill} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
     character-training adapters {compose,orthogonalize,scale,inspect} ...
@@ -119,6 +119,8 @@ def _eval(args) -> int:
     from data_gen.backends import Engines
 
     recipe = _load_recipe(args)
+    if args.side_effects is not None:
+        return _side_effects(args, recipe)
     out = _eval_output(args, recipe)
     with Engines() as engines:
         ctx = make_context(recipe, engines, Given(adapter=args.adapter, also=args.also or []))
@@ -127,6 +129,32 @@ def _eval(args) -> int:
         layout.make_stage_dir(out, EVAL_STAGE)
         manifest = stages.run_stage(ctx, EVAL_STAGE, out, stages.recorded_inputs(ctx, EVAL_STAGE))
     print("\n" + stages.summary(manifest, out))
+    return 0
+
+
+def _side_effects(args, recipe) -> int:
+    """``eval --side-effects``: the side-effect report alone (run/stages.py's ``side_effects``) of
+    the adapters named, in -o or RUN_DIR/eval/side_effects."""
+    from character_training.config import layout
+    from character_training.config.off_target import select_traits
+    from character_training.config.stages import EVAL_STAGE
+    from character_training.run import stages
+    from character_training.run.context import Given, make_context
+    from data_gen.backends import Engines
+
+    setting = recipe.eval.side_effects
+    traits = args.side_effects or (True if setting is False else setting)
+    select_traits(traits, "--side-effects")  # an unknown name, before anything starts
+    out = Path(args.output) if args.output else layout.stage_dir(recipe.run_dir, EVAL_STAGE) / stages.SIDE_EFFECTS
+    adapters = [a.partition("=")[2] if "=" in a else a for a in [args.adapter, *(args.also or [])] if a]
+    layout.check_output(out, stages.SIDE_EFFECTS, "-o" if args.output else "the side-effect directory",
+                        inputs=_local_inputs(recipe.constitution, recipe.model, *adapters), force=args.fresh)
+    if args.fresh:
+        layout.clear_stage_dir(out, keep_resume=False)
+    with Engines() as engines:
+        ctx = make_context(recipe, engines, Given(adapter=args.adapter, also=args.also or []))
+        stages.side_effects(ctx, None, stages.eval_adapters(ctx), out, traits)
+    print(f"\nreport: {out / 'side_effects.json'} (answers, plot beside it)")
     return 0
 
 
@@ -423,6 +451,10 @@ def _add_recipe_commands(sub) -> None:
             p.add_argument("--also", action="append", metavar="[NAME=]PATH",
                            help="another adapter in the same report (the quick check or the full one), compared with the "
                                 "first as paired differences, e.g. another recipe's (repeatable)")
+            p.add_argument("--side-effects", nargs="*", metavar="TRAIT",
+                           help="only the side-effect report: each adapter's shift against the base model along the "
+                                "off-target traits named (default: the recipe's eval.side_effects, else all of the bank's: "
+                                "sycophancy, hostility, fabrication, refusal)")
             p.add_argument("--fresh", action="store_true",
                            help="start from nothing (by default a killed evaluation resumes from its caches)")
             p.add_argument("-o", "--output", help="report directory (default: RUN_DIR/eval): a new or empty one, or "

@@ -130,8 +130,9 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
                              samples_per_prompt=e.samples_per_prompt, markers=ctx.constitution.markers)
         persisted = _persistence(e, ctx, backend, first, sets["heldout"], training, out, sampling)
         spread = _spread(e, ctx, backend, first, out)
+        side = _side_effects(e, ctx, backend, {ADAPTER: first, **also}, out)
         return {"stage": "eval", "adapter": adapter, **({"also": also} if also else {}), **report, **persisted,
-                **spread}
+                **spread, **side}
 
     from character_training.evaluation.report import adapter_names, evaluate
 
@@ -162,8 +163,9 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
     persisted = _persistence(e, ctx, engine() if e.persistence_turns else None, first, ctx.prompts("heldout"),
                              [t for texts in training_texts_of_run(ctx.run_dir).values() for t in texts], out, sampling)
     spread = _spread(e, ctx, engine() if e.spread_per_kind else None, first, out)
+    side = _side_effects(e, ctx, engine() if e.side_effects is not False else None, named, out)
     return {"stage": "eval", "adapter": adapter, "adapters": named, "conditions": report["conditions"],
-            "report": "report.md", **persisted, **spread}
+            "report": "report.md", **persisted, **spread, **side}
 
 
 def _spread(e, ctx: Context, backend, adapter: str, out: Path) -> dict:
@@ -207,6 +209,49 @@ def _persistence(e, ctx: Context, backend, adapter: str, heldout: list[str], tra
                             "report": "persistence/persistence.json"}}
 
 
+def _side_effects(e, ctx: Context, backend, adapters: dict[str, str], out: Path) -> dict:
+    """``eval.side_effects``: each adapter's shift against the base model along the off-target
+    traits (evaluation/side_effects.py), in OUT/side_effects/."""
+    if e.side_effects is False:
+        return {}
+    report = side_effects(ctx, backend, adapters, out / SIDE_EFFECTS, e.side_effects)
+    return {"side_effects": {"traits": report["traits"], "report": f"{SIDE_EFFECTS}/side_effects.json"}}
+
+
+SIDE_EFFECTS = "side_effects"  # the side-effect report's directory, in the eval directory
+
+
+def side_effects(ctx: Context, backend, adapters: dict[str, str], out: Path, traits=True) -> dict:
+    """The side-effect report of ``adapters`` ({name: path}) on the off-target ``traits`` (True:
+    all), with the run's kept trait extractions (run/screening.py's cache), printed as a table.
+    ``backend``: the eval engine (None: started here)."""
+    from character_training.config.off_target import select_traits
+    from character_training.evaluation.side_effects import format_side_effects, side_effects_check
+    from character_training.run.screening import trait_cache, trait_sampling
+
+    chosen = select_traits(traits, "eval.side_effects")
+    layout.mark(out, SIDE_EFFECTS)
+    backend = backend or eval_engine(ctx, list(adapters.values()))
+    report = side_effects_check(backend, adapters, chosen, out, model=ctx.model, cache_dir=trait_cache(ctx, out),
+                                sampling=trait_sampling(ctx.recipe.eval), seed=ctx.recipe.seed,
+                                release=ctx.engines.release)
+    print(format_side_effects(report), flush=True)
+    return report
+
+
+def eval_adapters(ctx: Context) -> dict[str, str]:
+    """{name: path} of the adapters an eval command names (--adapter, else the run's final one;
+    --also), each checked before any engine starts."""
+    from character_training.adapters.io import check_adapter_dir
+    from character_training.evaluation.report import adapter_names
+
+    adapter = ctx.given.adapter or (str(final_adapter(ctx)) if final_adapter(ctx) else None)
+    if adapter is None:
+        raise UserError(f"eval: no adapter to check: the recipe's stages ({', '.join(ctx.recipe.stages)}) train "
+                        "none; pass --adapter DIR")
+    for item in [adapter, *ctx.given.also]:
+        check_adapter_dir(item.partition("=")[2] if "=" in item else item, "--adapter" if item == adapter else "--also")
+    return adapter_names([adapter, *ctx.given.also])
 
 
 LAUNCH_RECIPE = "launch-recipe.json"  # a launched training stage's recipe, while it runs
@@ -238,6 +283,11 @@ def call(ctx: Context, stage: str, out: Path) -> dict:
     if BY_NAME[stage].kind == TRAIN and launch.enabled and not ctx.worker:
         from character_training.run.launch import run_launched
 
+        if getattr(section, "screen", None) is not None and section.screen.enabled:  # scored once, here: the
+            from character_training.run.context import data_files  # launched processes read screen.json back
+            from character_training.run.screening import screen_files
+
+            screen_files(section, ctx, out, data_files(ctx, stage, _screened_kinds(stage)))
         ctx.engines.release()
         # The launched processes read the recipe itself (recipe.json shows server credentials as ***),
         # from a file only this user may read, removed when they are done.
@@ -250,6 +300,11 @@ def call(ctx: Context, stage: str, out: Path) -> dict:
         finally:
             recipe_file.unlink(missing_ok=True)
     return STAGE_FUNCTIONS[stage](section, ctx, out)
+
+
+def _screened_kinds(stage: str) -> dict[str, str]:
+    """The data files a screened training stage reads (as its function in run/training.py does)."""
+    return {"sft": layout.CHATS, "distill": {**layout.PAIRS, **layout.CHATS}}.get(stage, layout.PAIRS)
 
 
 def check_model_fit(ctx: Context, names, where: str) -> None:

@@ -16,6 +16,7 @@ from character_training.errors import UserError
 from character_training.config import layout
 from character_training.config.stages import writers
 from character_training.run.context import Context, data_files, previous_adapter, prompts_stage
+from character_training.run.screening import recorded, screen_files
 from data_gen.backends import Sampling
 from data_gen.store import PREFERENCES, read_jsonl, read_manifest, write_jsonl
 
@@ -85,32 +86,32 @@ def stage_midtrain(section, ctx: Context, out: Path) -> dict:
 def stage_dpo(section, ctx: Context, out: Path) -> dict:
     from character_training.train.dpo import train_dpo
 
-    files = data_files(ctx, "dpo", layout.PAIRS)
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "dpo", layout.PAIRS))
     if len(files) == 1:
         pairs = files[0]
     else:  # several pair sources train together
         pairs = out / "train_pairs.jsonl"
         write_jsonl(pairs, (r for f in files for r in read_jsonl(f)))
-    return _train_stage(ctx, section, out, lambda **kw: train_dpo(
+    return recorded(_train_stage(ctx, section, out, lambda **kw: train_dpo(
         ctx.model, pairs, out, system_prompt=section.system_prompt, overlong=section.overlong,
-        loop_negatives=section.loop_negatives, **kw), "dpo")
+        loop_negatives=section.loop_negatives, **kw), "dpo"), screen)
 
 
 def stage_kto(section, ctx: Context, out: Path) -> dict:
     """KTO on the pairs' answers, unpaired: chosen desirable, rejected undesirable."""
     from character_training.train.kto import train_kto
 
-    files = data_files(ctx, "kto", layout.PAIRS)
-    return _train_stage(ctx, section, out, lambda **kw: train_kto(
-        ctx.model, files, out, system_prompt=section.system_prompt, overlong=section.overlong, **kw), "kto")
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "kto", layout.PAIRS))
+    return recorded(_train_stage(ctx, section, out, lambda **kw: train_kto(
+        ctx.model, files, out, system_prompt=section.system_prompt, overlong=section.overlong, **kw), "kto"), screen)
 
 
 def stage_sft(section, ctx: Context, out: Path) -> dict:
     from character_training.train.sft import train_sft
 
-    files = data_files(ctx, "sft", layout.CHATS)
-    return _train_stage(ctx, section, out, lambda **kw: train_sft(
-        ctx.model, files, out, system_prompt=section.system_prompt, overlong=section.overlong, **kw), "sft")
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "sft", layout.CHATS))
+    return recorded(_train_stage(ctx, section, out, lambda **kw: train_sft(
+        ctx.model, files, out, system_prompt=section.system_prompt, overlong=section.overlong, **kw), "sft"), screen)
 
 
 def stage_distill(section, ctx: Context, out: Path) -> dict:
@@ -118,15 +119,15 @@ def stage_distill(section, ctx: Context, out: Path) -> dict:
     next-token distribution on the teacher's answers (pairs' chosen answers, or conversations)."""
     from character_training.train.distill import train_distill
 
-    files = data_files(ctx, "distill", {**layout.PAIRS, **layout.CHATS})
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "distill", {**layout.PAIRS, **layout.CHATS}))
     if section.activation_weight > 0 and section.layers == "best":
         if ctx.given.standalone:
             raise UserError("train distill: layers 'best' is found from a run's pairs (in a recipe); on its own give "
                             "the layers, e.g. --set 'layers=[12]' (see `character-training eval`'s persona vectors)")
         section = replace(section, layers=[persona_best_layer(ctx, out)])
-    return _train_stage(ctx, section, out, lambda **kw: train_distill(
+    return recorded(_train_stage(ctx, section, out, lambda **kw: train_distill(
         ctx.model, files, out, teacher_system_prompt=ctx.teacher_prompt(),
-        student_system_prompt=section.student_system_prompt, settings=section, **kw), "distill")
+        student_system_prompt=section.student_system_prompt, settings=section, **kw), "distill"), screen)
 
 
 def persona_best_layer(ctx: Context, out: Path) -> int:
