@@ -207,3 +207,46 @@ def test_the_check_refuses_an_adapter_named_like_a_reference(tmp_path):
     with pytest.raises(UserError, match="name it otherwise"):
         side_effects_check(Backend(), {"base": "/a"}, traits, tmp_path, model="m", cache_dir=None, reader=Reader(),
                            classifier_factory=KeywordClassifier)
+
+
+# ------------------------------------------------------------------ the command and the settings
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    import yaml
+
+    constitution = tmp_path / "toy.yaml"
+    constitution.write_text(yaml.safe_dump({"name": "toy", "description": "A toy.",
+                                            "traits": [{"trait": "I am a toy.", "questions": ["What are you?"]}]}))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"constitution": str(constitution), "run_dir": str(tmp_path / "run")}))
+    return path
+
+
+def test_eval_side_effects_refuses_an_unknown_trait_before_anything_starts(recipe, capsys, monkeypatch):
+    from character_training import cli
+    from character_training.run import stages
+
+    monkeypatch.setattr(stages, "side_effects", lambda *a, **k: pytest.fail("the check started"))
+    assert cli.main(["eval", str(recipe), "--side-effects", "sycophanty"]) == 2
+    err = capsys.readouterr().err
+    assert "--side-effects: unknown off-target trait 'sycophanty' (did you mean 'sycophancy'?)" in err
+    assert cli.main(["eval", str(recipe), "--set", "eval.side_effects=[hostile]"]) == 2
+    assert "eval.side_effects: unknown off-target trait 'hostile' (did you mean 'hostility'?)" in capsys.readouterr().err
+
+
+def test_eval_side_effects_runs_the_check_alone_into_the_eval_directory(recipe, tmp_path, monkeypatch):
+    from character_training import cli
+    from character_training.run import stages
+
+    asked = {}
+    monkeypatch.setattr(stages, "eval_adapters", lambda ctx: {"a": "/a"})
+    monkeypatch.setattr(stages, "side_effects", lambda ctx, backend, adapters, out, traits: asked.update(
+        adapters=adapters, out=out, traits=traits))
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "eval", lambda *a, **k: pytest.fail("the full evaluation started"))
+    assert cli.main(["eval", str(recipe), "--side-effects", "refusal", "hostility"]) == 0
+    assert asked == {"adapters": {"a": "/a"}, "out": tmp_path / "run" / "eval" / "side_effects",
+                     "traits": ["refusal", "hostility"]}
+    assert cli.main(["eval", str(recipe), "--side-effects", "--set", "eval.side_effects=[fabrication]"]) == 0
+    assert asked["traits"] == ["fabrication"]
