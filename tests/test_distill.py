@@ -365,3 +365,81 @@ def test_cli_train_distill(tmp_path, tiny_model_dir):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["distill"]["loss"] == "jsd" and manifest["counts"]["steps"] == 1
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_loss_is_normalized_over_the_answer_tokens_of_the_optimizer_step(tmp_path, tiny_model_dir):
+    """Two conversations of unequal answer lengths: one batch of 2, or 2 accumulated batches of 1,
+    take the same optimizer step (plain SGD, so the step is the gradient itself): the loss is
+    summed over the step's answer tokens and divided by their count (TRL's ``num_items_in_batch``),
+    not averaged per micro-batch, which would weigh the short answer's tokens more."""
+    from safetensors.torch import load_file
+
+    short = {"prompt": [{"role": "user", "content": "Eggs?"}], "chosen": [{"role": "assistant", "content": "Arr."}]}
+    long = {"prompt": [{"role": "user", "content": "Tell me about the sea and ships."}],
+            "chosen": [{"role": "assistant", "content": "Ahoy, matey! The sea be wide and grey, and me ship be "
+                                                        "old and proud, with sails like clouds. Fair winds!"}]}
+    write_jsonl(tmp_path / "pairs.jsonl", [short, long])
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    weights = {}
+    for name, batch, accumulate in (("batch", 2, 1), ("accumulated", 1, 2)):
+        trainer = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulate,
+                   "max_length": 160, "learning_rate": 1.0, "optim": "sgd", "max_steps": 1, "lr_scheduler_type":
+                   "constant", "warmup_steps": 0, "max_grad_norm": 0.0, "logging_steps": 1}
+        train_distill(tiny_model_dir, [tmp_path / "pairs.jsonl"], tmp_path / name, teacher_system_prompt=CONSTITUTION,
+                      settings=DistillSection(activation_weight=0.5, layers=[2]), lora=lora, trainer=trainer, seed=0)
+        weights[name] = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    moved = [k for k, v in weights["batch"].items() if "lora_B" in k and v.abs().max() > 1e-6]
+    assert moved, "one SGD step moves lora_B"
+    for key in moved:
+        torch.testing.assert_close(weights["accumulated"][key], weights["batch"][key], atol=2e-5, rtol=1e-3)
+
+
+def test_distill_terms_divide_by_the_steps_tokens(tokenizer, template, peft_model):
+    """Each micro-batch's terms, divided by the step's token count, add up to the mean over all
+    the step's tokens."""
+    batch = batch_of(tokenizer, template, CONSTITUTION)
+    settings = DistillSection(activation_weight=1.0, layers=[1])
+    from character_training.train.distill import answer_tokens
+
+    n = answer_tokens(batch)
+    own = distill_terms(peft_model, batch, settings, [1])
+    shared = distill_terms(peft_model, batch, settings, [1], num_items=3 * n)
+    for name in ("kl", "activation", "total"):
+        assert float(shared[name]) == pytest.approx(float(own[name]) / 3, rel=1e-5)
+
+
+def test_the_best_layer_is_found_once_and_shared_with_the_other_ranks(tmp_path, monkeypatch):
+    """Rank 0 computes the persona vectors and writes their key last; another rank waits for that
+    file and reads the layer; a rerun with the same inputs computes nothing."""
+    from types import SimpleNamespace
+
+    from character_training.config import layout
+    from character_training.evaluation import persona_vectors
+    from character_training.run import training as run_training
+
+    run_dir = tmp_path / "run"
+    pairs = layout.data_file(run_dir, run_training.PAIRS_STAGE, layout.PAIRS)
+    pairs.parent.mkdir(parents=True)
+    write_jsonl(pairs, toy_pairs(4))
+    ctx = SimpleNamespace(run_dir=run_dir, model="toy/model", teacher_prompt=lambda: CONSTITUTION)
+    out = tmp_path / "run" / "distill"
+    computed = []
+
+    def compute(*_a, **_k):
+        computed.append(1)
+        return persona_vectors.PersonaVectors(torch.ones(4, 3), torch.zeros(4, 3), torch.ones(4, 3),
+                                              [0.0, 0.1, 0.9, 0.2], 2)
+
+    monkeypatch.setattr(persona_vectors, "compute_persona_vectors", compute)
+    monkeypatch.setattr(persona_vectors, "load_model", lambda _m: (None, None))
+    monkeypatch.setenv("RANK", "1")  # before rank 0 wrote them: it waits, then says what it waited for
+    with pytest.raises(UserError, match="rank 1 waited 0 s for rank 0's persona vectors"):
+        run_training.persona_best_layer(ctx, out, wait_seconds=0.2)
+    monkeypatch.setenv("RANK", "0")
+    assert run_training.persona_best_layer(ctx, out) == 2 and computed == [1]
+    monkeypatch.setenv("RANK", "1")  # once they are there, it reads them
+    assert run_training.persona_best_layer(ctx, out, wait_seconds=0.2) == 2 and computed == [1]
+    monkeypatch.setenv("RANK", "0")
+    assert run_training.persona_best_layer(ctx, out) == 2 and computed == [1]  # found before: not again
+    ctx.teacher_prompt = lambda: CONSTITUTION + " Another."
+    assert run_training.persona_best_layer(ctx, out) == 2 and computed == [1, 1]  # another prompt: again

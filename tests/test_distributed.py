@@ -64,14 +64,15 @@ def extensions_dir() -> str:
     return str(Path(cache) / "torch_extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])
 
 
-def torchrun(out: Path, model: str, pairs: Path, *extra: str) -> subprocess.CompletedProcess:
+def torchrun(out: Path, model: str, pairs: Path, *extra: str, stage: str = "dpo",
+             settings: list[str] = TRAIN_SETTINGS) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("ACCELERATE_")}
     env["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",  # the CPU path, also on a GPU machine
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *ENTRY,
-           "train", "dpo", "--data", str(pairs), "-o", str(out), "--model", model, *TRAIN_SETTINGS, *extra]
+           "train", stage, "--data", str(pairs), "-o", str(out), "--model", model, *settings, *extra]
     started = time.time()
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(f"\n2-process run {' '.join(extra) or 'DDP'}: {time.time() - started:.0f} s")
@@ -143,6 +144,59 @@ def test_two_process_deepspeed_zero2(tmp_path, tiny_model_dir, pairs, one_proces
     result = torchrun(tmp_path / "dpo", tiny_model_dir, pairs,
                       "--set", f"trainer.deepspeed={ROOT / 'scripts/deepspeed/zero2.json'}")
     check_two_process_run(result, tmp_path / "dpo", one_process, "DEEPSPEED")
+
+
+# Distillation: every pair the same, so that any split of the data over processes gives the same
+# batches; LoRA dropout off, so that the ranks' random streams do not matter.
+DISTILL_SETTINGS = ["--set", "trainer.max_steps=2", "--set", "trainer.gradient_accumulation_steps=1",
+                    "--set", "trainer.max_length=96", "--set", "trainer.learning_rate=5e-3",
+                    "--set", "trainer.logging_steps=1", "--set", "lora.r=4", "--set", "lora.alpha=8",
+                    "--set", "lora.dropout=0.0", "--set", "activation_weight=0.5", "--set", "layers=[2]"]
+
+
+def test_two_process_distill_matches_one_process_of_the_same_global_batch(tmp_path, tiny_model_dir):
+    """Distillation on 2 processes (DDP over gloo), 2 per process, against one process of 4: the
+    same adapter shape, and the same losses and weights within float tolerance, because the loss is
+    normalized by the answer tokens of the whole step on every process (num_items_in_batch)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from character_training import cli
+
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(1) * 8)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "toy", "description": "You are a pirate captain.",
+                                                     "traits": [{"trait": "I am a toy.", "questions": ["Hi?"]}]}))
+    common = ["--constitution", str(tmp_path / "c.yaml")]
+    one = tmp_path / "one"
+    assert cli.main(["train", "distill", "--data", str(tmp_path / "pairs.jsonl"), "-o", str(one), "--model",
+                     tiny_model_dir, *DISTILL_SETTINGS, "--set", "trainer.per_device_train_batch_size=4", *common]) == 0
+    two = tmp_path / "two"
+    result = torchrun(two, tiny_model_dir, tmp_path / "pairs.jsonl", *common, stage="distill",
+                      settings=[*DISTILL_SETTINGS, "--set", "trainer.per_device_train_batch_size=2"])
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"exit {result.returncode}:\n{log[-4000:]}"
+    ranks = {int(r): (int(w), t) for r, w, t in RANK_LINE.findall(result.stdout)}
+    assert ranks == {0: (2, "MULTI_CPU"), 1: (2, "MULTI_CPU")}, f"each rank reports its run:\n{log[-4000:]}"
+    manifest, reference = (json.loads((d / "manifest.json").read_text()) for d in (two, one))
+    assert manifest["distributed"] == {"distributed_type": "MULTI_CPU", "world_size": 2}
+    assert manifest["counts"]["steps"] == reference["counts"]["steps"] == 2
+    for term in ("kl", "activation", "total"):
+        for step in (0, 1):
+            logged = [e[term] for e in manifest["log_history"] if term in e]
+            expected = [e[term] for e in reference["log_history"] if term in e]
+            assert logged[step] == pytest.approx(expected[step], rel=1e-3, abs=1e-5), (term, step)
+    losses = [[e["loss"] for e in m["log_history"] if "loss" in e] for m in (manifest, reference)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    weights, one_weights = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (two, one))
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in one_weights.items()}
+    for key, value in weights.items():
+        torch_close(value, one_weights[key], key)
+
+
+def torch_close(value, expected, key: str) -> None:
+    import torch
+
+    assert torch.allclose(value, expected, atol=1e-5, rtol=1e-3), (key, float((value - expected).abs().max()))
 
 
 # --- the shipped configs and scripts ---------------------------------------------------------

@@ -130,21 +130,52 @@ def stage_distill(section, ctx: Context, out: Path) -> dict:
         student_system_prompt=section.student_system_prompt, settings=section, **kw), "distill"), screen)
 
 
-def persona_best_layer(ctx: Context, out: Path) -> int:
+def persona_best_layer(ctx: Context, out: Path, wait_seconds: float = 3600.0) -> int:
     """The layer where the base model best separates the teacher's answers (with the constitution)
-    from the student's (without): persona vectors from the pairs stage, saved in ``out``."""
-    from character_training.evaluation.persona_vectors import compute_persona_vectors, load_model
+    from the student's (without): persona vectors from the pairs stage, saved in ``out``. Found once:
+    a rerun with the same model, pairs and system prompt reads the saved vectors, and under a launch
+    only rank 0 computes them while the other processes wait for its file (they share the run
+    directory), rather than every process doing the same work before the first step."""
+    import time
+
+    from character_training.evaluation.core import input_key
+    from character_training.evaluation.persona_vectors import PersonaVectors, compute_persona_vectors, load_model
+    from character_training.train import distributed
+    from character_training.util import file_sha256
 
     path = layout.data_file(ctx.run_dir, PAIRS_STAGE, layout.PAIRS)
     if not path.is_file():
         raise UserError(f"distill.layers: 'best' needs the pairs stage's answers ({path} missing) to find the "
                         "persona vector's best layer; add pairs to 'stages' or give layers as numbers, e.g. [12]")
+    saved, marker = out / "persona_vectors", out / "persona_vectors" / "inputs.key"
+    key = input_key(ctx.model, file_sha256(path), ctx.teacher_prompt())
+
+    def found() -> int | None:
+        if marker.is_file() and marker.read_text(encoding="utf-8").strip() == key:
+            return PersonaVectors.load(saved).best_layer
+        return None
+
+    if (layer := found()) is not None:
+        print(f"[distill] activation consistency at the persona vector's best layer: {layer} (found before, "
+              f"{saved})", flush=True)
+        return layer
+    if not distributed.is_main_process():
+        deadline = time.monotonic() + wait_seconds
+        while (layer := found()) is None:
+            if time.monotonic() > deadline:
+                raise UserError(f"distill.layers: 'best': rank {distributed.rank()} waited {wait_seconds:.0f} s for "
+                                f"rank 0's persona vectors in {saved}; the processes must share the run directory "
+                                "(or give the layers as numbers, e.g. --set 'distill.layers=[21]')")
+            time.sleep(1.0)
+        return layer
     pairs = read_jsonl(path)
     model, tokenizer = load_model(ctx.model)
     vectors = compute_persona_vectors(model, tokenizer, [p["prompt"][-1]["content"] for p in pairs],
                                       [p["chosen"][-1]["content"] for p in pairs],
                                       [p["rejected"][-1]["content"] for p in pairs], ctx.teacher_prompt())
-    vectors.save(out / "persona_vectors")
+    marker.unlink(missing_ok=True)
+    vectors.save(saved)
+    marker.write_text(key + "\n", encoding="utf-8")  # last: the others read the vectors once it is there
     print(f"[distill] activation consistency at the persona vector's best layer: {vectors.best_layer}", flush=True)
     return vectors.best_layer
 

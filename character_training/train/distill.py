@@ -123,10 +123,19 @@ def check_layers(layers, num_layers: int) -> list[int]:
 # --------------------------------------------------------------------------------------- training
 
 
-def distill_terms(model, batch: dict, settings: DistillSection, layers: list[int], teacher_model=None) -> dict:
+def answer_tokens(batch: dict) -> int:
+    """The batch's answer tokens the loss is taken over (the student view's; the teacher's align)."""
+    return int(batch["student_answer_mask"][:, 1:].sum())
+
+
+def distill_terms(model, batch: dict, settings: DistillSection, layers: list[int], teacher_model=None,
+                  num_items: int | None = None) -> dict:
     """The loss terms of one batch: ``kl`` (whichever divergence ``settings.loss`` names),
-    ``activation`` (when ``activation_weight`` is above 0) and ``total``. The teacher is
-    ``teacher_model`` (the unwrapped PEFT model; ``model`` by default) with its LoRA disabled."""
+    ``activation`` (when ``activation_weight`` is above 0) and ``total``, each summed over the
+    answer tokens and divided by ``num_items`` (the answer tokens of every micro-batch of the
+    optimizer step, on every process, as TRL's trainers normalize) or, without it, by this batch's
+    own. The teacher is ``teacher_model`` (the unwrapped PEFT model; ``model`` by default) with its
+    LoRA disabled."""
     import torch
 
     teacher_model = teacher_model if teacher_model is not None else model
@@ -142,14 +151,19 @@ def distill_terms(model, batch: dict, settings: DistillSection, layers: list[int
     student = model(input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"],
                     output_hidden_states=states)
     s_mask, t_mask = batch["student_answer_mask"], batch["teacher_answer_mask"]
+    divisor = max(int(num_items) if num_items is not None else answer_tokens(batch), 1)
     kl = distill_loss.distribution_loss(
         distill_loss.answer_logits(student.logits, s_mask), distill_loss.answer_logits(teacher.logits, t_mask),
-        loss=settings.loss, beta=settings.beta, top_k=settings.top_k, temperature=settings.temperature)
+        loss=settings.loss, beta=settings.beta, top_k=settings.top_k, temperature=settings.temperature,
+        reduction="sum") / divisor
     terms = {"kl": kl, "total": kl}
     if states:
+        # The answer mask's first position is never an answer token (a prompt comes first), so the
+        # activation term counts the same tokens as the divergence (which is shifted by one).
         terms["activation"] = distill_loss.activation_loss(
             [student.hidden_states[layer][s_mask] for layer in layers],
-            [teacher.hidden_states[layer][t_mask] for layer in layers], settings.activation_loss)
+            [teacher.hidden_states[layer][t_mask] for layer in layers], settings.activation_loss,
+            reduction="sum") / divisor
         terms["total"] = kl + settings.activation_weight * terms["activation"]
     return terms
 
@@ -202,23 +216,44 @@ def distill_trainer_class():
     from transformers import Trainer
 
     class DistillTrainer(Trainer):
+        # compute_loss divides by the answer tokens of the whole optimizer step (num_items_in_batch),
+        # so the Trainer must not divide by the gradient accumulation steps again.
+        loss_is_scaled_for_ga = True
+
         def __init__(self, *args, distill: DistillSection, layers: list[int], **kwargs):
             super().__init__(*args, **kwargs)
             self.distill, self.layers = distill, layers
             self.terms = defaultdict(list)
 
+        def _get_num_items_in_batch(self, batch_samples: list, device):
+            """The answer tokens of every micro-batch of this optimizer step, summed over the
+            processes (``average_tokens_across_devices``, on by default), as TRL's trainers count
+            their completion tokens; the batches carry no ``labels`` for the Trainer to count."""
+            import torch
+
+            count = torch.tensor(sum(answer_tokens(b) for b in batch_samples), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
             on_policy = self.distill.lmbda > 0 and random.random() < self.distill.lmbda  # GKD's draw per batch
-            if on_policy:
+            if on_policy:  # its sampled answers are at most the teacher's length: the count stays an upper bound
                 inputs = on_policy_batch(unwrapped, inputs, self.distill.temperature,
                                          self.processing_class.pad_token_id)
-            terms = distill_terms(model, inputs, self.distill, self.layers, unwrapped)
+            if num_items_in_batch is None:  # a call outside training_step: this batch's own tokens
+                num_items_in_batch = answer_tokens(inputs)
+            terms = distill_terms(model, inputs, self.distill, self.layers, unwrapped, num_items=num_items_in_batch)
             if self.distill.lmbda > 0:
                 self.terms["on_policy"].append(float(on_policy))  # logged as the share of on-policy batches
-            for name, value in terms.items():
-                self.terms[name].append(float(value.detach()))
-            return (terms["total"], terms) if return_outputs else terms["total"]
+            per_token = float(num_items_in_batch) / max(answer_tokens(inputs), 1)
+            for name, value in terms.items():  # logged per answer token of this batch, whatever the step's count
+                self.terms[name].append(float(value.detach()) * per_token)
+            loss = terms["total"]
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # the processes' gradients are averaged, not summed
+            return (loss, terms) if return_outputs else loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # Each term's mean since the last log, beside the Trainer's own "loss" (the total).

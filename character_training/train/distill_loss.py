@@ -137,9 +137,10 @@ def answer_logits(logits, answer_mask):
 
 
 def distribution_loss(student_logits, teacher_logits, *, loss: str = "forward_kl", beta: float = 0.5,
-                      top_k: int | None = None, temperature: float = 1.0):
-    """The divergence between the two (answer tokens, vocab) logit rows, mean over tokens. With
-    ``top_k`` both distributions are renormalized over the teacher's k most likely tokens."""
+                      top_k: int | None = None, temperature: float = 1.0, reduction: str = "mean"):
+    """The divergence between the two (answer tokens, vocab) logit rows, mean over tokens
+    (``reduction="sum"``: summed over them). With ``top_k`` both distributions are renormalized
+    over the teacher's k most likely tokens."""
     import torch
 
     if top_k:
@@ -148,13 +149,14 @@ def distribution_loss(student_logits, teacher_logits, *, loss: str = "forward_kl
         teacher_logits = torch.gather(teacher_logits, -1, top)
     total = generalized_jsd()(student_logits[None], teacher_logits[None], beta=beta_of(loss, beta),
                               temperature=temperature, reduction="sum")
-    return total / max(student_logits.shape[0], 1)
+    return total if reduction == "sum" else total / max(student_logits.shape[0], 1)
 
 
-def activation_loss(student_states, teacher_states, kind: str = "mse"):
+def activation_loss(student_states, teacher_states, kind: str = "mse", reduction: str = "mean"):
     """Mean over layers of the distance between (tokens, hidden) activations, the teacher's
-    detached. MSE is divided by the teacher's mean squared norm, so layers of different scale
-    weigh the same; cosine is 1 - cosine similarity."""
+    detached, mean over tokens (``reduction="sum"``: summed over them). MSE is divided by the
+    teacher's mean squared norm, so layers of different scale weigh the same; cosine is 1 - cosine
+    similarity."""
     import torch
     import torch.nn.functional as F
 
@@ -165,7 +167,8 @@ def activation_loss(student_states, teacher_states, kind: str = "mse"):
         teacher = teacher.detach()
         if kind == "mse":
             scale = teacher.pow(2).sum(-1).mean().clamp_min(1e-12)
-            terms.append((student - teacher).pow(2).sum(-1).mean() / scale)
+            per_token = (student - teacher).pow(2).sum(-1) / scale
         else:
-            terms.append((1 - F.cosine_similarity(student, teacher, dim=-1)).mean())
+            per_token = 1 - F.cosine_similarity(student, teacher, dim=-1)
+        terms.append(per_token.sum() if reduction == "sum" else per_token.mean())
     return torch.stack(terms).mean()
