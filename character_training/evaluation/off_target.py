@@ -169,20 +169,24 @@ def extract(trait: Trait, key: str, answers: dict, reader: ActivationReader, cac
     kinds = [k for k, _ in questions(trait)]
     convs = [conversation(q) for _, q in questions(trait)]
     texts = {side: [c.text.strip() for c in answers[side]] for side in ("plain", "prompted")}
-    fitted = [i for i, k in enumerate(kinds) if k == PROMPT]
-    sides = {}
-    for side, text in texts.items():
-        kept = [i for i in fitted if text[i]]
-        if len(kept) < 2:
-            raise RuntimeError(f"off-target trait {trait.name}: {len(fitted) - len(kept)} of {len(fitted)} {side} "
-                               "answers are empty; raise eval.max_tokens or check the model")
-        sides[side] = reader(None, [convs[i] for i in kept], [text[i] for i in kept])
+    fitted = {i for i, k in enumerate(kinds) if k == PROMPT}
+    sides, read = {}, {}
+    for side, text in texts.items():  # each side read once: the prompts' answers make the vector
+        kept = [i for i in range(len(text)) if text[i]]
+        if len([i for i in kept if i in fitted]) < 2:
+            raise RuntimeError(f"off-target trait {trait.name}: {len(fitted) - len(set(kept) & fitted)} of "
+                               f"{len(fitted)} {side} answers are empty; raise eval.max_tokens or check the model")
+        read[side] = (kept, reader(None, [convs[i] for i in kept], [text[i] for i in kept]))
+        sides[side] = read[side][1][:, [j for j, i in enumerate(kept) if i in fitted]]
     counts = {"prompts": len(fitted), "prompted": sides["prompted"].shape[1], "plain": sides["plain"].shape[1]}
     vectors = from_activations(sides["prompted"], sides["plain"], counts)
     made = TraitExtraction(trait, key, vectors, texts["plain"], texts["prompted"],
                            {side: sum(not c.finished for c in answers[side]) for side in texts}, [], [])
-    made.plain_projection = projections(reader, None, convs, texts["plain"], made.projection)
-    made.prompted_projection = projections(reader, None, convs, texts["prompted"], made.projection)
+    for side, (kept, acts) in read.items():
+        values = [None] * len(texts[side])
+        for i, v in zip(kept, made.projection(acts)):
+            values[i] = float(v)
+        setattr(made, f"{side}_projection", values)
     if cache_dir is not None:
         path = Path(cache_dir) / f"{trait.name}-{key}"
         vectors.save(path)
