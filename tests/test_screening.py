@@ -138,3 +138,16 @@ def test_a_tiny_model_reads_trait_vectors_and_scores_pairs(tiny_model_dir, tmp_p
     scores = screening_scores(reader, found, [r["prompt"] for r in records], [r["chosen"][-1]["content"] for r in records],
                               [r["rejected"][-1]["content"] for r in records])
     assert np.isfinite(scores["sycophancy"]).all()
+
+
+def test_screen_and_side_effects_off_leave_a_finished_stages_settings_key_as_it_was():
+    from dataclasses import asdict
+
+    from character_training.run.stages import _keyed
+
+    section = asdict(DpoSection())
+    assert "screen" in section and "screen" not in _keyed(section)
+    on = asdict(DpoSection(screen=ScreenSettings(threshold=0.5)))
+    assert _keyed(on)["screen"]["threshold"] == 0.5
+    assert "side_effects" not in _keyed(asdict(EvalSettings()))
+    assert _keyed(asdict(EvalSettings(side_effects=True)))["side_effects"] is True

@@ -350,11 +350,22 @@ def stage_key(ctx: Context, stage: str) -> str:
     """Hash of what a stage's result depends on: its settings, the model, the constitution and
     the seed. Inputs from earlier stages are covered by the `run_id`s each manifest records
     (`stale_inputs`): a stage whose inputs were remade runs again."""
-    settings = {"section": ctx.recipe.section(stage), "model": ctx.model,
+    settings = {"section": _keyed(ctx.recipe.section(stage)), "model": ctx.model,
                 "constitution": ctx.constitution.sha256 if ctx.constitution else None, "seed": ctx.recipe.seed}
     if ctx.other_models():  # a teacher or judge that is not the student (none: the key is as it always was)
         settings["models"] = ctx.other_models()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Settings added after runs were made, whose off value changes nothing a stage does: left out of the
+# key while off, so that a finished stage stays finished (not asking for --force) when they came.
+_KEYED_WHEN_ON = {"screen": {"traits": None, "threshold": None, "top_fraction": None}, "side_effects": False}
+
+
+def _keyed(section):
+    if not isinstance(section, dict):
+        return section
+    return {k: v for k, v in section.items() if not (k in _KEYED_WHEN_ON and v == _KEYED_WHEN_ON[k])}
 
 
 def eval_engine(ctx: Context, adapters: list[str]):
