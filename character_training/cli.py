@@ -9,6 +9,7 @@
     character-training train {dpo,sft,lm,grpo,distill} --data FILE -o DIR [--set trainer.X=V] [--set lora.X=V]
     character-training adapters {compose,orthogonalize,scale,inspect} ...
     character-training algebra --persona A.yaml --persona B.yaml -o OUT [--set eval.KEY=VALUE]
+    character-training plant RECIPE.yaml --trait TRAIT [--fraction 0.25] [--no-plant-text] -o DIR
 
 A user error prints one line and exits with status 2; a bug keeps its traceback. Outputs are never
 destructive: a command writes only into a new or empty directory or one it made (config/layout.py).
@@ -329,6 +330,7 @@ def _train(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from character_training.adapters.cli import add_adapter_commands
     from character_training.run.algebra import add_algebra_command
+    from character_training.run.planting import add_plant_command
 
     parser = argparse.ArgumentParser(prog="character-training", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_commands(sub)
     add_algebra_command(sub)
     _add_recipe_commands(sub)
+    add_plant_command(sub)
     return parser
 
 
