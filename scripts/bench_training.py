@@ -365,12 +365,18 @@ def commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
+def model_name(settings: dict) -> str:
+    if settings.get("shape"):
+        return f"a Llama of shape {settings['shape']}, random weights"
+    return Path(settings["model"]).name if settings.get("model") else "the packaged SmolLM2-135M-Instruct"
+
+
 def describe(report: dict) -> str:
     """One line: what was trained, on what, and that warm-up is not timed."""
     s, first, where = report["settings"], report["results"][0], report.get("machine", {})
     device = where.get("gpu") or f"{where.get('cpu', 'cpu')}, {where.get('cores', '?')} cores, no GPU"
     return (f"{s['conversations']} conversations / pairs, batch {s['batch_size']}, max_length {s['max_length']}, "
-            f"{first['parameters'] / 1e6:.1f}M parameters ({s.get('shape') or 'model'}), LoRA r{s['lora_r']}, "
+            f"{first['parameters'] / 1e6:.1f}M parameters ({model_name(s)}), LoRA r{s['lora_r']}, "
             f"{first.get('dtype', '?')}; {device}; commit {report.get('commit') or '?'}; the first "
             f"{s.get('warmup_steps', 0)} step(s) of each row are warm-up, not timed")
 
