@@ -123,10 +123,9 @@ def test_the_shipped_prompts_are_clean_against_the_shipped_text_and_a_planted_on
     from character_training.evaluation.contamination import check_contamination
 
     training = [t["text"] for t in cap.load_neutral_text()] + ["What is the quickest way to defrost frozen chicken safely?"]
-    neutral = [p["prompt"] for p in cap.load_neutral_prompts()]
     general = [p["prompt"] for p in cap.load_general_prompts()]
     planted = "  what is the QUICKEST way to\tdefrost frozen chicken   safely"
-    found = check_contamination(neutral + general + [planted], training)
+    found = check_contamination(general + [planted], training)
     assert [d["prompt"] for d in found.dropped] == [planted]
     assert len(general) >= 200 and len(set(general)) == len(general)
     assert cap.general_prompts(12) == [next(p["prompt"] for p in cap.load_general_prompts() if p["category"] == c)
@@ -178,12 +177,9 @@ def test_run_lm_eval_without_the_harness_says_how_to_install(monkeypatch):
 
 
 def test_shipped_data_sets_load_with_documented_counts_and_fields():
-    prompts = cap.load_neutral_prompts()
-    assert len(prompts) == 48 and len({p["prompt"] for p in prompts}) == 48
-    domains = {}
-    for p in prompts:
-        domains[p["domain"]] = domains.get(p["domain"], 0) + 1
-    assert len(domains) == 12 and set(domains.values()) == {4}
+    prompts = cap.load_general_prompts()
+    assert len(prompts) == 247 and len({p["prompt"] for p in prompts}) == 247
+    assert len({p["category"] for p in prompts}) == 12
 
     texts = cap.load_neutral_text()
     assert len(texts) == 30 and len({t["topic"] for t in texts}) == 30

@@ -32,12 +32,6 @@ def _data_text(name: str) -> str:
     return (resources.files("character_training") / "data" / name).read_text(encoding="utf-8")
 
 
-def load_neutral_prompts() -> list[dict]:
-    """The shipped neutral user prompts: [{"prompt", "domain"}], 4 for each of 12 domains."""
-    domains = yamlio.load(_data_text("neutral_prompts.yaml"))
-    return [{"prompt": p, "domain": d} for d, prompts in domains.items() for p in prompts]
-
-
 def load_general_prompts() -> list[dict]:
     """The shipped general user prompts (written for this project, not derived from any
     constitution): [{"prompt", "category"}], about 20 for each of 12 categories."""
