@@ -100,7 +100,10 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
     from character_training.evaluation.quick import quick_check, quick_conditions
 
     extra_adapters = ctx.given.also
-    adapter = ctx.given.adapter or (str(final_adapter(ctx)) if final_adapter(ctx) else None)
+    adapter = ctx.given.adapter
+    if not adapter:
+        final = final_adapter(ctx)
+        adapter = str(final) if final else None
     if adapter is None:
         raise UserError(f"eval: no adapter to evaluate: the recipe's stages ({', '.join(ctx.recipe.stages)}) train "
                         "none; add a training stage before eval or pass --adapter DIR")
@@ -245,7 +248,10 @@ def eval_adapters(ctx: Context) -> dict[str, str]:
     from character_training.adapters.io import check_adapter_dir
     from character_training.evaluation.report import adapter_names
 
-    adapter = ctx.given.adapter or (str(final_adapter(ctx)) if final_adapter(ctx) else None)
+    adapter = ctx.given.adapter
+    if not adapter:
+        final = final_adapter(ctx)
+        adapter = str(final) if final else None
     if adapter is None:
         raise UserError(f"eval: no adapter to check: the recipe's stages ({', '.join(ctx.recipe.stages)}) train "
                         "none; pass --adapter DIR")
@@ -287,7 +293,7 @@ def call(ctx: Context, stage: str, out: Path) -> dict:
             from character_training.run.context import data_files  # launched processes read screen.json back
             from character_training.run.screening import screen_files
 
-            screen_files(section, ctx, out, data_files(ctx, stage, _screened_kinds(stage)))
+            screen_files(section, ctx, out, data_files(ctx, stage, training.DATA_KINDS[stage]))
         ctx.engines.release()
         # The launched processes read the recipe itself (recipe.json shows server credentials as ***),
         # from a file only this user may read, removed when they are done.
@@ -300,11 +306,6 @@ def call(ctx: Context, stage: str, out: Path) -> dict:
         finally:
             recipe_file.unlink(missing_ok=True)
     return STAGE_FUNCTIONS[stage](section, ctx, out)
-
-
-def _screened_kinds(stage: str) -> dict[str, str]:
-    """The data files a screened training stage reads (as its function in run/training.py does)."""
-    return {"sft": layout.CHATS, "distill": {**layout.PAIRS, **layout.CHATS}}.get(stage, layout.PAIRS)
 
 
 def check_model_fit(ctx: Context, names, where: str) -> None:

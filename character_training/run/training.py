@@ -22,6 +22,11 @@ from data_gen.store import PREFERENCES, read_jsonl, read_manifest, write_jsonl
 
 
 PAIRS_STAGE = next(iter(writers(PREFERENCES)))  # the teacher-vs-student pairs (the first stage that writes pairs)
+# What each stage that can screen its data (``screen:``) trains on: the file each of its data
+# stages writes. The stage functions below read these; so does run/stages.py's ``call``, which
+# screens once before a launch.
+DATA_KINDS = {"dpo": layout.PAIRS, "kto": layout.PAIRS, "sft": layout.CHATS,
+              "distill": {**layout.PAIRS, **layout.CHATS}}
 
 
 def provenance(ctx: Context, upto: str) -> dict:
@@ -86,7 +91,7 @@ def stage_midtrain(section, ctx: Context, out: Path) -> dict:
 def stage_dpo(section, ctx: Context, out: Path) -> dict:
     from character_training.train.dpo import train_dpo
 
-    files, screen = screen_files(section, ctx, out, data_files(ctx, "dpo", layout.PAIRS))
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "dpo", DATA_KINDS["dpo"]))
     if len(files) == 1:
         pairs = files[0]
     else:  # several pair sources train together
@@ -101,7 +106,7 @@ def stage_kto(section, ctx: Context, out: Path) -> dict:
     """KTO on the pairs' answers, unpaired: chosen desirable, rejected undesirable."""
     from character_training.train.kto import train_kto
 
-    files, screen = screen_files(section, ctx, out, data_files(ctx, "kto", layout.PAIRS))
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "kto", DATA_KINDS["kto"]))
     return recorded(_train_stage(ctx, section, out, lambda **kw: train_kto(
         ctx.model, files, out, system_prompt=section.system_prompt, overlong=section.overlong, **kw), "kto"), screen)
 
@@ -109,7 +114,7 @@ def stage_kto(section, ctx: Context, out: Path) -> dict:
 def stage_sft(section, ctx: Context, out: Path) -> dict:
     from character_training.train.sft import train_sft
 
-    files, screen = screen_files(section, ctx, out, data_files(ctx, "sft", layout.CHATS))
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "sft", DATA_KINDS["sft"]))
     return recorded(_train_stage(ctx, section, out, lambda **kw: train_sft(
         ctx.model, files, out, system_prompt=section.system_prompt, overlong=section.overlong, **kw), "sft"), screen)
 
@@ -119,7 +124,7 @@ def stage_distill(section, ctx: Context, out: Path) -> dict:
     next-token distribution on the teacher's answers (pairs' chosen answers, or conversations)."""
     from character_training.train.distill import train_distill
 
-    files, screen = screen_files(section, ctx, out, data_files(ctx, "distill", {**layout.PAIRS, **layout.CHATS}))
+    files, screen = screen_files(section, ctx, out, data_files(ctx, "distill", DATA_KINDS["distill"]))
     if section.activation_weight > 0 and section.layers == "best":
         if ctx.given.standalone:
             raise UserError("train distill: layers 'best' is found from a run's pairs (in a recipe); on its own give "
