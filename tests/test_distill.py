@@ -296,6 +296,8 @@ def test_a_killed_distill_run_resumes_from_its_last_checkpoint(tmp_path, tiny_mo
     ({"activation_loss": "l1"}, "activation_loss: 'l1'; use 'mse'"),
     ({"overlong": "cut"}, "overlong: 'cut'"),
     ({"data": []}, "data: \\[\\]; give a non-empty list"),
+    ({"teacher_cache_gib": -1}, "teacher_cache_gib: -1; give the memory in GiB"),
+    ({"teacher_cache_gib": True}, "teacher_cache_gib: True; give the memory in GiB"),
 ])
 def test_bad_distill_settings_say_how_to_fix_them(fields, match):
     with pytest.raises(UserError, match=match):
@@ -443,3 +445,70 @@ def test_the_best_layer_is_found_once_and_shared_with_the_other_ranks(tmp_path, 
     assert run_training.persona_best_layer(ctx, out) == 2 and computed == [1]  # found before: not again
     ctx.teacher_prompt = lambda: CONSTITUTION + " Another."
     assert run_training.persona_best_layer(ctx, out) == 2 and computed == [1, 1]  # another prompt: again
+
+
+# -------------------------------------------------------------------------------- teacher cache
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_the_teacher_computed_once_trains_the_same_adapter(tmp_path, tiny_model_dir, top_k):
+    """Two epochs of batches of one: the teacher runs once per example (the first epoch) and its
+    kept targets serve the second; the adapter is the one a teacher run on every batch trains, to
+    the bit (the teacher is the model with its LoRA disabled, which training never changes)."""
+    from safetensors.torch import load_file
+
+    data = write_data(tmp_path)
+    trainer = {**TINY, "per_device_train_batch_size": 1, "num_train_epochs": 2}
+    weights, manifests = {}, {}
+    for name, gib in (("kept", 4.0), ("every_batch", 0)):
+        settings = DistillSection(activation_weight=0.5, layers=[2], top_k=top_k, teacher_cache_gib=gib)
+        manifests[name] = train_distill(tiny_model_dir, data, tmp_path / name, teacher_system_prompt=CONSTITUTION,
+                                        settings=settings, lora=LORA, trainer=trainer, seed=0)
+        weights[name] = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    kept, every = manifests["kept"]["counts"]["teacher_cache"], manifests["every_batch"]["counts"]["teacher_cache"]
+    assert kept["kept"] and kept["batches_computed"] == 8 and kept["batches_reused"] == 8
+    assert not every["kept"] and "batches_reused" not in every
+    assert weights["kept"].keys() == weights["every_batch"].keys()
+    for key in weights["kept"]:
+        assert torch.equal(weights["kept"][key], weights["every_batch"][key]), key
+    assert manifests["kept"]["log_history"][-1]["train_loss"] == manifests["every_batch"]["log_history"][-1]["train_loss"]
+
+
+def test_targets_kept_for_a_batch_serve_its_rows_in_any_order(tokenizer, template, peft_model):
+    """Rows of unequal length kept from one batch: asked again, in the reverse order, the terms
+    are those of a fresh teacher pass on that batch, and the teacher did not run."""
+    from character_training.train.distill import TeacherCache
+
+    short = [{"role": "user", "content": "Eggs?"}, {"role": "assistant", "content": "Arr, eggs."}]
+    rows = [{**build_views(tokenizer, template, c, CONSTITUTION, None), "example": i}
+            for i, c in enumerate([MULTI_TURN, short])]
+    collate = ViewsCollator(tokenizer.pad_token_id)
+    settings = DistillSection(activation_weight=1.0, layers=[1, 2])
+    cache = TeacherCache()
+    peft_model.eval()  # no LoRA dropout: the student's side is the same on every call
+    distill_terms(peft_model, collate(rows), settings, [1, 2], cache=cache)
+    assert (cache.computed, cache.reused) == (1, 0) and set(cache.examples) == {0, 1}
+    reversed_batch = collate(rows[::-1])
+    kept = distill_terms(peft_model, reversed_batch, settings, [1, 2], cache=cache)
+    fresh = distill_terms(peft_model, reversed_batch, settings, [1, 2])
+    assert (cache.computed, cache.reused) == (1, 1)
+    for name in ("kl", "activation", "total"):
+        assert float(kept[name].detach()) == pytest.approx(float(fresh[name].detach()), rel=1e-5)
+
+
+def test_targets_that_would_not_fit_are_not_kept(tmp_path, tiny_model_dir, capsys):
+    manifest = train_distill(tiny_model_dir, write_data(tmp_path), tmp_path / "out", teacher_system_prompt=CONSTITUTION,
+                             settings=DistillSection(teacher_cache_gib=1e-9), lora=LORA,
+                             trainer={**TINY, "max_steps": 2}, seed=0)
+    cache = manifest["counts"]["teacher_cache"]
+    assert not cache["kept"] and cache["gib"] > 1e-9 and "batches_reused" not in cache
+    assert "over distill.teacher_cache_gib=1e-09; raise it, or set distill.top_k" in capsys.readouterr().out
+
+
+def test_the_teacher_cache_limit_is_not_part_of_the_stage_key():
+    """It changes the time a stage takes, not what it trains: a finished stage stays finished."""
+    from dataclasses import asdict
+
+    from character_training.run.stages import _keyed
+
+    assert "teacher_cache_gib" not in _keyed(asdict(DistillSection(teacher_cache_gib=0)))

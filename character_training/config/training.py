@@ -353,10 +353,19 @@ class DistillSection(TrainingSection):
     layers: list | str = "best"  # hidden_states layers (1..L) for it, or the persona vectors' best layer
     activation_loss: str = "mse"  # "mse" (normalized by the teacher's mean squared norm) or "cosine"
     screen: ScreenSettings = field(default_factory=ScreenSettings)  # drop examples that pull off-target
+    # The teacher's targets of each example (answer logits, or their top-k, and activation targets),
+    # kept in memory after their first computation and reused in later epochs, when all of them fit
+    # in this many GiB per process; 0: the teacher runs on every batch. It changes the time, not what
+    # is learned (not part of the stage's key).
+    teacher_cache_gib: float = 4.0
 
     def __post_init__(self):
         super().__post_init__()
         check_overlong(self.overlong)
+        if not _number(self.teacher_cache_gib) or not 0 <= self.teacher_cache_gib < float("inf"):
+            raise UserError(f"teacher_cache_gib: {self.teacher_cache_gib!r}; give the memory in GiB (per process) "
+                            "the teacher's targets may take to be computed once and reused across epochs, e.g. 4, "
+                            "or 0 to run the teacher on every batch")
         if self.loss not in DISTILL_LOSSES:
             raise UserError(f"loss: {self.loss!r}; use 'forward_kl' (mode-covering, the usual one), 'reverse_kl' "
                             "(mode-seeking) or 'jsd' (GKD's generalized JSD, set beta)")

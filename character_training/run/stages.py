@@ -361,12 +361,15 @@ def stage_key(ctx: Context, stage: str) -> str:
 # Settings added after runs were made, whose off value changes nothing a stage does: left out of the
 # key while off, so that a finished stage stays finished (not asking for --force) when they came.
 _KEYED_WHEN_ON = {"screen": {"traits": None, "threshold": None, "top_fraction": None}, "side_effects": False}
+# Settings that change how long a stage takes, never what it produces: never in the key.
+_NEVER_KEYED = {"teacher_cache_gib"}
 
 
 def _keyed(section):
     if not isinstance(section, dict):
         return section
-    return {k: v for k, v in section.items() if not (k in _KEYED_WHEN_ON and v == _KEYED_WHEN_ON[k])}
+    return {k: v for k, v in section.items()
+            if k not in _NEVER_KEYED and not (k in _KEYED_WHEN_ON and v == _KEYED_WHEN_ON[k])}
 
 
 def eval_engine(ctx: Context, adapters: list[str]):

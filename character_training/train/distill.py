@@ -104,6 +104,7 @@ def build_rows(tokenizer, template: str, conversations: list[list[dict]], *, tea
     lengths = [max(len(v["teacher_input_ids"]), len(v["student_input_ids"])) for v in views]
     keep, counts = training.length_limit(lengths, max_length, overlong, "conversations", source)
     rows = [r for r in (distill_loss.truncate_views(views[i], max_length) for i in keep) if r is not None]
+    rows = [{**r, "example": number} for number, r in enumerate(rows)]  # the teacher cache's key
     return rows, {**counts, "no_answer_left": len(keep) - len(rows),
                   "answer_tokens": sum(len(r["student_answer"]) for r in rows)}
 
@@ -128,17 +129,49 @@ def answer_tokens(batch: dict) -> int:
     return int(batch["student_answer_mask"][:, 1:].sum())
 
 
-def distill_terms(model, batch: dict, settings: DistillSection, layers: list[int], teacher_model=None,
-                  num_items: int | None = None) -> dict:
-    """The loss terms of one batch: ``kl`` (whichever divergence ``settings.loss`` names),
-    ``activation`` (when ``activation_weight`` is above 0) and ``total``, each summed over the
-    answer tokens and divided by ``num_items`` (the answer tokens of every micro-batch of the
-    optimizer step, on every process, as TRL's trainers normalize) or, without it, by this batch's
-    own. The teacher is ``teacher_model`` (the unwrapped PEFT model; ``model`` by default) with its
-    LoRA disabled."""
+class TeacherCache:
+    """The teacher's targets of each example (``teacher_targets``), kept after their first
+    computation: the teacher is the model with its LoRA disabled, which training never changes,
+    so a later epoch's targets are the same. Kept in the memory of the device the teacher runs on,
+    per process (under several processes each keeps the examples it was given)."""
+
+    def __init__(self):
+        self.examples: dict[int, tuple] = {}
+        self.computed = self.reused = 0  # batches
+
+    def get(self, examples) -> tuple | None:
+        """The batch's targets, its rows' concatenated in order, or None if one row is missing."""
+        import torch
+
+        if examples is None or any(int(e) not in self.examples for e in examples):
+            return None
+        rows = [self.examples[int(e)] for e in examples]
+        self.reused += 1
+        return tuple(None if rows[0][i] is None else torch.cat([r[i] for r in rows])
+                     for i in range(2)) + ([torch.cat([r[2][j] for r in rows]) for j in range(len(rows[0][2]))],)
+
+    def put(self, examples, targets: tuple, logit_counts: list[int], state_counts: list[int]) -> None:
+        self.computed += 1
+        if examples is None:
+            return
+        values, top, states = targets
+        parts = zip(values.split(logit_counts), top.split(logit_counts) if top is not None else [None] * len(examples),
+                    zip(*[s.split(state_counts) for s in states]) if states else [()] * len(examples))
+        for e, (v, t, s) in zip(examples, parts):
+            self.examples[int(e)] = (v, t, list(s))
+
+
+def teacher_targets(teacher_model, batch: dict, settings: DistillSection, layers: list[int],
+                    cache: TeacherCache | None = None) -> tuple:
+    """(the teacher's logits on the answer tokens, or its top-k's; their token ids under top-k,
+    else None; its activations on them at ``layers``), flattened over the batch's rows in order:
+    taken from ``cache`` when every row is there, else from one forward pass of the teacher
+    (``teacher_model`` with its LoRA disabled, without dropout), then kept there."""
     import torch
 
-    teacher_model = teacher_model if teacher_model is not None else model
+    examples = batch.get("example")
+    if cache is not None and (found := cache.get(examples)) is not None:
+        return found
     states = settings.activation_weight > 0
     training_mode = teacher_model.training
     teacher_model.eval()  # the teacher without dropout: one fixed target per batch
@@ -148,24 +181,51 @@ def distill_terms(model, batch: dict, settings: DistillSection, layers: list[int
                                     attention_mask=batch["teacher_attention_mask"], output_hidden_states=states)
     finally:
         teacher_model.train(training_mode)
+    t_mask = batch["teacher_answer_mask"]
+    values, top = distill_loss.teacher_targets(distill_loss.answer_logits(teacher.logits, t_mask), settings.top_k)
+    targets = (values, top, [teacher.hidden_states[layer][t_mask] for layer in layers] if states else [])
+    if cache is not None:
+        cache.put(examples, targets, t_mask[:, 1:].sum(1).tolist(), t_mask.sum(1).tolist())
+    return targets
+
+
+def distill_terms(model, batch: dict, settings: DistillSection, layers: list[int], teacher_model=None,
+                  num_items: int | None = None, cache: TeacherCache | None = None) -> dict:
+    """The loss terms of one batch: ``kl`` (whichever divergence ``settings.loss`` names),
+    ``activation`` (when ``activation_weight`` is above 0) and ``total``, each summed over the
+    answer tokens and divided by ``num_items`` (the answer tokens of every micro-batch of the
+    optimizer step, on every process, as TRL's trainers normalize) or, without it, by this batch's
+    own. The teacher is ``teacher_model`` (the unwrapped PEFT model; ``model`` by default) with its
+    LoRA disabled; its targets come from ``cache`` where it has them (``teacher_targets``)."""
+    teacher_model = teacher_model if teacher_model is not None else model
+    states = settings.activation_weight > 0
+    t_values, t_top, t_states = teacher_targets(teacher_model, batch, settings, layers, cache)
     student = model(input_ids=batch["student_input_ids"], attention_mask=batch["student_attention_mask"],
                     output_hidden_states=states)
-    s_mask, t_mask = batch["student_answer_mask"], batch["teacher_answer_mask"]
+    s_mask = batch["student_answer_mask"]
     divisor = max(int(num_items) if num_items is not None else answer_tokens(batch), 1)
-    kl = distill_loss.distribution_loss(
-        distill_loss.answer_logits(student.logits, s_mask), distill_loss.answer_logits(teacher.logits, t_mask),
-        loss=settings.loss, beta=settings.beta, top_k=settings.top_k, temperature=settings.temperature,
-        reduction="sum") / divisor
+    kl = distill_loss.divergence(distill_loss.answer_logits(student.logits, s_mask), t_values, t_top,
+                                 loss=settings.loss, beta=settings.beta, temperature=settings.temperature,
+                                 reduction="sum") / divisor
     terms = {"kl": kl, "total": kl}
     if states:
         # The answer mask's first position is never an answer token (a prompt comes first), so the
         # activation term counts the same tokens as the divergence (which is shifted by one).
         terms["activation"] = distill_loss.activation_loss(
-            [student.hidden_states[layer][s_mask] for layer in layers],
-            [teacher.hidden_states[layer][t_mask] for layer in layers], settings.activation_loss,
+            [student.hidden_states[layer][s_mask] for layer in layers], t_states, settings.activation_loss,
             reduction="sum") / divisor
         terms["total"] = kl + settings.activation_weight * terms["activation"]
     return terms
+
+
+def teacher_cache_bytes(answer_tokens: int, config, layers: list[int], settings: DistillSection,
+                        itemsize: int) -> int:
+    """What the teacher cache would hold for ``answer_tokens`` answer tokens: their logits (or the
+    top-k's, with their int64 ids) and their activations at ``layers``."""
+    per_token = settings.top_k * (itemsize + 8) if settings.top_k else config.vocab_size * itemsize
+    if settings.activation_weight > 0:
+        per_token += len(layers) * config.hidden_size * itemsize
+    return answer_tokens * per_token
 
 
 def first_answer(batch: dict, view: str, row: int) -> tuple[list[int], int]:
@@ -220,9 +280,10 @@ def distill_trainer_class():
         # so the Trainer must not divide by the gradient accumulation steps again.
         loss_is_scaled_for_ga = True
 
-        def __init__(self, *args, distill: DistillSection, layers: list[int], **kwargs):
+        def __init__(self, *args, distill: DistillSection, layers: list[int], cache: TeacherCache | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
-            self.distill, self.layers = distill, layers
+            self.distill, self.layers, self.cache = distill, layers, cache
             self.terms = defaultdict(list)
 
         def _get_num_items_in_batch(self, batch_samples: list, device):
@@ -244,7 +305,8 @@ def distill_trainer_class():
                                          self.processing_class.pad_token_id)
             if num_items_in_batch is None:  # a call outside training_step: this batch's own tokens
                 num_items_in_batch = answer_tokens(inputs)
-            terms = distill_terms(model, inputs, self.distill, self.layers, unwrapped, num_items=num_items_in_batch)
+            terms = distill_terms(model, inputs, self.distill, self.layers, unwrapped, num_items=num_items_in_batch,
+                                  cache=self.cache)  # an on-policy batch has no example numbers: never cached
             if self.distill.lmbda > 0:
                 self.terms["on_policy"].append(float(on_policy))  # logged as the share of on-policy batches
             per_token = float(num_items_in_batch) / max(answer_tokens(inputs), 1)
@@ -295,13 +357,35 @@ def build_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
         model = get_peft_model(model, peft_config)
     assert isinstance(model, PeftModel)  # the teacher is this model with its LoRA disabled
     layers = check_layers(settings.layers, model.config.num_hidden_layers) if settings.activation_weight else []
+    cache, cache_info = teacher_cache(counts["answer_tokens"], model, layers, settings)
     dataset = Dataset.from_list(rows)
     trainer_class = distill_trainer_class()
     distiller = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                               data_collator=distill_loss.ViewsCollator(tokenizer.pad_token_id),
-                              distill=settings, layers=layers)
+                              distill=settings, layers=layers, cache=cache)
     return distiller, {"conversations": len(conversations), "per_file": per_file, "examples": len(rows),
-                       "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c), **counts}
+                       "assistant_turns": sum(m["role"] == "assistant" for c in conversations for m in c), **counts,
+                       "teacher_cache": cache_info}
+
+
+def teacher_cache(answer_tokens: int, model, layers: list[int], settings: DistillSection,
+                  log=print) -> tuple[TeacherCache | None, dict]:
+    """(a TeacherCache, or None where the teacher's targets of every example would not fit in
+    ``settings.teacher_cache_gib``, or where it is 0; what was decided, for the manifest)."""
+    gib = teacher_cache_bytes(answer_tokens, model.config, layers, settings, model.dtype.itemsize) / 2 ** 30
+    info = {"gib": round(gib, 3), "limit_gib": settings.teacher_cache_gib, "kept": False}
+    if settings.teacher_cache_gib == 0:
+        return None, info
+    if gib > settings.teacher_cache_gib:
+        log(f"[distill] the teacher runs on every batch: its targets for {answer_tokens} answer tokens would take "
+            f"{gib:.2f} GiB, over distill.teacher_cache_gib={settings.teacher_cache_gib:g}; raise it"
+            + ("" if settings.top_k else ", or set distill.top_k (e.g. 64) to keep the teacher's 64 likeliest tokens")
+            + " to compute them once and reuse them in later epochs")
+        return None, info
+    if settings.lmbda >= 1:  # every batch on-policy: the student's own answers, graded anew each time
+        return None, info
+    log(f"[distill] the teacher's targets are computed once and reused in later epochs ({gib:.2f} GiB in memory)")
+    return TeacherCache(), {**info, "kept": True}
 
 
 def loss_terms(log_history: list[dict]) -> dict[str, dict[str, float]]:
@@ -335,7 +419,7 @@ def train_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
                                   settings={**DEFAULT_TRAINER, **trainer, **FIXED_TRAINER}, init_adapter=init_adapter,
                                   start=start, teacher_system_prompt=teacher_system_prompt,
                                   student_system_prompt=student_system_prompt, distill=distill_settings(settings)),
-        "counts": {**counts, "steps": distiller.state.global_step},
+        "counts": {**counts, "steps": distiller.state.global_step, "teacher_cache": teacher_cache_counts(distiller, counts)},
         "resumed_from": resume,
         "train_seconds": round(time.time() - started, 1),
         "loss_terms": loss_terms(history),
@@ -346,6 +430,13 @@ def train_distill(model_path: str, data_paths: list[Path], out: Path, *, teacher
         training.plot_training(history, out / "training.png", f"DISTILL: {(card and card.persona) or ''}")
         write_card(model_card(card, manifest, data_paths), out / "adapter")
     return manifest
+
+
+def teacher_cache_counts(distiller, counts: dict) -> dict:
+    """The teacher cache's decision, with how many batches ran the teacher and how many reused it."""
+    cache = distiller.cache
+    return {**counts["teacher_cache"], **({"batches_computed": cache.computed, "batches_reused": cache.reused}
+                                          if cache is not None else {})}
 
 
 def distill_settings(settings: DistillSection) -> dict:

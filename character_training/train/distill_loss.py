@@ -108,10 +108,15 @@ class ViewsCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
         for r in rows:
             if len(r["teacher_answer"]) != len(r["student_answer"]):
                 raise ValueError("teacher and student answer positions differ in number")  # a bug: built aligned
-        return {**pad_view(rows, "teacher", self.pad_id), **pad_view(rows, "student", self.pad_id)}
+        batch = {**pad_view(rows, "teacher", self.pad_id), **pad_view(rows, "student", self.pad_id)}
+        if all("example" in r for r in rows):  # each row's number in the dataset: the teacher cache's key
+            batch["example"] = torch.tensor([r["example"] for r in rows], dtype=torch.long)
+        return batch
 
 
 def beta_of(loss: str, beta: float) -> float:
@@ -141,12 +146,29 @@ def distribution_loss(student_logits, teacher_logits, *, loss: str = "forward_kl
     """The divergence between the two (answer tokens, vocab) logit rows, mean over tokens
     (``reduction="sum"``: summed over them). With ``top_k`` both distributions are renormalized
     over the teacher's k most likely tokens."""
+    teacher_logits, top = teacher_targets(teacher_logits, top_k)
+    return divergence(student_logits, teacher_logits, top, loss=loss, beta=beta, temperature=temperature,
+                      reduction=reduction)
+
+
+def teacher_targets(teacher_logits, top_k: int | None):
+    """(the teacher's logits the loss compares, their token ids or None): with ``top_k``, its k most
+    likely tokens' logits and ids (what the teacher cache keeps); without, every logit."""
+    if not top_k:
+        return teacher_logits, None
+    top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1)
+    return top.values, top.indices
+
+
+def divergence(student_logits, teacher_logits, top=None, *, loss: str = "forward_kl", beta: float = 0.5,
+               temperature: float = 1.0, reduction: str = "mean"):
+    """``distribution_loss`` on the teacher's targets (``teacher_targets``): with ``top`` (the
+    teacher's top-k token ids), the student's logits are taken at those tokens and both are
+    renormalized over them."""
     import torch
 
-    if top_k:
-        top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices
+    if top is not None:
         student_logits = torch.gather(student_logits, -1, top)
-        teacher_logits = torch.gather(teacher_logits, -1, top)
     total = generalized_jsd()(student_logits[None], teacher_logits[None], beta=beta_of(loss, beta),
                               temperature=temperature, reduction="sum")
     return total if reduction == "sum" else total / max(student_logits.shape[0], 1)
