@@ -147,8 +147,10 @@ class TeacherCache:
             return None
         rows = [self.examples[int(e)] for e in examples]
         self.reused += 1
-        return tuple(None if rows[0][i] is None else torch.cat([r[i] for r in rows])
-                     for i in range(2)) + ([torch.cat([r[2][j] for r in rows]) for j in range(len(rows[0][2]))],)
+        values = torch.cat([values for values, _, _ in rows])
+        top = None if rows[0][1] is None else torch.cat([top for _, top, _ in rows])
+        states = [torch.cat([row_states[j] for _, _, row_states in rows]) for j in range(len(rows[0][2]))]
+        return values, top, states
 
     def put(self, examples, targets: tuple, logit_counts: list[int], state_counts: list[int]) -> None:
         self.computed += 1
