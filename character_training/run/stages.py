@@ -91,6 +91,12 @@ def stage_pairs(p, ctx: Context, out: Path) -> dict:
     return manifest
 
 
+def given_or_final_adapter(ctx: Context) -> str | None:
+    """The adapter an evaluation checks: ``--adapter`` if given, else the recipe's last trained one."""
+    final = final_adapter(ctx)
+    return ctx.given.adapter or (str(final) if final else None)
+
+
 def stage_eval(e, ctx: Context, out: Path) -> dict:
     """The eval stage: the full report (character_training/evaluation/report.py) or, with
     ``eval.report: quick``, the quick check. ``ctx.given.adapter``: evaluate this adapter instead
@@ -100,10 +106,7 @@ def stage_eval(e, ctx: Context, out: Path) -> dict:
     from character_training.evaluation.quick import quick_check, quick_conditions
 
     extra_adapters = ctx.given.also
-    adapter = ctx.given.adapter
-    if not adapter:
-        final = final_adapter(ctx)
-        adapter = str(final) if final else None
+    adapter = given_or_final_adapter(ctx)
     if adapter is None:
         raise UserError(f"eval: no adapter to evaluate: the recipe's stages ({', '.join(ctx.recipe.stages)}) train "
                         "none; add a training stage before eval or pass --adapter DIR")
@@ -248,10 +251,7 @@ def eval_adapters(ctx: Context) -> dict[str, str]:
     from character_training.adapters.io import check_adapter_dir
     from character_training.evaluation.report import adapter_names
 
-    adapter = ctx.given.adapter
-    if not adapter:
-        final = final_adapter(ctx)
-        adapter = str(final) if final else None
+    adapter = given_or_final_adapter(ctx)
     if adapter is None:
         raise UserError(f"eval: no adapter to check: the recipe's stages ({', '.join(ctx.recipe.stages)}) train "
                         "none; pass --adapter DIR")

@@ -157,10 +157,12 @@ class TeacherCache:
         if examples is None:
             return
         values, top, states = targets
-        parts = zip(values.split(logit_counts), top.split(logit_counts) if top is not None else [None] * len(examples),
-                    zip(*[s.split(state_counts) for s in states]) if states else [()] * len(examples))
-        for e, (v, t, s) in zip(examples, parts):
-            self.examples[int(e)] = (v, t, list(s))
+        values = values.split(logit_counts)
+        top = top.split(logit_counts) if top is not None else None
+        states = [layer.split(state_counts) for layer in states]
+        for row, e in enumerate(examples):
+            self.examples[int(e)] = (values[row], top[row] if top is not None else None,
+                                     [layer[row] for layer in states])
 
 
 def teacher_targets(teacher_model, batch: dict, settings: DistillSection, layers: list[int],
@@ -184,7 +186,7 @@ def teacher_targets(teacher_model, batch: dict, settings: DistillSection, layers
     finally:
         teacher_model.train(training_mode)
     t_mask = batch["teacher_answer_mask"]
-    values, top = distill_loss.teacher_targets(distill_loss.answer_logits(teacher.logits, t_mask), settings.top_k)
+    values, top = distill_loss.top_k_logits(distill_loss.answer_logits(teacher.logits, t_mask), settings.top_k)
     targets = (values, top, [teacher.hidden_states[layer][t_mask] for layer in layers] if states else [])
     if cache is not None:
         cache.put(examples, targets, t_mask[:, 1:].sum(1).tolist(), t_mask.sum(1).tolist())
@@ -376,15 +378,13 @@ def teacher_cache(answer_tokens: int, model, layers: list[int], settings: Distil
     ``settings.teacher_cache_gib``, or where it is 0; what was decided, for the manifest)."""
     gib = teacher_cache_bytes(answer_tokens, model.config, layers, settings, model.dtype.itemsize) / 2 ** 30
     info = {"gib": round(gib, 3), "limit_gib": settings.teacher_cache_gib, "kept": False}
-    if settings.teacher_cache_gib == 0:
+    if settings.teacher_cache_gib == 0 or settings.lmbda >= 1:  # off, or every batch on-policy (never kept)
         return None, info
     if gib > settings.teacher_cache_gib:
         log(f"[distill] the teacher runs on every batch: its targets for {answer_tokens} answer tokens would take "
             f"{gib:.2f} GiB, over distill.teacher_cache_gib={settings.teacher_cache_gib:g}; raise it"
             + ("" if settings.top_k else ", or set distill.top_k (e.g. 64) to keep the teacher's 64 likeliest tokens")
             + " to compute them once and reuse them in later epochs")
-        return None, info
-    if settings.lmbda >= 1:  # every batch on-policy: the student's own answers, graded anew each time
         return None, info
     log(f"[distill] the teacher's targets are computed once and reused in later epochs ({gib:.2f} GiB in memory)")
     return TeacherCache(), {**info, "kept": True}

@@ -146,12 +146,12 @@ def distribution_loss(student_logits, teacher_logits, *, loss: str = "forward_kl
     """The divergence between the two (answer tokens, vocab) logit rows, mean over tokens
     (``reduction="sum"``: summed over them). With ``top_k`` both distributions are renormalized
     over the teacher's k most likely tokens."""
-    teacher_logits, top = teacher_targets(teacher_logits, top_k)
+    teacher_logits, top = top_k_logits(teacher_logits, top_k)
     return divergence(student_logits, teacher_logits, top, loss=loss, beta=beta, temperature=temperature,
                       reduction=reduction)
 
 
-def teacher_targets(teacher_logits, top_k: int | None):
+def top_k_logits(teacher_logits, top_k: int | None):
     """(the teacher's logits the loss compares, their token ids or None): with ``top_k``, its k most
     likely tokens' logits and ids (what the teacher cache keeps); without, every logit."""
     if not top_k:
@@ -162,7 +162,7 @@ def teacher_targets(teacher_logits, top_k: int | None):
 
 def divergence(student_logits, teacher_logits, top=None, *, loss: str = "forward_kl", beta: float = 0.5,
                temperature: float = 1.0, reduction: str = "mean"):
-    """``distribution_loss`` on the teacher's targets (``teacher_targets``): with ``top`` (the
+    """``distribution_loss`` on the teacher's logits as ``top_k_logits`` gives them: with ``top`` (the
     teacher's top-k token ids), the student's logits are taken at those tokens and both are
     renormalized over them."""
     import torch
